@@ -1,0 +1,244 @@
+"""Prompts for PPO, by the notebook's recipe: texts over 200 characters cut to their first 2..7 tokens."""
+
+from __future__ import annotations
+
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from datasets import Dataset, DatasetDict, load_dataset, load_from_disk
+from lightning import LightningDataModule
+from torch.utils.data import DataLoader
+from transformers import PreTrainedTokenizerBase
+
+from lightning_ppo.models import load_tokenizer
+from lightning_ppo.tiny import resolve_source
+
+FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
+
+
+def load_prompt_dataset(source: str) -> DatasetDict:
+    """Load a `save_to_disk` folder, a json/jsonl/csv/parquet file or folder of them, or a hub dataset."""
+    path = Path(source)
+    if path.is_dir() and any((path / name).is_file() for name in ("dataset_dict.json", "dataset_info.json")):
+        loaded = load_from_disk(source)
+        return loaded if isinstance(loaded, DatasetDict) else DatasetDict(train=loaded)
+    if path.is_file():
+        if path.suffix not in FILE_BUILDERS:
+            raise ValueError(f"data.dataset: cannot read {source!r}; use one of {sorted(FILE_BUILDERS)}")
+        return load_dataset(FILE_BUILDERS[path.suffix], data_files=source)  # one "train" split
+    # A hub name, or a local folder of data files (`datasets` infers the format and splits from file names).
+    return load_dataset(source)
+
+
+def collate_prompts(examples: list[dict[str, Any]], pad_token_id: int) -> dict[str, Any]:
+    """Stack prompts LEFT-padded, so generation continues every prompt from the same last column."""
+    width = max(len(example["input_ids"]) for example in examples)
+    input_ids = torch.full((len(examples), width), pad_token_id, dtype=torch.long)  # (B, P)
+    attention_mask = torch.zeros((len(examples), width), dtype=torch.long)  # (B, P)
+    for row, example in enumerate(examples):
+        length = len(example["input_ids"])
+        input_ids[row, width - length :] = torch.tensor(example["input_ids"], dtype=torch.long)
+        attention_mask[row, width - length :] = 1
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "query": [e["query"] for e in examples]}
+
+
+class PromptDataModule(LightningDataModule):
+    """Prompts cut from the opening words of texts; each batch holds `input_ids`, `attention_mask`, `query`.
+
+    Args:
+        dataset: Hub dataset name (`load_dataset`), a `save_to_disk` folder, a .json/.jsonl/.csv/.parquet
+            file or a folder of such files, or `tiny:reviews` (built offline).
+        tokenizer: The policy's tokenizer (hub id or folder), required by `setup`; the CLI links
+            `model.policy` into it.
+        text_column: Column holding the texts.
+        train_split: Split that PPO trains on.
+        eval_split: Held-out split for validation and test; when the dataset lacks it (or it is None),
+            `eval_fraction` of the train split is held out instead (seeded).
+        eval_fraction: Fraction of the train split held out when there is no `eval_split`.
+        min_text_length: Keep texts longer than this many characters (the notebook keeps > 200).
+        prompt_min_tokens: Shortest prompt, in tokens.
+        prompt_max_tokens: Longest prompt, in tokens; each prompt's length is drawn uniformly from
+            [prompt_min_tokens, prompt_max_tokens] (TRL's `LengthSampler(2, 8)` draws 2..7).
+        batch_size: Prompts per PPO step per device.
+        eval_batch_size: Prompts per validation/test/predict batch; defaults to `batch_size`.
+        val_size: Held-out prompts used by validation.
+        test_size: Held-out prompts used by `test` (the notebook compared 16); the first ones of the same
+            shuffled held-out prompts as validation.
+        predict_file: Prompts for `predict`: a .txt file (one per line) or .jsonl/.json records with a
+            "prompt" or `text_column` field.
+        max_prompt_tokens: Predict prompts are truncated to this many tokens.
+        num_workers: DataLoader worker processes.
+        seed: Seeds the held-out split, the shuffle of the held-out prompts and the prompt lengths.
+    """
+
+    def __init__(
+        self,
+        dataset: str = "imdb",
+        tokenizer: str | None = None,
+        text_column: str = "text",
+        train_split: str = "train",
+        eval_split: str | None = "test",
+        eval_fraction: float = 0.05,
+        min_text_length: int = 200,
+        prompt_min_tokens: int = 2,
+        prompt_max_tokens: int = 7,
+        batch_size: int = 128,
+        eval_batch_size: int | None = None,
+        val_size: int = 128,
+        test_size: int = 16,
+        predict_file: str | None = None,
+        max_prompt_tokens: int = 64,
+        num_workers: int = 0,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        if not 1 <= prompt_min_tokens <= prompt_max_tokens:
+            raise ValueError(
+                f"need 1 <= data.prompt_min_tokens ({prompt_min_tokens}) <= data.prompt_max_tokens "
+                f"({prompt_max_tokens})"
+            )
+        if not 0 < eval_fraction < 1:
+            raise ValueError(f"data.eval_fraction must lie in (0, 1), got {eval_fraction}")
+        self.save_hyperparameters()
+        self.dataset = dataset
+        self.tokenizer_source = tokenizer
+        self.text_column = text_column
+        self.train_split = train_split
+        self.eval_split = eval_split
+        self.eval_fraction = eval_fraction
+        self.min_text_length = min_text_length
+        self.prompt_min_tokens = prompt_min_tokens
+        self.prompt_max_tokens = prompt_max_tokens
+        self.batch_size = batch_size
+        self.eval_batch_size = eval_batch_size or batch_size
+        self.val_size = val_size
+        self.test_size = test_size
+        self.predict_file = predict_file
+        self.max_prompt_tokens = max_prompt_tokens
+        self.num_workers = num_workers
+        self.seed = seed
+        self.tokenizer: PreTrainedTokenizerBase | None = None
+        self.prompts: dict[str, Dataset] = {}  # "train", "val", "test" or "predict" -> its prompts
+
+    def setup(self, stage: str) -> None:
+        """Load the tokenizer and only the prompts `stage` needs."""
+        if self.tokenizer_source is None:
+            raise ValueError(
+                "data.tokenizer is not set: give the policy's tokenizer (the CLI links model.policy)"
+            )
+        self.tokenizer = load_tokenizer(self.tokenizer_source)
+        if stage == "predict":
+            self.prompts["predict"] = self._predict_prompts()
+            return
+        train, held_out = self._splits()
+        if stage == "fit":
+            self.prompts["train"] = self._make_prompts(train)
+            self._check_enough_train_prompts(len(train))
+        eval_prompts = self._make_prompts(held_out).shuffle(seed=self.seed)
+        if stage in ("fit", "validate"):
+            self.prompts["val"] = eval_prompts.select(range(min(self.val_size, len(eval_prompts))))
+        if stage == "test":
+            self.prompts["test"] = eval_prompts.select(range(min(self.test_size, len(eval_prompts))))
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.prompts["train"], self.batch_size, shuffle=True, drop_last=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self.prompts["val"], self.eval_batch_size)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader(self.prompts["test"], self.eval_batch_size)
+
+    def predict_dataloader(self) -> DataLoader:
+        return self._loader(self.prompts["predict"], self.eval_batch_size)
+
+    def _loader(
+        self, prompts: Dataset, batch_size: int, shuffle: bool = False, drop_last: bool = False
+    ) -> DataLoader:
+        collate = partial(collate_prompts, pad_token_id=self.tokenizer.pad_token_id)
+        return DataLoader(
+            prompts,
+            batch_size=batch_size,
+            shuffle=shuffle,
+            drop_last=drop_last,
+            collate_fn=collate,
+            num_workers=self.num_workers,
+        )
+
+    def _splits(self) -> tuple[Dataset, Dataset]:
+        """The train split and the held-out texts: `eval_split`, or a seeded `eval_fraction` of train."""
+        data = load_prompt_dataset(resolve_source(self.dataset))
+        if self.train_split not in data:
+            raise ValueError(
+                f"data.train_split={self.train_split!r} is not a split of {self.dataset!r}: {list(data)}"
+            )
+        train = data[self.train_split]
+        if self.text_column not in train.column_names:
+            raise ValueError(
+                f"data.text_column={self.text_column!r} is not a column of {self.dataset!r}; "
+                f"its columns are {train.column_names}"
+            )
+        if self.eval_split is not None and self.eval_split in data:
+            return train, data[self.eval_split]
+        split = train.train_test_split(test_size=self.eval_fraction, seed=self.seed)
+        return split["train"], split["test"]
+
+    def _make_prompts(self, texts: Dataset) -> Dataset:
+        """Keep texts longer than `min_text_length` characters, then cut each to its first k tokens."""
+        long_enough = texts.filter(
+            lambda batch: [
+                isinstance(t, str) and len(t) > self.min_text_length for t in batch[self.text_column]
+            ],
+            batched=True,
+            keep_in_memory=True,  # never write cache files into the dataset's folder
+        )
+        # One prompt length per example, drawn once, so a seed fixes every prompt.
+        rng = np.random.default_rng(self.seed)
+        lengths = rng.integers(self.prompt_min_tokens, self.prompt_max_tokens + 1, size=len(long_enough))
+        return self._tokenize(long_enough, self.text_column, lengths)
+
+    def _tokenize(self, texts: Dataset, column: str, lengths: np.ndarray) -> Dataset:
+        """Columns `input_ids` (the first `lengths[i]` tokens) and `query` (their decoded text)."""
+
+        def cut(batch: dict[str, list], indices: list[int]) -> dict[str, list]:
+            encoded = self.tokenizer(batch[column], truncation=True, max_length=int(lengths.max()))
+            input_ids = [ids[: lengths[i]] for ids, i in zip(encoded["input_ids"], indices, strict=True)]
+            return {"input_ids": input_ids, "query": self.tokenizer.batch_decode(input_ids)}
+
+        prompts = texts.map(
+            cut, batched=True, with_indices=True, remove_columns=texts.column_names, keep_in_memory=True
+        )
+        return prompts.filter(
+            lambda batch: [len(ids) > 0 for ids in batch["input_ids"]], batched=True, keep_in_memory=True
+        )
+
+    def _predict_prompts(self) -> Dataset:
+        """Prompts from `predict_file`, truncated to `max_prompt_tokens`."""
+        if self.predict_file is None:
+            raise ValueError("data.predict_file is not set: give a .txt (one prompt per line) or .jsonl file")
+        path = Path(self.predict_file)
+        if path.suffix == ".txt":
+            lines = path.read_text(encoding="utf-8").splitlines()
+            records = Dataset.from_dict({"prompt": [line for line in lines if line.strip()]})
+        else:
+            records = load_dataset("json", data_files=str(path), split="train")
+        column = "prompt" if "prompt" in records.column_names else self.text_column
+        if column not in records.column_names:
+            raise ValueError(
+                f"data.predict_file {str(path)!r} needs a 'prompt' or {self.text_column!r} field; "
+                f"it has {records.column_names}"
+            )
+        lengths = np.full(len(records), self.max_prompt_tokens)
+        return self._tokenize(records, column, lengths)
+
+    def _check_enough_train_prompts(self, num_texts: int) -> None:
+        usable = len(self.prompts["train"])
+        if usable < self.batch_size:
+            raise ValueError(
+                f"only {usable} of {num_texts} texts in split {self.train_split!r} of {self.dataset!r} "
+                f"give a prompt (data.min_text_length={self.min_text_length}, "
+                f"data.text_column={self.text_column!r}), fewer than data.batch_size={self.batch_size}"
+            )
