@@ -1,0 +1,35 @@
+"""Command line: `python -m lightning_ppo {fit,validate,test,predict} --config configs/tiny.yaml`.
+
+LightningCLI turns the typed arguments of `PPOModule` and `PromptDataModule` into `model.*` and `data.*`
+keys; `--print_config` shows every key with its default.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+
+from lightning_ppo.data import PromptDataModule
+from lightning_ppo.module import PPOModule
+
+
+class PPOCLI(LightningCLI):
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        # prompts are tokenised with the policy's tokenizer
+        parser.link_arguments("model.policy", "data.tokenizer")
+
+
+def main(args: list[str] | None = None) -> PPOCLI:
+    # the reference and reward model are in eval mode on purpose
+    warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode")
+    # PPO checkpoints are meant to hold the state after the step's optimisation
+    warnings.filterwarnings("ignore", message="Using ModelCheckpoint with manual optimization")
+    return PPOCLI(
+        PPOModule,
+        PromptDataModule,
+        args=args,
+        seed_everything_default=0,
+        # a requeued SLURM job reuses its log directory: the saved config may be overwritten
+        save_config_kwargs={"overwrite": True},
+    )

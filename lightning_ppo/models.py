@@ -1,0 +1,96 @@
+"""The policy with its value head, the frozen reference, and how they are loaded."""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import Tensor, nn
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from lightning_ppo.tiny import resolve_source
+
+
+def load_tokenizer(source: str) -> PreTrainedTokenizerBase:
+    """Load a tokenizer for left-padded batched generation; pad falls back to EOS as in the notebook."""
+    tokenizer = AutoTokenizer.from_pretrained(resolve_source(source))
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "left"
+    return tokenizer
+
+
+def load_causal_lm(source: str) -> PreTrainedModel:
+    """Load any `AutoModelForCausalLM` by hub id or local folder (or a `tiny:` asset)."""
+    return AutoModelForCausalLM.from_pretrained(resolve_source(source))
+
+
+def disable_dropout_in_model(model: nn.Module) -> None:
+    """Set every dropout probability to 0 so rollout and training passes agree exactly.
+
+    "N+ implementation details of RLHF with PPO" (Huang et al. 2024), detail "disable dropout".
+    """
+    for module in model.modules():
+        if isinstance(module, nn.Dropout):
+            module.p = 0.0
+
+
+def freeze(model: nn.Module) -> nn.Module:
+    """Make `model` a frozen, eval-mode copy holder: no grads, no dropout."""
+    model.requires_grad_(False)
+    return model.eval()
+
+
+def make_reference(policy: PreTrainedModel) -> PreTrainedModel:
+    """The frozen reference: an exact copy of the starting policy (the KL anchor)."""
+    return freeze(copy.deepcopy(policy))
+
+
+def position_ids_from_mask(attention_mask: Tensor) -> Tensor:
+    """Positions that skip left padding: `cumsum(mask) - 1`, 0 on pads. (B, L) -> (B, L)."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def response_logits(
+    lm: PreTrainedModel, input_ids: Tensor, attention_mask: Tensor, response_start: int
+) -> tuple[Tensor, Tensor]:
+    """Logits that predict the response tokens, and the hidden states they came from.
+
+    Only the R response positions go through the LM head, never the prompt's (B, P, V) logits.
+    `input_ids` is (B, P + R) with the response starting at column `response_start` = P.
+    Returns logits (B, R, V) and hidden states (B, R, H).
+    """
+    backbone = lm.base_model
+    hidden = backbone(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        position_ids=position_ids_from_mask(attention_mask),
+        use_cache=False,
+    ).last_hidden_state  # (B, P + R, H)
+    hidden = hidden[:, response_start - 1 : -1]  # (B, R, H) the state before each response token
+    return lm.get_output_embeddings()(hidden), hidden
+
+
+class PolicyWithValueHead(nn.Module):
+    """A causal LM with a scalar value head on its last hidden state (TRL's ValueHead, no dropout).
+
+    The value head reads the same hidden states as the LM head, so one forward pass gives the
+    log-probs and the values (the "shared trunk" critic of the notebook).
+    """
+
+    def __init__(self, lm: PreTrainedModel) -> None:
+        super().__init__()
+        self.lm = lm
+        self.v_head = nn.Linear(lm.config.get_text_config().hidden_size, 1)
+
+    def forward(
+        self, input_ids: Tensor, attention_mask: Tensor, response_start: int
+    ) -> tuple[Tensor, Tensor]:
+        """Response logits (B, R, V) and values (B, R) float32."""
+        logits, hidden = response_logits(self.lm, input_ids, attention_mask, response_start)
+        values = self.v_head(hidden.to(self.v_head.weight.dtype)).squeeze(-1).float()
+        return logits, values
+
+    @torch.no_grad()
+    def generate(self, **kwargs) -> Tensor:
+        return self.lm.generate(**kwargs)

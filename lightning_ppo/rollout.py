@@ -1,0 +1,117 @@
+"""Batched sampling of responses: one `generate` call per batch, never one prompt at a time."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+from transformers import GenerationConfig, PreTrainedModel
+
+
+@dataclass
+class SamplingConfig:
+    """How responses are sampled. Defaults are the notebook's.
+
+    Args:
+        response_min_length: Shortest response drawn, in new tokens (notebook: `LengthSampler(4, 16)` -> 4).
+        response_max_length: Longest response drawn, inclusive (notebook: 15).
+        temperature: Sampling temperature; every log-prob pass divides the logits by it too.
+        top_k: Top-k filter; 0 disables it (notebook: 0).
+        top_p: Nucleus filter; 1.0 disables it (notebook: 1.0).
+    """
+
+    response_min_length: int = 4
+    response_max_length: int = 15
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.response_min_length <= self.response_max_length:
+            raise ValueError(
+                "need 1 <= model.sampling.response_min_length <= model.sampling.response_max_length, "
+                f"got {self.response_min_length} and {self.response_max_length}"
+            )
+        if self.temperature <= 0:
+            raise ValueError(f"model.sampling.temperature must be > 0, got {self.temperature}")
+
+
+@dataclass
+class Rollout:
+    """Prompts and sampled responses, laid out as one (B, P + R) tensor per field.
+
+    The prompt is left-padded and occupies columns [0, P); the response is right-padded and occupies
+    columns [P, P + R). Tokens after the first EOS or past the drawn length are masked out.
+    """
+
+    input_ids: Tensor  # (B, P + R) prompt then response token ids
+    attention_mask: Tensor  # (B, P + R) 1 on real prompt and response tokens
+    response_start: int  # P
+    response_mask: Tensor  # (B, R) float32, 1 on the response tokens that count (EOS included)
+
+    @property
+    def response_ids(self) -> Tensor:  # (B, R)
+        return self.input_ids[:, self.response_start :]
+
+    @property
+    def query_ids(self) -> Tensor:  # (B, P)
+        return self.input_ids[:, : self.response_start]
+
+
+def draw_response_lengths(batch_size: int, config: SamplingConfig, device: torch.device) -> Tensor:
+    """Response length per sample, uniform in [min, max] (TRL's `LengthSampler`). (B,) long."""
+    lengths = torch.randint(config.response_min_length, config.response_max_length + 1, (batch_size,))
+    return lengths.to(device)
+
+
+def response_mask_from_tokens(response_ids: Tensor, lengths: Tensor, eos_token_id: int | None) -> Tensor:
+    """1 up to and including the first EOS, and only within each sample's drawn length. (B, R) float32."""
+    positions = torch.arange(response_ids.shape[1], device=response_ids.device)
+    mask = positions[None, :] < lengths[:, None]
+    if eos_token_id is not None:
+        is_eos = (response_ids == eos_token_id).long()
+        eos_before = (is_eos.cumsum(-1) - is_eos) > 0
+        mask &= ~eos_before
+    return mask.float()
+
+
+@torch.no_grad()
+def sample_responses(
+    model: PreTrainedModel,
+    input_ids: Tensor,
+    attention_mask: Tensor,
+    lengths: Tensor,
+    config: SamplingConfig,
+    pad_token_id: int,
+    eos_token_id: int | None,
+) -> Rollout:
+    """Sample a response for every left-padded prompt in one batched `generate` call.
+
+    All rows generate up to the longest drawn length; each row is then cut to its own length, which is
+    the same distribution as stopping it there (sampling is autoregressive).
+    """
+    generation_config = GenerationConfig(
+        do_sample=True,
+        top_k=config.top_k,
+        top_p=config.top_p,
+        temperature=config.temperature,
+        max_new_tokens=int(lengths.max()),
+        pad_token_id=pad_token_id,
+        eos_token_id=eos_token_id,
+        # replaces NaN/inf logits instead of crashing inside torch.multinomial (TRL notebook crash)
+        remove_invalid_values=True,
+    )
+    sequences = model.generate(
+        input_ids=input_ids, attention_mask=attention_mask, generation_config=generation_config
+    )  # (B, P + R')
+    prompt_width = input_ids.shape[1]
+    response_ids = sequences[:, prompt_width:]
+    response_mask = response_mask_from_tokens(response_ids, lengths, eos_token_id)
+    response_ids = response_ids.masked_fill(response_mask == 0, pad_token_id)
+    return Rollout(
+        input_ids=torch.cat([input_ids, response_ids], dim=1),
+        attention_mask=torch.cat([attention_mask, response_mask.long()], dim=1),
+        response_start=prompt_width,
+        response_mask=response_mask,
+    )
