@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 
 import torch
+from peft import PeftModel
 from torch import Tensor, nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
@@ -58,9 +59,10 @@ def response_logits(
 
     Only the R response positions go through the LM head, never the prompt's (B, P, V) logits.
     `input_ids` is (B, P + R) with the response starting at column `response_start` = P.
-    Returns logits (B, R, V) and hidden states (B, R, H).
+    Returns logits (B, R, V) and hidden states (B, R, H). A LoRA `PeftModel` runs its own (adapted)
+    layers: its wrapped LM's backbone holds the injected adapters.
     """
-    backbone = lm.base_model
+    backbone = (lm.get_base_model() if isinstance(lm, PeftModel) else lm).base_model
     hidden = backbone(
         input_ids=input_ids,
         attention_mask=attention_mask,
@@ -75,19 +77,22 @@ class PolicyWithValueHead(nn.Module):
     """A causal LM with a scalar value head on its last hidden state (TRL's ValueHead, no dropout).
 
     The value head reads the same hidden states as the LM head, so one forward pass gives the
-    log-probs and the values (the "shared trunk" critic of the notebook).
+    log-probs and the values (the "shared trunk" critic of the notebook). Without `value_head` (a
+    separate critic gives the values) it returns no values.
     """
 
-    def __init__(self, lm: PreTrainedModel) -> None:
+    def __init__(self, lm: PreTrainedModel, value_head: bool = True) -> None:
         super().__init__()
         self.lm = lm
-        self.v_head = nn.Linear(lm.config.get_text_config().hidden_size, 1)
+        self.v_head = nn.Linear(lm.config.get_text_config().hidden_size, 1) if value_head else None
 
     def forward(
         self, input_ids: Tensor, attention_mask: Tensor, response_start: int
-    ) -> tuple[Tensor, Tensor]:
-        """Response logits (B, R, V) and values (B, R) float32."""
+    ) -> tuple[Tensor, Tensor | None]:
+        """Response logits (B, R, V) and values (B, R) float32, or None without a value head."""
         logits, hidden = response_logits(self.lm, input_ids, attention_mask, response_start)
+        if self.v_head is None:
+            return logits, None
         values = self.v_head(hidden.to(self.v_head.weight.dtype)).squeeze(-1).float()
         return logits, values
 

@@ -16,7 +16,7 @@ import torch.distributed as dist
 from lightning.pytorch import Callback, LightningModule
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_info
-from torch import Tensor
+from torch import Tensor, nn
 
 from lightning_ppo.callbacks import JsonlPredictionWriter
 from lightning_ppo.core import (
@@ -32,6 +32,8 @@ from lightning_ppo.core import (
     policy_loss,
     value_loss,
 )
+from lightning_ppo.critic import build_critic
+from lightning_ppo.lora import LoraOptions, adapter_disabled, apply_lora
 from lightning_ppo.models import (
     PolicyWithValueHead,
     disable_dropout_in_model,
@@ -40,8 +42,9 @@ from lightning_ppo.models import (
     make_reference,
     response_logits,
 )
-from lightning_ppo.rewards import ClassifierReward
+from lightning_ppo.rewards import ClassifierReward, RewardModel
 from lightning_ppo.rollout import Rollout, SamplingConfig, draw_response_lengths, sample_responses
+from lightning_ppo.shaping import RunningMoments, ShapingConfig, shape_scores
 
 
 @dataclass
@@ -150,6 +153,15 @@ class PPOModule(LightningModule):
         log_samples_every_n_steps: Every N PPO steps, write a table of sample texts with their rewards to
             TensorBoard; 0 disables it.
         num_log_samples: Rows in that table.
+        reward: A pluggable reward (`class_path` + `init_args`, a `lightning_ppo.rewards.RewardModel`);
+            null builds `ClassifierReward` from reward_model, reward_label and reward_batch_size.
+        lora: Train a LoRA adapter instead of the whole policy; the reference is the policy with the
+            adapter disabled, so no copy of the model is held. Null: full fine-tuning.
+        critic: A separate value model (hub id, local folder, `tiny:` asset, or "reward_model" for
+            reward_model's backbone) with a fresh head; null: the value head on the policy trunk.
+            It must share the policy's tokenizer.
+        critic_learning_rate: Adam learning rate of the separate critic; null: learning_rate.
+        shaping: Score shaping (missing-EOS penalty, running scaling/normalisation, clipping); off by default.
     """
 
     def __init__(
@@ -164,20 +176,32 @@ class PPOModule(LightningModule):
         disable_dropout: bool = True,
         log_samples_every_n_steps: int = 10,
         num_log_samples: int = 8,
+        reward: RewardModel | None = None,
+        lora: LoraOptions | None = None,
+        critic: str | None = None,
+        critic_learning_rate: float | None = None,
+        shaping: ShapingConfig | None = None,
     ) -> None:
         super().__init__()
         self.ppo = ppo or PPOConfig()
         self.sampling = sampling or SamplingConfig()
-        self.save_hyperparameters()
+        self.shaping = shaping or ShapingConfig()
+        self.save_hyperparameters(ignore=["reward"])  # a module: its config is in the CLI's config.yaml
         self.automatic_optimization = False
 
         self.tokenizer = load_tokenizer(policy)
         lm = load_causal_lm(policy)
         if disable_dropout:
             disable_dropout_in_model(lm)
-        self.ref_policy = make_reference(lm)  # frozen copy of the starting policy
-        self.policy = PolicyWithValueHead(lm)
-        self.reward = ClassifierReward(reward_model, reward_label, reward_batch_size)
+        # frozen copy of the starting policy; with LoRA the adapter-free policy is the reference
+        self.ref_policy = None if lora else make_reference(lm)
+        self.policy = PolicyWithValueHead(apply_lora(lm, lora) if lora else lm, value_head=critic is None)
+        self.critic = build_critic(critic, reward_model, self.tokenizer) if critic else None
+        if self.critic is not None and disable_dropout:
+            disable_dropout_in_model(self.critic)
+        reward = reward or ClassifierReward(reward_model, reward_label, reward_batch_size)
+        self.reward = reward.requires_grad_(False).eval()
+        self.score_moments = RunningMoments()
         if self.ppo.adap_kl_ctrl:
             self.kl_ctl = AdaptiveKLController(self.ppo.init_kl_coef, self.ppo.target, self.ppo.horizon)
         else:
@@ -192,7 +216,13 @@ class PPOModule(LightningModule):
         return [JsonlPredictionWriter()]
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
-        return torch.optim.Adam(self.policy.parameters(), lr=self.hparams.learning_rate)
+        """One Adam (DeepSpeed takes one optimizer): the policy's trainable weights, then the critic's."""
+        lr = self.hparams.learning_rate
+        groups = [{"params": [p for p in self.policy.parameters() if p.requires_grad], "lr": lr}]
+        if self.critic is not None:
+            critic_lr = self.hparams.critic_learning_rate or lr
+            groups.append({"params": list(self.critic.parameters()), "lr": critic_lr})
+        return torch.optim.Adam(groups, lr=lr)
 
     def setup(self, stage: str) -> None:
         datamodule = getattr(self.trainer, "datamodule", None)
@@ -206,24 +236,33 @@ class PPOModule(LightningModule):
     def train(self, mode: bool = True) -> PPOModule:
         """Frozen models stay in eval mode whatever Lightning asks of the module."""
         super().train(mode)
-        self.ref_policy.eval()
+        if self.ref_policy is not None:
+            self.ref_policy.eval()
         self.reward.eval()
         return self
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        # frozen models are rebuilt from their source on load: keep them out of the file
+        # frozen weights are rebuilt from their source on load: keep them out of the file
         state = checkpoint["state_dict"]
-        for key in [k for k in state if k.startswith(self._frozen_prefixes)]:
+        for key in self._frozen_state_keys() & state.keys():
             del state[key]
         checkpoint["kl_controller"] = self.kl_ctl.state_dict()
+        checkpoint["score_moments"] = self.score_moments.state_dict()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        frozen = {k: v for k, v in self.state_dict().items() if k.startswith(self._frozen_prefixes)}
-        checkpoint["state_dict"].update(frozen)
+        frozen = self._frozen_state_keys()
+        checkpoint["state_dict"].update({k: v for k, v in self.state_dict().items() if k in frozen})
         if "kl_controller" in checkpoint:
             self.kl_ctl.load_state_dict(checkpoint["kl_controller"])
+        if "score_moments" in checkpoint:
+            self.score_moments.load_state_dict(checkpoint["score_moments"])
 
     _frozen_prefixes = ("ref_policy.", "reward.")
+
+    def _frozen_state_keys(self) -> set[str]:
+        """Reference, reward and any frozen policy weight (a LoRA policy's base; tied names included)."""
+        frozen = {name for name, p in self.named_parameters(remove_duplicate=False) if not p.requires_grad}
+        return {k for k in self.state_dict() if k.startswith(self._frozen_prefixes) or k in frozen}
 
     # ----------------------------------------------------------------------------------------------
     # One PPO iteration
@@ -233,8 +272,9 @@ class PPOModule(LightningModule):
         with self._timed(timings, "time/rollout"):  # 1. sample responses for the batch of prompts
             lengths = draw_response_lengths(len(batch["query"]), self.sampling, self.device)
             rollout = self._sample(self.policy.lm, batch, lengths)
-        with self._timed(timings, "time/reward"):  # 2. score prompt + response
-            scores, responses = self._score(rollout)
+        with self._timed(timings, "time/reward"):  # 2. score prompt + response, then shape the scores
+            raw_scores, responses = self._score(rollout)
+            scores = self._shape_scores(raw_scores, rollout)
         with self._timed(timings, "time/forward"):  # 3. old log-probs and values, reference log-probs
             old_logprobs, old_values, ref_logprobs, full = self._old_logprobs_values_ref(rollout)
         kl_coef = self.kl_ctl.value
@@ -253,7 +293,7 @@ class PPOModule(LightningModule):
         world_batch = len(batch["query"]) * self.trainer.world_size
         self.kl_ctl.update(float(mean_kl), world_batch)  # 7. adapt the KL coefficient (same on every rank)
 
-        all_scores = self.all_gather(scores).reshape(-1)  # (world * B,)
+        all_scores = self.all_gather(raw_scores).reshape(-1)  # (world * B,)
         returns_var = masked_var(experience.returns, mask)
         metrics = {
             "env/reward_mean": all_scores.mean(),
@@ -273,7 +313,7 @@ class PPOModule(LightningModule):
             **{name: torch.tensor(seconds) for name, seconds in timings.items()},
         }
         self._log_metrics(metrics)  # 8. log (reduced across ranks)
-        self._log_samples(batch["query"], responses, scores)
+        self._log_samples(batch["query"], responses, raw_scores)
 
     def _log_metrics(self, metrics: dict[str, Tensor]) -> None:
         already_global = {"env/reward_mean", "env/reward_std", "objective/kl", "objective/kl_coef"}
@@ -294,20 +334,21 @@ class PPOModule(LightningModule):
         self, rollout: Rollout
     ) -> tuple[Tensor, Tensor, Tensor, tuple[Tensor, Tensor] | None]:
         """One no-grad forward of the policy (log-probs and values) and one of the reference."""
-        was_training = self.policy.training
-        self.policy.eval()
+        was_training = self.training
+        self.eval()
         with torch.no_grad():
-            logits, values = self.policy(rollout.input_ids, rollout.attention_mask, rollout.response_start)
-            ref_logits, _ = response_logits(
-                self.ref_policy, rollout.input_ids, rollout.attention_mask, rollout.response_start
-            )
+            logits, values = self._forward(rollout.input_ids, rollout.attention_mask, rollout.response_start)
+            with self._reference() as reference:  # never around the policy's pass: it may disable LoRA
+                ref_logits, _ = response_logits(
+                    reference, rollout.input_ids, rollout.attention_mask, rollout.response_start
+                )
             logits, ref_logits = self._tempered(logits), self._tempered(ref_logits)
             logprobs = logprobs_from_logits(logits, rollout.response_ids)
             ref_logprobs = logprobs_from_logits(ref_logits, rollout.response_ids)
             full = None
             if self.ppo.kl_penalty == "full":  # KL over the whole vocabulary needs both distributions
                 full = (torch.log_softmax(logits.float(), -1), torch.log_softmax(ref_logits.float(), -1))
-        self.policy.train(was_training)
+        self.train(was_training)
         mask = rollout.response_mask
         return logprobs * mask, values * mask, ref_logprobs * mask, full
 
@@ -358,7 +399,7 @@ class PPOModule(LightningModule):
     def _ppo_loss(self, batch: Experience) -> tuple[Tensor, dict[str, Tensor]]:
         """Clipped policy loss + vf_coef * clipped value loss on one micro-batch, with TRL's statistics."""
         mask = batch.response_mask
-        logits, values = self.policy(batch.input_ids, batch.attention_mask, batch.response_start)
+        logits, values = self._forward(batch.input_ids, batch.attention_mask, batch.response_start)
         logits = self._tempered(logits)
         logprobs = logprobs_from_logits(logits, batch.response_ids)
         pg_loss, pg_stats = policy_loss(
@@ -402,16 +443,42 @@ class PPOModule(LightningModule):
 
     def _score(self, rollout: Rollout) -> tuple[Tensor, list[str]]:
         """Scores (B,) of prompt + response text, and the decoded responses."""
-        mask = rollout.attention_mask.bool()
-        full_texts = self.tokenizer.batch_decode(
-            [ids[keep] for ids, keep in zip(rollout.input_ids, mask, strict=True)], skip_special_tokens=True
-        )
-        response_mask = rollout.response_mask.bool()
-        responses = self.tokenizer.batch_decode(
-            [ids[keep] for ids, keep in zip(rollout.response_ids, response_mask, strict=True)],
-            skip_special_tokens=True,
-        )
-        return self.reward(full_texts).to(self.device), responses
+        full_texts = self._decode(rollout.input_ids, rollout.attention_mask)
+        queries = self._decode(rollout.query_ids, rollout.attention_mask[:, : rollout.response_start])
+        responses = self._decode(rollout.response_ids, rollout.response_mask)
+        return self.reward(full_texts, queries, responses).to(self.device), responses
+
+    def _decode(self, ids: Tensor, mask: Tensor) -> list[str]:
+        rows = [row[keep] for row, keep in zip(ids, mask.bool(), strict=True)]
+        return self.tokenizer.batch_decode(rows, skip_special_tokens=True)
+
+    def _shape_scores(self, scores: Tensor, rollout: Rollout) -> Tensor:
+        """Scores (B,) after `model.shaping`: missing-EOS penalty, running scaling, clipping."""
+        is_eos = rollout.response_ids == self.tokenizer.eos_token_id  # (B, R)
+        has_eos = (is_eos & rollout.response_mask.bool()).any(-1)  # (B,)
+        # every rank updates the running moments with every rank's scores, so they stay equal
+        return shape_scores(scores, has_eos, self.shaping, self.score_moments, self._gather_flat)
+
+    def _gather_flat(self, x: Tensor) -> Tensor:
+        return self.all_gather(x).reshape(-1)
+
+    def _forward(
+        self, input_ids: Tensor, attention_mask: Tensor, response_start: int
+    ) -> tuple[Tensor, Tensor]:
+        """Response logits (B, R, V) and values (B, R): the policy's value head, or the separate critic."""
+        logits, values = self.policy(input_ids, attention_mask, response_start)
+        if self.critic is not None:
+            values = self.critic(input_ids, attention_mask, response_start)
+        return logits, values
+
+    @contextmanager
+    def _reference(self) -> Iterator[nn.Module]:
+        """The frozen starting LM: the reference copy, or the LoRA policy with its adapter switched off."""
+        if self.ref_policy is not None:
+            yield self.ref_policy
+        else:
+            with adapter_disabled(self.policy.lm) as lm:
+                yield lm
 
     def _tempered(self, logits: Tensor) -> Tensor:
         temperature = self.sampling.temperature
@@ -421,9 +488,10 @@ class PPOModule(LightningModule):
         """Sampled KL(policy || reference) of each response, summed over its tokens. (B,)"""
         with torch.no_grad():
             logits, _ = self.policy(rollout.input_ids, rollout.attention_mask, rollout.response_start)
-            ref_logits, _ = response_logits(
-                self.ref_policy, rollout.input_ids, rollout.attention_mask, rollout.response_start
-            )
+            with self._reference() as reference:
+                ref_logits, _ = response_logits(
+                    reference, rollout.input_ids, rollout.attention_mask, rollout.response_start
+                )
         logprobs = logprobs_from_logits(self._tempered(logits), rollout.response_ids)
         ref_logprobs = logprobs_from_logits(self._tempered(ref_logits), rollout.response_ids)
         return ((logprobs - ref_logprobs) * rollout.response_mask).sum(-1)
@@ -452,7 +520,8 @@ class PPOModule(LightningModule):
     def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         """Sample from the reference and from the tuned policy, same prompts and lengths; score both."""
         lengths = draw_response_lengths(len(batch["query"]), self.sampling, self.device)
-        before = self._sample(self.ref_policy, batch, lengths)
+        with self._reference() as reference:
+            before = self._sample(reference, batch, lengths)
         after = self._sample(self.policy.lm, batch, lengths)
         ref_scores, ref_responses = self._score(before)
         scores, responses = self._score(after)

@@ -1,6 +1,9 @@
-"""Reward models: text in, one scalar score per text out."""
+"""Reward models: text in, one scalar score per text out. Pluggable in YAML with `model.reward.class_path`."""
 
 from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
 
 import torch
 from torch import Tensor, nn
@@ -9,7 +12,17 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer
 from lightning_ppo.tiny import resolve_source
 
 
-class ClassifierReward(nn.Module):
+class RewardModel(nn.Module):
+    """Base class of rewards: `reward(texts, queries, responses)` -> scores (B,) float32.
+
+    `texts[i]` is `queries[i] + responses[i]` as decoded text. An nn.Module, so weights move to the device.
+    """
+
+    def forward(self, texts: list[str], queries: list[str], responses: list[str]) -> Tensor:
+        raise NotImplementedError
+
+
+class ClassifierReward(RewardModel):
     """The raw logit of one label of a sequence classifier, as the notebook's sentiment pipeline.
 
     The classifier has its own tokenizer: policy text is decoded and re-tokenised for it, so the policy
@@ -36,8 +49,8 @@ class ClassifierReward(nn.Module):
         self.model.requires_grad_(False).eval()
 
     @torch.no_grad()
-    def forward(self, texts: list[str]) -> Tensor:
-        """Scores (B,) float32 for B texts, in micro-batches of `batch_size`."""
+    def forward(self, texts: list[str], queries: list[str], responses: list[str]) -> Tensor:
+        """Scores (B,) float32 of the B full texts, in micro-batches of `batch_size`."""
         device = next(self.model.parameters()).device
         scores = []
         for start in range(0, len(texts), self.batch_size):
@@ -50,3 +63,50 @@ class ClassifierReward(nn.Module):
             ).to(device)
             scores.append(self.model(**encoded).logits[:, self.label_id].float())
         return torch.cat(scores)
+
+
+def import_function(path: str) -> Callable:
+    """The object at `package.module:name`."""
+    module_name, _, name = path.partition(":")
+    if not module_name or not name:
+        raise ValueError(f"a reward function must be given as 'package.module:function', got {path!r}")
+    return getattr(importlib.import_module(module_name), name)
+
+
+class FunctionReward(RewardModel):
+    """A Python function of the texts, imported by dotted path: `f(texts, queries, responses) -> scores`.
+
+    The function returns one number per text (a list or a tensor).
+    """
+
+    def __init__(self, function: str) -> None:
+        super().__init__()
+        self.function = function
+        self._function = import_function(function)
+
+    def forward(self, texts: list[str], queries: list[str], responses: list[str]) -> Tensor:
+        scores = torch.as_tensor(self._function(texts, queries, responses), dtype=torch.float32)
+        if scores.shape != (len(texts),):
+            raise ValueError(
+                f"reward function {self.function} returned shape {tuple(scores.shape)}; "
+                f"it must return one score per text ({len(texts)})"
+            )
+        return scores
+
+
+class WeightedSumReward(RewardModel):
+    """`sum_i weights[i] * rewards[i](...)`: combine several rewards into one score."""
+
+    def __init__(self, rewards: list[RewardModel], weights: list[float]) -> None:
+        super().__init__()
+        if len(rewards) != len(weights) or not rewards:
+            raise ValueError(
+                f"model.reward.init_args.rewards ({len(rewards)}) and model.reward.init_args.weights "
+                f"({len(weights)}) must be non-empty lists of the same length"
+            )
+        self.rewards = nn.ModuleList(rewards)
+        self.weights = list(weights)
+
+    def forward(self, texts: list[str], queries: list[str], responses: list[str]) -> Tensor:
+        pairs = zip(self.rewards, self.weights, strict=True)
+        return torch.stack([w * r(texts, queries, responses).float().cpu() for r, w in pairs]).sum(0)

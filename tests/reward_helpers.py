@@ -1,0 +1,14 @@
+"""Reward functions for the tests, importable by dotted path as `tests.reward_helpers:<name>`."""
+
+from __future__ import annotations
+
+WORD = "great"
+
+
+def count_word(texts: list[str], queries: list[str], responses: list[str]) -> list[float]:
+    """How often WORD appears in each response: a reward the policy can only raise by saying it."""
+    return [float(response.split().count(WORD)) for response in responses]
+
+
+def response_length(texts: list[str], queries: list[str], responses: list[str]) -> list[float]:
+    return [float(len(response.split())) for response in responses]

@@ -1,0 +1,113 @@
+"""LoRA policy: adapter-free reference, only adapter + value head train and are checkpointed, still learns."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from lightning_ppo.cli import main
+from lightning_ppo.lora import LoraOptions, save_policy
+from lightning_ppo.models import load_causal_lm, response_logits
+from lightning_ppo.module import PPOModule
+from tests.test_cli import TINY, scalars
+
+LORA_STEPS = 24
+LORA_LR = "3e-3"
+
+
+def _batch(module: PPOModule) -> tuple[torch.Tensor, torch.Tensor]:
+    encoded = module.tokenizer(["the movie was", "this film is really"], return_tensors="pt", padding=True)
+    return encoded.input_ids, encoded.attention_mask  # (B, P) left-padded
+
+
+def test_reference_is_the_base_model_with_the_adapter_off(tiny_assets: Path):
+    module = PPOModule(policy="tiny:policy", reward_model="tiny:reward", lora=LoraOptions(r=4))
+    assert module.ref_policy is None  # no second copy of the model
+    with torch.no_grad():  # a trained-looking adapter: lora_B starts at zero
+        for name, param in module.policy.lm.named_parameters():
+            if "lora_B" in name:
+                param.normal_(std=0.5)
+    input_ids, mask = _batch(module)
+    base = load_causal_lm("tiny:policy").eval()
+    with torch.no_grad():
+        expected, expected_hidden = response_logits(base, input_ids, mask, 2)
+        with module._reference() as reference:
+            ref_logits, ref_hidden = response_logits(reference, input_ids, mask, 2)
+        policy_logits, _ = module.policy(input_ids, mask, 2)
+    torch.testing.assert_close(ref_hidden, expected_hidden, rtol=0, atol=0)  # every layer: bit for bit
+    # the output layer's matmul on peft's copy of the model rounds differently in the last float32 bit
+    torch.testing.assert_close(ref_logits, expected, rtol=0, atol=1e-5)
+    assert not torch.allclose(policy_logits, expected, atol=1e-3)  # the adapter is on outside the context
+
+
+def test_optimizer_holds_only_adapter_and_value_head(tiny_assets: Path):
+    module = PPOModule(policy="tiny:policy", reward_model="tiny:reward", lora=LoraOptions(r=4))
+    optimised = [p for group in module.configure_optimizers().param_groups for p in group["params"]]
+    names = {n for n, p in module.named_parameters() if any(p is q for q in optimised)}
+    assert names and all("lora_" in n or n.startswith("policy.v_head.") for n in names), names
+
+
+@pytest.fixture(scope="module")
+def lora_fit(tiny_assets: Path, tmp_path_factory: pytest.TempPathFactory):
+    root = tmp_path_factory.mktemp("lora_fit")
+    cli = main(
+        [
+            "fit", "--config", TINY, "--model.lora.r", "8", "--model.learning_rate", LORA_LR,
+            "--trainer.limit_train_batches", str(LORA_STEPS), "--trainer.val_check_interval", str(LORA_STEPS),
+            "--trainer.logger.init_args.save_dir", str(root),
+        ]
+    )  # fmt: skip
+    return cli, Path(cli.trainer.log_dir)
+
+
+@pytest.mark.slow
+def test_tiny_config_learns_with_lora_and_the_base_stays_frozen(lora_fit, tiny_assets: Path):
+    cli, log_dir = lora_fit
+    rewards = scalars(log_dir)["env/reward_mean"]
+    first, last = sum(rewards[:4]) / 4, sum(rewards[-4:]) / 4
+    assert last > first + 0.75, rewards
+
+    start = AutoModelForCausalLM.from_pretrained(tiny_assets / "policy").state_dict()
+    lm = cli.model.policy.lm
+    base = lm.get_base_model().state_dict()
+    for name, weight in start.items():  # peft renames adapted layers' weights to `<layer>.base_layer.*`
+        layer, _, kind = name.rpartition(".")
+        tuned = base[name] if name in base else base[f"{layer}.base_layer.{kind}"]
+        torch.testing.assert_close(tuned, weight, rtol=0, atol=0)
+    adapters = [p for n, p in lm.named_parameters() if "lora_B" in n]
+    assert adapters and any(p.abs().sum() > 0 for p in adapters)  # lora_B starts at 0: it moved
+
+
+@pytest.mark.slow
+def test_lora_checkpoint_holds_only_trainable_weights_and_loads_strictly(lora_fit, tmp_path: Path):
+    cli, _ = lora_fit
+    path = tmp_path / "final.ckpt"  # last.ckpt is from the last ModelCheckpoint save, not the end
+    cli.trainer.save_checkpoint(path)
+    checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    keys = set(checkpoint["state_dict"])
+    assert keys and all("lora_" in k or k.startswith("policy.v_head.") for k in keys), keys
+    fresh = PPOModule(policy="tiny:policy", reward_model="tiny:reward", lora=LoraOptions(r=8))
+    fresh.on_load_checkpoint(checkpoint)
+    fresh.load_state_dict(checkpoint["state_dict"], strict=True)
+    tuned = cli.model.state_dict()
+    for key, value in fresh.state_dict().items():
+        torch.testing.assert_close(value, tuned[key], rtol=0, atol=0)
+
+
+@pytest.mark.slow
+def test_save_policy_writes_the_adapter_and_the_merged_model(lora_fit, tmp_path: Path):
+    cli, _ = lora_fit
+    lm = cli.model.policy.lm
+    written = save_policy(lm, tmp_path / "export", merge=True)
+    assert written == [tmp_path / "export", tmp_path / "export" / "merged"]
+    assert (tmp_path / "export" / "adapter_config.json").is_file()
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "export" / "merged").eval()
+    input_ids, mask = _batch(cli.model)
+    with torch.no_grad():
+        expected, _ = response_logits(lm, input_ids, mask, 2)
+        got, _ = response_logits(merged, input_ids, mask, 2)
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+    assert any("lora_" in n for n, _ in lm.named_parameters())  # the training model kept its adapter
