@@ -1,0 +1,96 @@
+"""Wiring of existing PPO options: temperature in every log-prob pass, KL estimator, fixed or adaptive KL."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+import lightning_ppo.module as module_lib
+from lightning_ppo.cli import main
+from lightning_ppo.core import logprobs_from_logits
+from lightning_ppo.models import response_logits
+from lightning_ppo.module import PPOModule
+from lightning_ppo.rollout import SamplingConfig
+from tests.test_cli import TINY, scalars
+
+
+def test_temperature_divides_the_logits_of_old_ref_and_training_passes(tiny_assets: Path):
+    temperature = 0.5
+    module = PPOModule(
+        policy="tiny:policy", reward_model="tiny:reward", sampling=SamplingConfig(temperature=temperature)
+    )
+    with torch.no_grad():  # make the policy differ from its reference
+        module.policy.lm.lm_head.weight.add_(0.1 * torch.randn_like(module.policy.lm.lm_head.weight))
+    encoded = module.tokenizer(["the movie was", "this film is"], return_tensors="pt", padding=True)
+    batch = {"input_ids": encoded.input_ids, "attention_mask": encoded.attention_mask}
+    rollout = module._sample(module.policy.lm, batch, torch.tensor([5, 6]))
+    old, values, ref, _ = module._old_logprobs_values_ref(rollout)
+
+    args = (rollout.input_ids, rollout.attention_mask, rollout.response_start)
+    with torch.no_grad():
+        policy_logits, _ = response_logits(module.policy.lm, *args)
+        ref_logits, _ = response_logits(module.ref_policy, *args)
+    mask = rollout.response_mask
+    ids = rollout.response_ids
+    torch.testing.assert_close(old, logprobs_from_logits(policy_logits / temperature, ids) * mask)
+    torch.testing.assert_close(ref, logprobs_from_logits(ref_logits / temperature, ids) * mask)
+    assert not torch.allclose(old, logprobs_from_logits(policy_logits, ids) * mask)
+
+    # the training pass tempers too: on unchanged weights its ratio to the rollout's log-probs is exactly 1
+    rewards = torch.zeros_like(mask)
+    rewards[:, 0] = torch.tensor([1.0, -1.0])
+    experience = module._make_experience(rollout, old, values, rewards)
+    _, stats = module._ppo_loss(experience.select(torch.arange(2)))
+    assert stats["ppo/policy/ratio"] == 1.0 and stats["ppo/policy/approxkl"] == 0.0
+
+
+def _fit(tmp_path: Path, steps: int, *overrides: str):
+    return main(
+        [
+            "fit", "--config", TINY, "--trainer.limit_train_batches", str(steps),
+            "--trainer.val_check_interval", str(steps), "--trainer.logger.init_args.save_dir", str(tmp_path),
+            *overrides,
+        ]
+    )  # fmt: skip
+
+
+@pytest.mark.slow
+def test_k3_reaches_the_rewards_and_the_adaptive_controller_follows_its_formula(
+    tiny_assets: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    calls = []
+    original = module_lib.compute_rewards
+
+    def spy(scores, logprobs, ref_logprobs, mask, kl_coef, kind):
+        result = original(scores, logprobs, ref_logprobs, mask, kl_coef, kind)
+        calls.append((logprobs, ref_logprobs, mask, kl_coef, kind, result[1]))
+        return result
+
+    monkeypatch.setattr(module_lib, "compute_rewards", spy)
+    cli = _fit(tmp_path, 3, "--model.ppo.kl_penalty", "k3")
+    logprobs, ref_logprobs, mask, kl_coef, kind, non_score = calls[-1]
+    assert kind == "k3"
+    log_ratio = logprobs - ref_logprobs
+    assert (log_ratio * mask).abs().max() > 0  # the policy has moved since step 1
+    expected = -kl_coef * (torch.expm1(-log_ratio) + log_ratio) * mask  # k3 = (r - 1) - log r, r = ref / pi
+    torch.testing.assert_close(non_score, expected)
+    assert (non_score <= 0).all()  # k3 >= 0, unlike the plain log-ratio
+
+    logged = scalars(Path(cli.trainer.log_dir))
+    coef, kl = logged["objective/kl_coef"], logged["objective/kl"]
+    ppo = cli.model.ppo
+    for i in range(len(coef) - 1):  # Ziegler et al.: coef *= 1 + clip(kl / target - 1, +-0.2) * n / horizon
+        error = min(max(kl[i] / ppo.target - 1, -0.2), 0.2)
+        assert coef[i + 1] == pytest.approx(coef[i] * (1 + error * 64 / ppo.horizon), rel=1e-6)
+    assert coef[-1] != coef[0]
+
+
+@pytest.mark.slow
+def test_full_kl_runs_end_to_end_and_a_fixed_coefficient_stays_put(tiny_assets: Path, tmp_path: Path):
+    cli = _fit(tmp_path, 3, "--model.ppo.kl_penalty", "full", "--model.ppo.adap_kl_ctrl", "false")
+    logged = scalars(Path(cli.trainer.log_dir))
+    assert all(torch.isfinite(torch.tensor(v)).all() for v in logged.values())
+    assert logged["objective/kl_coef"] == [pytest.approx(cli.model.ppo.init_kl_coef)] * 3
+    assert logged["ppo/mean_non_score_reward"][-1] < 0  # -coef * exact KL, once the policy has moved
