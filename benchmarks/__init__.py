@@ -1,0 +1,1 @@
+"""Measurements that back the README's figures; run each as `python -m benchmarks.<name>`."""
