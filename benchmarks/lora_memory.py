@@ -30,10 +30,12 @@ def reference_tensors(model: nn.Module | None) -> list[torch.Tensor]:
     return [] if model is None else [*model.parameters(), *model.buffers()]
 
 
-def measure(lora: LoraOptions | None, batch_size: int = 2, length: int = 32) -> dict[str, float]:
+def measure(
+    lora: LoraOptions | None, config: GPT2Config | None = None, batch_size: int = 2, length: int = 32
+) -> dict[str, float]:
     """Trainable parameters and the bytes of gradients, Adam state and reference copy after one step."""
     torch.manual_seed(0)
-    lm = GPT2LMHeadModel(GPT2Config())
+    lm = GPT2LMHeadModel(config or GPT2Config())
     reference = None if lora else make_reference(lm)
     policy = PolicyWithValueHead(apply_lora(lm, lora) if lora else lm)
     trainable = [p for p in policy.parameters() if p.requires_grad]

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, GPT2Config
 
 from lightning_ppo.cli import main
 from lightning_ppo.lora import LoraOptions, save_policy
@@ -95,6 +95,16 @@ def test_lora_checkpoint_holds_only_trainable_weights_and_loads_strictly(lora_fi
     for key, value in fresh.state_dict().items():
         torch.testing.assert_close(value, tuned[key], rtol=0, atol=0)
 
+    # through the CLI: strict loading, and `test` samples the reference with the adapter off
+    tested = main(
+        [
+            "test", "--config", TINY, "--model.lora.r", "8", "--ckpt_path", str(path),
+            "--trainer.logger.init_args.save_dir", str(tmp_path),
+        ]
+    )  # fmt: skip
+    metrics = tested.trainer.callback_metrics
+    assert metrics["test/reward_policy_mean"] > metrics["test/reward_ref_mean"]
+
 
 @pytest.mark.slow
 def test_save_policy_writes_the_adapter_and_the_merged_model(lora_fit, tmp_path: Path):
@@ -110,3 +120,18 @@ def test_save_policy_writes_the_adapter_and_the_merged_model(lora_fit, tmp_path:
         got, _ = response_logits(merged, input_ids, mask, 2)
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
     assert any("lora_" in n for n, _ in lm.named_parameters())  # the training model kept its adapter
+
+
+def test_the_memory_benchmark_counts_what_lora_saves():
+    from benchmarks.lora_memory import MIB, measure
+
+    config = GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=100, n_positions=64)
+    full, lora = measure(None, config), measure(LoraOptions(r=2), config)
+    assert full["trainable parameters"] == full["all parameters"]
+    assert 0 < lora["trainable parameters"] < full["trainable parameters"] / 4
+    # Adam keeps two float32 moments per trainable weight; LoRA holds no reference copy
+    for setup in (full, lora):
+        assert setup["Adam state MiB"] * MIB >= 2 * 4 * setup["trainable parameters"]
+    value_head = config.n_embd + 1
+    assert full["reference copy MiB"] * MIB >= 4 * (full["all parameters"] - value_head)
+    assert lora["reference copy MiB"] == 0
