@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import copy
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 from torch import Tensor, nn
@@ -39,6 +41,20 @@ def freeze(model: nn.Module) -> nn.Module:
     """Make `model` a frozen, eval-mode copy holder: no grads, no dropout."""
     model.requires_grad_(False)
     return model.eval()
+
+
+@contextmanager
+def eval_mode(model: nn.Module) -> Iterator[None]:
+    """Eval mode for the no-grad passes, then back to the model's mode.
+
+    Besides dropout, this keeps generation's KV cache on under gradient checkpointing.
+    """
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
 
 
 def make_reference(policy: PreTrainedModel) -> PreTrainedModel:

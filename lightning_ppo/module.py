@@ -35,6 +35,7 @@ from lightning_ppo.core import (
 from lightning_ppo.models import (
     PolicyWithValueHead,
     disable_dropout_in_model,
+    eval_mode,
     load_causal_lm,
     load_tokenizer,
     make_reference,
@@ -142,10 +143,14 @@ class PPOModule(LightningModule):
         policy: Causal LM to tune: hub id, local folder, or `tiny:policy` (built offline).
         reward_model: Sequence classifier giving the reward: hub id, local folder, or `tiny:reward`.
         reward_label: Label whose raw logit is the score (the notebook: POSITIVE).
-        reward_batch_size: Texts per reward-model forward pass.
+        reward_batch_size: Texts per reward-model forward pass; null scores the whole batch at once.
         learning_rate: Adam learning rate (TRL: 1.41e-5).
         ppo: PPO hyper-parameters.
         sampling: How responses are sampled.
+        forward_batch_size: Rows per no-grad forward (old log-probs, values, reference); null = the whole
+            batch. The training micro-batch is `ppo.mini_batch_size / ppo.gradient_accumulation_steps`.
+        gradient_checkpointing: Recompute the policy's activations in the backward pass: less memory,
+            about a third more compute.
         disable_dropout: Turn dropout off in every model, so the first PPO ratio is exactly 1.
         log_samples_every_n_steps: Every N PPO steps, write a table of sample texts with their rewards to
             TensorBoard; 0 disables it.
@@ -157,10 +162,12 @@ class PPOModule(LightningModule):
         policy: str = "lvwerra/gpt2-imdb",
         reward_model: str = "lvwerra/distilbert-imdb",
         reward_label: str = "POSITIVE",
-        reward_batch_size: int = 64,
+        reward_batch_size: int | None = None,
         learning_rate: float = 1.41e-5,
         ppo: PPOConfig | None = None,
         sampling: SamplingConfig | None = None,
+        forward_batch_size: int | None = None,
+        gradient_checkpointing: bool = False,
         disable_dropout: bool = True,
         log_samples_every_n_steps: int = 10,
         num_log_samples: int = 8,
@@ -175,6 +182,8 @@ class PPOModule(LightningModule):
         lm = load_causal_lm(policy)
         if disable_dropout:
             disable_dropout_in_model(lm)
+        if gradient_checkpointing:
+            lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.ref_policy = make_reference(lm)  # frozen copy of the starting policy
         self.policy = PolicyWithValueHead(lm)
         self.reward = ClassifierReward(reward_model, reward_label, reward_batch_size)
@@ -293,23 +302,37 @@ class PPOModule(LightningModule):
     def _old_logprobs_values_ref(
         self, rollout: Rollout
     ) -> tuple[Tensor, Tensor, Tensor, tuple[Tensor, Tensor] | None]:
-        """One no-grad forward of the policy (log-probs and values) and one of the reference."""
-        was_training = self.policy.training
-        self.policy.eval()
-        with torch.no_grad():
-            logits, values = self.policy(rollout.input_ids, rollout.attention_mask, rollout.response_start)
-            ref_logits, _ = response_logits(
-                self.ref_policy, rollout.input_ids, rollout.attention_mask, rollout.response_start
-            )
-            logits, ref_logits = self._tempered(logits), self._tempered(ref_logits)
-            logprobs = logprobs_from_logits(logits, rollout.response_ids)
-            ref_logprobs = logprobs_from_logits(ref_logits, rollout.response_ids)
-            full = None
-            if self.ppo.kl_penalty == "full":  # KL over the whole vocabulary needs both distributions
-                full = (torch.log_softmax(logits.float(), -1), torch.log_softmax(ref_logits.float(), -1))
-        self.policy.train(was_training)
+        """No-grad passes over the rollout, in micro-batches of `forward_batch_size` rows.
+
+        One forward of the policy gives log-probs and values together, one of the reference its log-probs;
+        all (B, R), masked. With `kl_penalty: full`, also both full log-distributions (B, R, V).
+        """
+        chunk = self.hparams.forward_batch_size or rollout.input_ids.shape[0]
+        with torch.no_grad(), eval_mode(self.policy):
+            parts = [self._no_grad_forward(part) for part in rollout.split(chunk)]
+        logprobs, values, ref_logprobs = (
+            torch.cat(column) for column in zip(*(p[:3] for p in parts), strict=True)
+        )
+        full = None
+        if self.ppo.kl_penalty == "full":  # KL over the whole vocabulary needs both distributions
+            full = (torch.cat([p[3] for p in parts]), torch.cat([p[4] for p in parts]))
+        return logprobs, values, ref_logprobs, full
+
+    def _no_grad_forward(self, rollout: Rollout) -> tuple[Tensor, ...]:
+        logits, values = self.policy(rollout.input_ids, rollout.attention_mask, rollout.response_start)
+        ref_logits, _ = response_logits(
+            self.ref_policy, rollout.input_ids, rollout.attention_mask, rollout.response_start
+        )
+        logits, ref_logits = self._tempered(logits), self._tempered(ref_logits)
         mask = rollout.response_mask
-        return logprobs * mask, values * mask, ref_logprobs * mask, full
+        outputs = (
+            logprobs_from_logits(logits, rollout.response_ids) * mask,
+            values * mask,
+            logprobs_from_logits(ref_logits, rollout.response_ids) * mask,
+        )
+        if self.ppo.kl_penalty == "full":
+            outputs += (torch.log_softmax(logits.float(), -1), torch.log_softmax(ref_logits.float(), -1))
+        return outputs
 
     def _make_experience(
         self, rollout: Rollout, logprobs: Tensor, values: Tensor, rewards: Tensor
@@ -390,15 +413,16 @@ class PPOModule(LightningModule):
     # Sampling and scoring, shared by training, validation, test and predict
 
     def _sample(self, model: torch.nn.Module, batch: dict[str, Any], lengths: Tensor) -> Rollout:
-        return sample_responses(
-            model,
-            batch["input_ids"],
-            batch["attention_mask"],
-            lengths,
-            self.sampling,
-            pad_token_id=self.tokenizer.pad_token_id,
-            eos_token_id=self.tokenizer.eos_token_id,
-        )
+        with eval_mode(model):
+            return sample_responses(
+                model,
+                batch["input_ids"],
+                batch["attention_mask"],
+                lengths,
+                self.sampling,
+                pad_token_id=self.tokenizer.pad_token_id,
+                eos_token_id=self.tokenizer.eos_token_id,
+            )
 
     def _score(self, rollout: Rollout) -> tuple[Tensor, list[str]]:
         """Scores (B,) of prompt + response text, and the decoded responses."""
@@ -419,14 +443,8 @@ class PPOModule(LightningModule):
 
     def _sequence_kl(self, rollout: Rollout) -> Tensor:
         """Sampled KL(policy || reference) of each response, summed over its tokens. (B,)"""
-        with torch.no_grad():
-            logits, _ = self.policy(rollout.input_ids, rollout.attention_mask, rollout.response_start)
-            ref_logits, _ = response_logits(
-                self.ref_policy, rollout.input_ids, rollout.attention_mask, rollout.response_start
-            )
-        logprobs = logprobs_from_logits(self._tempered(logits), rollout.response_ids)
-        ref_logprobs = logprobs_from_logits(self._tempered(ref_logits), rollout.response_ids)
-        return ((logprobs - ref_logprobs) * rollout.response_mask).sum(-1)
+        logprobs, _, ref_logprobs, _ = self._old_logprobs_values_ref(rollout)
+        return (logprobs - ref_logprobs).sum(-1)
 
     # ----------------------------------------------------------------------------------------------
     # Evaluation: held-out reward and KL during fit; before/after comparison in `test`

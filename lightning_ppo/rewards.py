@@ -17,7 +17,7 @@ class ClassifierReward(nn.Module):
     """
 
     def __init__(
-        self, source: str, label: str = "POSITIVE", batch_size: int = 64, max_length: int = 512
+        self, source: str, label: str = "POSITIVE", batch_size: int | None = None, max_length: int = 512
     ) -> None:
         super().__init__()
         self.source = source
@@ -37,12 +37,13 @@ class ClassifierReward(nn.Module):
 
     @torch.no_grad()
     def forward(self, texts: list[str]) -> Tensor:
-        """Scores (B,) float32 for B texts, in micro-batches of `batch_size`."""
+        """Scores (B,) float32 for B texts, in micro-batches of `batch_size` (all at once if None)."""
         device = next(self.model.parameters()).device
+        chunk = self.batch_size or len(texts)
         scores = []
-        for start in range(0, len(texts), self.batch_size):
+        for start in range(0, len(texts), chunk):
             encoded = self.tokenizer(
-                texts[start : start + self.batch_size],
+                texts[start : start + chunk],
                 padding=True,
                 truncation=True,
                 max_length=self.max_length,

@@ -10,7 +10,7 @@ import torch
 from lightning_ppo.core import logprobs_from_logits
 from lightning_ppo.data import collate_prompts
 from lightning_ppo.module import PPOModule
-from lightning_ppo.rollout import draw_response_lengths
+from lightning_ppo.rollout import Rollout, draw_response_lengths
 
 
 @pytest.fixture(scope="module")
@@ -47,3 +47,37 @@ def test_select_trims_padding_and_keeps_log_probs(module: PPOModule):
     logprobs = logprobs_from_logits(logits, minibatch.response_ids) * minibatch.response_mask
     torch.testing.assert_close(logprobs, minibatch.old_logprobs, atol=1e-5, rtol=0)
     torch.testing.assert_close(values * minibatch.response_mask, minibatch.old_values, atol=1e-5, rtol=0)
+
+
+def test_forward_micro_batches_change_no_number(module: PPOModule):
+    torch.manual_seed(2)
+    experience = make_experience(module)
+    rollout = Rollout(
+        experience.input_ids, experience.attention_mask, experience.response_start, experience.response_mask
+    )
+    whole = module._old_logprobs_values_ref(rollout)[:3]
+    module.hparams.forward_batch_size = 2
+    try:
+        chunked = module._old_logprobs_values_ref(rollout)[:3]
+    finally:
+        module.hparams.forward_batch_size = None
+    for a, b in zip(whole, chunked, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=0)
+
+
+def test_gradient_checkpointing_gives_the_same_gradients(tiny_assets: Path):
+    grads = []
+    for checkpointing in (False, True):
+        torch.manual_seed(0)
+        module = PPOModule(
+            policy="tiny:policy", reward_model="tiny:reward", gradient_checkpointing=checkpointing
+        )
+        assert module.policy.lm.is_gradient_checkpointing is checkpointing
+        module.train()
+        torch.manual_seed(3)
+        experience = make_experience(module)
+        loss, _ = module._ppo_loss(experience.select(torch.arange(experience.input_ids.shape[0])))
+        loss.backward()
+        grads.append([p.grad.clone() for p in module.policy.parameters()])
+    for a, b in zip(*grads, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
