@@ -248,10 +248,10 @@ class PPOModule(LightningModule):
             old_logprobs, old_values, ref_logprobs, full = self._old_logprobs_values_ref(rollout)
         kl_coef = self.kl_ctl.value
         mask = rollout.response_mask
-        rewards, non_score_rewards, _ = (
-            compute_rewards(  # 4. per-token rewards: -beta * KL, + score at the end
-                scores, *(full if full else (old_logprobs, ref_logprobs)), mask, kl_coef, self.ppo.kl_penalty
-            )
+        # 4. per-token rewards: -kl_coef * KL, plus the score on each response's last token
+        kl_inputs = full if full is not None else (old_logprobs, ref_logprobs)
+        rewards, non_score_rewards, _ = compute_rewards(
+            scores, *kl_inputs, mask, kl_coef, self.ppo.kl_penalty
         )
         experience = self._make_experience(rollout, old_logprobs, old_values, rewards)  # 5. GAE, whitening
         with self._timed(timings, "time/optimize"):  # 6. PPO epochs over shuffled minibatches
