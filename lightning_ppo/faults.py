@@ -43,7 +43,9 @@ class FaultGuard:
         self.consecutive_bad_steps = 0
         self.skipped_optimizer_steps = 0  # in the current PPO step
 
-    def check_rollout(self, strategy: Strategy, scores: Tensor, *per_token: Tensor) -> tuple[bool, dict]:
+    def check_rollout(
+        self, strategy: Strategy, scores: Tensor, *per_token: Tensor
+    ) -> tuple[bool, dict[str, Tensor]]:
         """Whether scores (B,) and the (B, R) log-probs/values are all finite, on every rank; and the counts.
 
         One host sync per PPO step. The decision is reduced over ranks so that every rank skips together

@@ -34,7 +34,8 @@ def looks_like_path(source: str) -> bool:
 
     A hub id is `name` or `namespace/name`, so anything else cannot be one.
     """
-    return source.startswith(("/", ".", "~")) or source.count("/") > 1 or os.sep != "/" and os.sep in source
+    windows_path = os.sep != "/" and os.sep in source
+    return source.startswith(("/", ".", "~")) or source.count("/") > 1 or windows_path
 
 
 def load_from_source(load: Callable[[str], T], source: str, key: str, what: str) -> T:
@@ -42,7 +43,10 @@ def load_from_source(load: Callable[[str], T], source: str, key: str, what: str)
 
     `what` names the thing loaded ("model", "tokenizer", "dataset") for the message.
     """
-    resolved = resolve_source(source)
+    try:
+        resolved = resolve_source(source)
+    except ValueError as error:  # an unknown `tiny:` name
+        raise ConfigError(f"{key}={source!r}: {error}") from error
     path = Path(resolved).expanduser()
     if looks_like_path(source) and not path.exists():
         raise ConfigError(f"{key}={source!r}: no such file or folder ({path.absolute()}). Fix the path.")
@@ -60,17 +64,15 @@ def load_from_source(load: Callable[[str], T], source: str, key: str, what: str)
                 f"{what} that can be loaded ({reason}). Point {key} at a folder written by "
                 "`save_pretrained`/`save_to_disk`, or at a hub id."
             ) from error
-        where = (
-            "locally, and the hub is switched off (HF_HUB_OFFLINE=1)"
-            if is_offline()
-            else ("locally or on the Hugging Face hub (is the network reachable?)")
-        )
+        if is_offline():
+            where = "locally, and the hub is switched off (HF_HUB_OFFLINE=1)"
+        else:
+            where = "locally or on the Hugging Face hub (is the network reachable?)"
         repo_type = " --repo-type dataset" if what == "dataset" else ""
         raise ConfigError(
             f"{key}={source!r}: the {what} could not be found {where}. Download it first on a machine "
-            f"with network access (`hf download {source}{repo_type}`"
-            f" into the cache, or `save_pretrained`/`save_to_disk` to a folder) and set {key} to that local "
-            f"folder. Loader said: {reason}"
+            f"with network access, e.g. `hf download {source}{repo_type} --local-dir FOLDER`, and set {key} "
+            f"to that local folder. Loader said: {reason}"
         ) from error
 
 

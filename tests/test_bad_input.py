@@ -144,6 +144,9 @@ def test_missing_path_and_folder_without_a_model(tmp_path: Path, tiny_assets: Pa
     with pytest.raises(ConfigError, match=r"data\.dataset=.*no such file or folder"):
         PromptDataModule(dataset=str(missing), tokenizer="tiny:policy").setup("fit")
 
+    with pytest.raises(ConfigError, match=r"model\.policy='tiny:nope': Unknown tiny asset"):
+        load_causal_lm("tiny:nope")
+
     empty = tmp_path / "empty"
     empty.mkdir()
     with pytest.raises(ConfigError, match=r"model\.reward_model=.*holds no model") as error:
