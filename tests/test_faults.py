@@ -267,7 +267,8 @@ def reward_and_kl(root: Path) -> dict[str, list[float]]:
     cli = main(
         [
             "fit", "--config", TINY,
-            "--trainer.limit_train_batches", "3", "--trainer.val_check_interval", "3",
+            "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "3",
+            "--trainer.val_check_interval", "3",
             "--data.batch_size", "16", "--data.val_size", "8", "--model.ppo.mini_batch_size", "8",
             "--trainer.logger.init_args.save_dir", str(root),
         ]
