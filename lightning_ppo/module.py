@@ -32,6 +32,8 @@ from lightning_ppo.core import (
     policy_loss,
     value_loss,
 )
+from lightning_ppo.faults import FaultGuard
+from lightning_ppo.loading import ConfigError, check_fits_context
 from lightning_ppo.models import (
     PolicyWithValueHead,
     disable_dropout_in_model,
@@ -155,6 +157,8 @@ class PPOModule(LightningModule):
         log_samples_every_n_steps: Every N PPO steps, write a table of sample texts with their rewards to
             TensorBoard; 0 disables it.
         num_log_samples: Rows in that table.
+        max_consecutive_bad_steps: Stop the run, with a checkpoint, after this many PPO batches or optimizer
+            steps in a row were skipped for NaN/inf values (see `lightning_ppo.faults`).
     """
 
     def __init__(
@@ -171,6 +175,7 @@ class PPOModule(LightningModule):
         disable_dropout: bool = True,
         log_samples_every_n_steps: int = 10,
         num_log_samples: int = 8,
+        max_consecutive_bad_steps: int = 3,
     ) -> None:
         super().__init__()
         self.ppo = ppo or PPOConfig()
@@ -191,6 +196,7 @@ class PPOModule(LightningModule):
             self.kl_ctl = AdaptiveKLController(self.ppo.init_kl_coef, self.ppo.target, self.ppo.horizon)
         else:
             self.kl_ctl = FixedKLController(self.ppo.init_kl_coef)
+        self.faults = FaultGuard(max_consecutive_bad_steps)
         self._test_rows: list[dict[str, Any]] = []
         self._eval_stats: dict[str, list[Tensor]] = defaultdict(list)
 
@@ -207,9 +213,16 @@ class PPOModule(LightningModule):
         datamodule = getattr(self.trainer, "datamodule", None)
         batch_size = getattr(datamodule, "batch_size", None)
         if stage == "fit" and batch_size is not None and batch_size % self.ppo.mini_batch_size:
-            raise ValueError(
+            raise ConfigError(
                 f"data.batch_size ({batch_size}) must be divisible by model.ppo.mini_batch_size "
                 f"({self.ppo.mini_batch_size}); set model.ppo.mini_batch_size to a divisor of it"
+            )
+        prompt_key = "data.max_prompt_tokens" if stage == "predict" else "data.prompt_max_tokens"
+        prompt_tokens = getattr(datamodule, prompt_key.removeprefix("data."), None)
+        if prompt_tokens is not None:
+            response_tokens = self.sampling.response_max_length
+            check_fits_context(
+                self.policy.lm.config, prompt_tokens, prompt_key, response_tokens, self.hparams.policy
             )
 
     def train(self, mode: bool = True) -> PPOModule:
@@ -246,6 +259,13 @@ class PPOModule(LightningModule):
             scores, responses = self._score(rollout)
         with self._timed(timings, "time/forward"):  # 3. old log-probs and values, reference log-probs
             old_logprobs, old_values, ref_logprobs, full = self._old_logprobs_values_ref(rollout)
+        usable, fault_metrics = self.faults.check_rollout(
+            self.trainer.strategy, scores, old_logprobs, old_values, ref_logprobs
+        )
+        if not usable:  # NaN/inf rewards, log-probs or values: skip the batch (lightning_ppo.faults)
+            self._log_metrics(fault_metrics)
+            self.faults.stop_if_failing(self.trainer)
+            return
         kl_coef = self.kl_ctl.value
         mask = rollout.response_mask
         # 4. per-token rewards: -kl_coef * KL, plus the score on each response's last token
@@ -279,10 +299,12 @@ class PPOModule(LightningModule):
             "tokens/queries_len_mean": batch["attention_mask"].sum(-1).float().mean(),
             "tokens/responses_len_mean": mask.sum(-1).mean(),
             **train_stats,
+            **fault_metrics,
             **{name: torch.tensor(seconds) for name, seconds in timings.items()},
         }
         self._log_metrics(metrics)  # 8. log (reduced across ranks)
         self._log_samples(batch["query"], responses, scores)
+        self.faults.stop_if_failing(self.trainer)
 
     def _log_metrics(self, metrics: dict[str, Tensor]) -> None:
         already_global = {"env/reward_mean", "env/reward_std", "objective/kl", "objective/kl_coef"}
@@ -365,17 +387,21 @@ class PPOModule(LightningModule):
         stats: dict[str, list[Tensor]] = defaultdict(list)
         for _ in range(self.ppo.ppo_epochs):
             for minibatch in torch.randperm(batch_size).split(self.ppo.mini_batch_size):
+                minibatch_loss = torch.zeros((), device=self.device)
                 for micro_rows in minibatch.split(micro_batch_size):
                     loss, micro_stats = self._ppo_loss(experience.select(micro_rows))
                     self.manual_backward(loss / accumulation)
+                    minibatch_loss += loss.detach()
                     for name, value in micro_stats.items():
                         stats[name].append(value)
-                if self.ppo.max_grad_norm is not None:
-                    self.clip_gradients(optimizer, gradient_clip_val=self.ppo.max_grad_norm)
-                optimizer.step()
+                if self.faults.step_is_finite(self.trainer.strategy, minibatch_loss):  # else skip the step
+                    if self.ppo.max_grad_norm is not None:
+                        self.clip_gradients(optimizer, gradient_clip_val=self.ppo.max_grad_norm)
+                    optimizer.step()
                 optimizer.zero_grad()
         means = {name: torch.stack(values).float().mean() for name, values in stats.items()}
         means["ppo/skipped_minibatches"] = torch.stack(stats["ppo/skipped_minibatches"]).float().sum()
+        means["ppo/skipped_optimizer_steps"] = self.faults.pop_skipped_optimizer_steps()
         return means
 
     def _ppo_loss(self, batch: Experience) -> tuple[Tensor, dict[str, Tensor]]:

@@ -6,7 +6,7 @@ import torch
 from torch import Tensor, nn
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-from lightning_ppo.tiny import resolve_source
+from lightning_ppo.loading import ConfigError, load_from_source
 
 
 class ClassifierReward(nn.Module):
@@ -21,12 +21,15 @@ class ClassifierReward(nn.Module):
     ) -> None:
         super().__init__()
         self.source = source
-        self.model = AutoModelForSequenceClassification.from_pretrained(resolve_source(source))
-        self.tokenizer = AutoTokenizer.from_pretrained(resolve_source(source))
+        key = "model.reward_model"
+        self.model = load_from_source(
+            AutoModelForSequenceClassification.from_pretrained, source, key, "model"
+        )
+        self.tokenizer = load_from_source(AutoTokenizer.from_pretrained, source, key, "tokenizer")
         self.tokenizer.padding_side = "right"
         labels = self.model.config.label2id
         if label not in labels:
-            raise ValueError(
+            raise ConfigError(
                 f"model.reward_label={label!r} is not a label of the reward model {source!r}; "
                 f"it has {sorted(labels)}. Set model.reward_label to one of them."
             )
