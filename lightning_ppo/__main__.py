@@ -1,6 +1,6 @@
 """`python -m lightning_ppo fit --config configs/tiny.yaml` (see `--help`)."""
 
-from lightning_ppo.cli import main
+from lightning_ppo.cli import run
 
 if __name__ == "__main__":
-    main()
+    run()

@@ -6,11 +6,13 @@ keys; `--print_config` shows every key with its default.
 
 from __future__ import annotations
 
+import sys
 import warnings
 
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from lightning_ppo.data import PromptDataModule
+from lightning_ppo.loading import ConfigError
 from lightning_ppo.module import PPOModule
 
 
@@ -33,3 +35,15 @@ def main(args: list[str] | None = None) -> PPOCLI:
         # a requeued SLURM job reuses its log directory: the saved config may be overwritten
         save_config_kwargs={"overwrite": True},
     )
+
+
+def run() -> None:
+    """The console entry point: a configuration mistake prints one paragraph (no traceback) and exits 2.
+
+    Any other exception keeps its traceback: it is a bug or a fault worth reporting.
+    """
+    try:
+        main()
+    except ConfigError as error:
+        print(f"lightning-ppo: error: {error}", file=sys.stderr)
+        raise SystemExit(2) from None

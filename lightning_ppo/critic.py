@@ -12,8 +12,8 @@ import inspect
 from torch import Tensor, nn
 from transformers import AutoModel, PreTrainedTokenizerBase
 
+from lightning_ppo.loading import ConfigError, load_from_source
 from lightning_ppo.models import load_tokenizer, position_ids_from_mask
-from lightning_ppo.tiny import resolve_source
 
 REWARD_MODEL = "reward_model"  # `model.critic` value meaning "start from model.reward_model"
 
@@ -21,9 +21,9 @@ REWARD_MODEL = "reward_model"  # `model.critic` value meaning "start from model.
 class ValueModel(nn.Module):
     """Backbone (`AutoModel`, any LM head dropped) + linear head: a value for each response token."""
 
-    def __init__(self, source: str) -> None:
+    def __init__(self, source: str, key: str = "model.critic") -> None:
         super().__init__()
-        self.backbone = AutoModel.from_pretrained(resolve_source(source))
+        self.backbone = load_from_source(AutoModel.from_pretrained, source, key, "model")
         self.v_head = nn.Linear(self.backbone.config.get_text_config().hidden_size, 1)
         self._takes_positions = "position_ids" in inspect.signature(self.backbone.forward).parameters
 
@@ -37,12 +37,13 @@ class ValueModel(nn.Module):
 
 def build_critic(source: str, reward_source: str, policy_tokenizer: PreTrainedTokenizerBase) -> ValueModel:
     """The critic `model.critic` names ("reward_model": `model.reward_model`); refuses another vocabulary."""
-    resolved = reward_source if source == REWARD_MODEL else source
-    if load_tokenizer(resolved).get_vocab() != policy_tokenizer.get_vocab():
-        raise ValueError(
+    from_reward = source == REWARD_MODEL
+    resolved, key = (reward_source, "model.reward_model") if from_reward else (source, "model.critic")
+    if load_tokenizer(resolved, key).get_vocab() != policy_tokenizer.get_vocab():
+        raise ConfigError(
             f"model.critic={source!r} ({resolved}) has a different tokenizer from model.policy: a critic "
             "gives one value per policy token, so it must read the policy's token ids. Use a critic "
             "built on the policy's tokenizer (e.g. model.critic set to model.policy), or leave "
             "model.critic null for the value head on the policy."
         )
-    return ValueModel(resolved)
+    return ValueModel(resolved, key)

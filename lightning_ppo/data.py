@@ -13,8 +13,8 @@ from lightning import LightningDataModule
 from torch.utils.data import DataLoader
 from transformers import PreTrainedTokenizerBase
 
+from lightning_ppo.loading import ConfigError, load_from_source
 from lightning_ppo.models import load_tokenizer
-from lightning_ppo.tiny import resolve_source
 
 FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
 
@@ -26,8 +26,10 @@ def load_prompt_dataset(source: str) -> DatasetDict:
         loaded = load_from_disk(source)
         return loaded if isinstance(loaded, DatasetDict) else DatasetDict(train=loaded)
     if path.is_file():
+        if path.stat().st_size == 0:  # `datasets` fails on it with a bare StopIteration
+            raise ConfigError(f"data.dataset: the file {source!r} is empty; give a file with texts")
         if path.suffix not in FILE_BUILDERS:
-            raise ValueError(f"data.dataset: cannot read {source!r}; use one of {sorted(FILE_BUILDERS)}")
+            raise ConfigError(f"data.dataset: cannot read {source!r}; use one of {sorted(FILE_BUILDERS)}")
         return load_dataset(FILE_BUILDERS[path.suffix], data_files=source)  # one "train" split
     # A hub name, or a local folder of data files (`datasets` infers the format and splits from file names).
     return load_dataset(source)
@@ -170,14 +172,14 @@ class PromptDataModule(LightningDataModule):
 
     def _splits(self) -> tuple[Dataset, Dataset]:
         """The train split and the held-out texts: `eval_split`, or a seeded `eval_fraction` of train."""
-        data = load_prompt_dataset(resolve_source(self.dataset))
+        data = load_from_source(load_prompt_dataset, self.dataset, "data.dataset", "dataset")
         if self.train_split not in data:
-            raise ValueError(
+            raise ConfigError(
                 f"data.train_split={self.train_split!r} is not a split of {self.dataset!r}: {list(data)}"
             )
         train = data[self.train_split]
         if self.text_column not in train.column_names:
-            raise ValueError(
+            raise ConfigError(
                 f"data.text_column={self.text_column!r} is not a column of {self.dataset!r}; "
                 f"its columns are {train.column_names}"
             )
@@ -237,7 +239,7 @@ class PromptDataModule(LightningDataModule):
     def _check_enough_train_prompts(self, num_texts: int) -> None:
         usable = len(self.prompts["train"])
         if usable < self.batch_size:
-            raise ValueError(
+            raise ConfigError(
                 f"only {usable} of {num_texts} texts in split {self.train_split!r} of {self.dataset!r} "
                 f"give a prompt (data.min_text_length={self.min_text_length}, "
                 f"data.text_column={self.text_column!r}), fewer than data.batch_size={self.batch_size}"

@@ -3,27 +3,29 @@
 from __future__ import annotations
 
 import copy
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 from peft import PeftModel
 from torch import Tensor, nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from lightning_ppo.tiny import resolve_source
+from lightning_ppo.loading import load_from_source
 
 
-def load_tokenizer(source: str) -> PreTrainedTokenizerBase:
+def load_tokenizer(source: str, key: str = "model.policy") -> PreTrainedTokenizerBase:
     """Load a tokenizer for left-padded batched generation; pad falls back to EOS as in the notebook."""
-    tokenizer = AutoTokenizer.from_pretrained(resolve_source(source))
+    tokenizer = load_from_source(AutoTokenizer.from_pretrained, source, key, "tokenizer")
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "left"
     return tokenizer
 
 
-def load_causal_lm(source: str) -> PreTrainedModel:
+def load_causal_lm(source: str, key: str = "model.policy") -> PreTrainedModel:
     """Load any `AutoModelForCausalLM` by hub id or local folder (or a `tiny:` asset)."""
-    return AutoModelForCausalLM.from_pretrained(resolve_source(source))
+    return load_from_source(AutoModelForCausalLM.from_pretrained, source, key, "model")
 
 
 def disable_dropout_in_model(model: nn.Module) -> None:
@@ -40,6 +42,20 @@ def freeze(model: nn.Module) -> nn.Module:
     """Make `model` a frozen, eval-mode copy holder: no grads, no dropout."""
     model.requires_grad_(False)
     return model.eval()
+
+
+@contextmanager
+def eval_mode(model: nn.Module) -> Iterator[None]:
+    """Eval mode for the no-grad passes, then back to the model's mode.
+
+    Besides dropout, this keeps generation's KV cache on under gradient checkpointing.
+    """
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
 
 
 def make_reference(policy: PreTrainedModel) -> PreTrainedModel:

@@ -33,10 +33,13 @@ from lightning_ppo.core import (
     value_loss,
 )
 from lightning_ppo.critic import build_critic
+from lightning_ppo.faults import FaultGuard
+from lightning_ppo.loading import ConfigError, check_fits_context
 from lightning_ppo.lora import LoraOptions, adapter_disabled, apply_lora
 from lightning_ppo.models import (
     PolicyWithValueHead,
     disable_dropout_in_model,
+    eval_mode,
     load_causal_lm,
     load_tokenizer,
     make_reference,
@@ -145,14 +148,20 @@ class PPOModule(LightningModule):
         policy: Causal LM to tune: hub id, local folder, or `tiny:policy` (built offline).
         reward_model: Sequence classifier giving the reward: hub id, local folder, or `tiny:reward`.
         reward_label: Label whose raw logit is the score (the notebook: POSITIVE).
-        reward_batch_size: Texts per reward-model forward pass.
+        reward_batch_size: Texts per reward-model forward pass; null scores the whole batch at once.
         learning_rate: Adam learning rate (TRL: 1.41e-5).
         ppo: PPO hyper-parameters.
         sampling: How responses are sampled.
+        forward_batch_size: Rows per no-grad forward (old log-probs, values, reference); null = the whole
+            batch. The training micro-batch is `ppo.mini_batch_size / ppo.gradient_accumulation_steps`.
+        gradient_checkpointing: Recompute the policy's activations in the backward pass: less memory,
+            about a third more compute.
         disable_dropout: Turn dropout off in every model, so the first PPO ratio is exactly 1.
         log_samples_every_n_steps: Every N PPO steps, write a table of sample texts with their rewards to
             TensorBoard; 0 disables it.
         num_log_samples: Rows in that table.
+        max_consecutive_bad_steps: Stop the run, with a checkpoint, after this many PPO batches or optimizer
+            steps in a row were skipped for NaN/inf values (see `lightning_ppo.faults`).
         reward: A pluggable reward (`class_path` + `init_args`, a `lightning_ppo.rewards.RewardModel`);
             null builds `ClassifierReward` from reward_model, reward_label and reward_batch_size.
         lora: Train a LoRA adapter instead of the whole policy; the reference is the policy with the
@@ -169,13 +178,16 @@ class PPOModule(LightningModule):
         policy: str = "lvwerra/gpt2-imdb",
         reward_model: str = "lvwerra/distilbert-imdb",
         reward_label: str = "POSITIVE",
-        reward_batch_size: int = 64,
+        reward_batch_size: int | None = None,
         learning_rate: float = 1.41e-5,
         ppo: PPOConfig | None = None,
         sampling: SamplingConfig | None = None,
+        forward_batch_size: int | None = None,
+        gradient_checkpointing: bool = False,
         disable_dropout: bool = True,
         log_samples_every_n_steps: int = 10,
         num_log_samples: int = 8,
+        max_consecutive_bad_steps: int = 3,
         reward: RewardModel | None = None,
         lora: LoraOptions | None = None,
         critic: str | None = None,
@@ -193,6 +205,8 @@ class PPOModule(LightningModule):
         lm = load_causal_lm(policy)
         if disable_dropout:
             disable_dropout_in_model(lm)
+        if gradient_checkpointing:
+            lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         # frozen copy of the starting policy; with LoRA the adapter-free policy is the reference
         self.ref_policy = None if lora else make_reference(lm)
         self.policy = PolicyWithValueHead(apply_lora(lm, lora) if lora else lm, value_head=critic is None)
@@ -206,6 +220,7 @@ class PPOModule(LightningModule):
             self.kl_ctl = AdaptiveKLController(self.ppo.init_kl_coef, self.ppo.target, self.ppo.horizon)
         else:
             self.kl_ctl = FixedKLController(self.ppo.init_kl_coef)
+        self.faults = FaultGuard(max_consecutive_bad_steps)
         self._test_rows: list[dict[str, Any]] = []
         self._eval_stats: dict[str, list[Tensor]] = defaultdict(list)
 
@@ -228,9 +243,16 @@ class PPOModule(LightningModule):
         datamodule = getattr(self.trainer, "datamodule", None)
         batch_size = getattr(datamodule, "batch_size", None)
         if stage == "fit" and batch_size is not None and batch_size % self.ppo.mini_batch_size:
-            raise ValueError(
+            raise ConfigError(
                 f"data.batch_size ({batch_size}) must be divisible by model.ppo.mini_batch_size "
                 f"({self.ppo.mini_batch_size}); set model.ppo.mini_batch_size to a divisor of it"
+            )
+        prompt_key = "data.max_prompt_tokens" if stage == "predict" else "data.prompt_max_tokens"
+        prompt_tokens = getattr(datamodule, prompt_key.removeprefix("data."), None)
+        if prompt_tokens is not None:
+            response_tokens = self.sampling.response_max_length
+            check_fits_context(
+                self.policy.lm.config, prompt_tokens, prompt_key, response_tokens, self.hparams.policy
             )
 
     def train(self, mode: bool = True) -> PPOModule:
@@ -277,12 +299,19 @@ class PPOModule(LightningModule):
             scores = self._shape_scores(raw_scores, rollout)
         with self._timed(timings, "time/forward"):  # 3. old log-probs and values, reference log-probs
             old_logprobs, old_values, ref_logprobs, full = self._old_logprobs_values_ref(rollout)
+        usable, fault_metrics = self.faults.check_rollout(
+            self.trainer.strategy, scores, old_logprobs, old_values, ref_logprobs
+        )
+        if not usable:  # NaN/inf rewards, log-probs or values: skip the batch (lightning_ppo.faults)
+            self._log_metrics(fault_metrics)
+            self.faults.stop_if_failing(self.trainer)
+            return
         kl_coef = self.kl_ctl.value
         mask = rollout.response_mask
-        rewards, non_score_rewards, _ = (
-            compute_rewards(  # 4. per-token rewards: -beta * KL, + score at the end
-                scores, *(full if full else (old_logprobs, ref_logprobs)), mask, kl_coef, self.ppo.kl_penalty
-            )
+        # 4. per-token rewards: -kl_coef * KL, plus the score on each response's last token
+        kl_inputs = full if full is not None else (old_logprobs, ref_logprobs)
+        rewards, non_score_rewards, _ = compute_rewards(
+            scores, *kl_inputs, mask, kl_coef, self.ppo.kl_penalty
         )
         experience = self._make_experience(rollout, old_logprobs, old_values, rewards)  # 5. GAE, whitening
         with self._timed(timings, "time/optimize"):  # 6. PPO epochs over shuffled minibatches
@@ -310,10 +339,12 @@ class PPOModule(LightningModule):
             "tokens/queries_len_mean": batch["attention_mask"].sum(-1).float().mean(),
             "tokens/responses_len_mean": mask.sum(-1).mean(),
             **train_stats,
+            **fault_metrics,
             **{name: torch.tensor(seconds) for name, seconds in timings.items()},
         }
         self._log_metrics(metrics)  # 8. log (reduced across ranks)
         self._log_samples(batch["query"], responses, raw_scores)
+        self.faults.stop_if_failing(self.trainer)
 
     def _log_metrics(self, metrics: dict[str, Tensor]) -> None:
         already_global = {"env/reward_mean", "env/reward_std", "objective/kl", "objective/kl_coef"}
@@ -333,24 +364,38 @@ class PPOModule(LightningModule):
     def _old_logprobs_values_ref(
         self, rollout: Rollout
     ) -> tuple[Tensor, Tensor, Tensor, tuple[Tensor, Tensor] | None]:
-        """One no-grad forward of the policy (log-probs and values) and one of the reference."""
-        was_training = self.training
-        self.eval()
-        with torch.no_grad():
-            logits, values = self._forward(rollout.input_ids, rollout.attention_mask, rollout.response_start)
-            with self._reference() as reference:  # never around the policy's pass: it may disable LoRA
-                ref_logits, _ = response_logits(
-                    reference, rollout.input_ids, rollout.attention_mask, rollout.response_start
-                )
-            logits, ref_logits = self._tempered(logits), self._tempered(ref_logits)
-            logprobs = logprobs_from_logits(logits, rollout.response_ids)
-            ref_logprobs = logprobs_from_logits(ref_logits, rollout.response_ids)
-            full = None
-            if self.ppo.kl_penalty == "full":  # KL over the whole vocabulary needs both distributions
-                full = (torch.log_softmax(logits.float(), -1), torch.log_softmax(ref_logits.float(), -1))
-        self.train(was_training)
+        """No-grad passes over the rollout, in micro-batches of `forward_batch_size` rows.
+
+        One forward of the policy gives log-probs and values together, one of the reference its log-probs;
+        all (B, R), masked. With `kl_penalty: full`, also both full log-distributions (B, R, V).
+        """
+        chunk = self.hparams.forward_batch_size or rollout.input_ids.shape[0]
+        with torch.no_grad(), eval_mode(self):  # the policy and any critic
+            parts = [self._no_grad_forward(part) for part in rollout.split(chunk)]
+        logprobs, values, ref_logprobs = (
+            torch.cat(column) for column in zip(*(p[:3] for p in parts), strict=True)
+        )
+        full = None
+        if self.ppo.kl_penalty == "full":  # KL over the whole vocabulary needs both distributions
+            full = (torch.cat([p[3] for p in parts]), torch.cat([p[4] for p in parts]))
+        return logprobs, values, ref_logprobs, full
+
+    def _no_grad_forward(self, rollout: Rollout) -> tuple[Tensor, ...]:
+        logits, values = self._forward(rollout.input_ids, rollout.attention_mask, rollout.response_start)
+        with self._reference() as reference:  # never around the policy's pass: it may disable LoRA
+            ref_logits, _ = response_logits(
+                reference, rollout.input_ids, rollout.attention_mask, rollout.response_start
+            )
+        logits, ref_logits = self._tempered(logits), self._tempered(ref_logits)
         mask = rollout.response_mask
-        return logprobs * mask, values * mask, ref_logprobs * mask, full
+        outputs = (
+            logprobs_from_logits(logits, rollout.response_ids) * mask,
+            values * mask,
+            logprobs_from_logits(ref_logits, rollout.response_ids) * mask,
+        )
+        if self.ppo.kl_penalty == "full":
+            outputs += (torch.log_softmax(logits.float(), -1), torch.log_softmax(ref_logits.float(), -1))
+        return outputs
 
     def _make_experience(
         self, rollout: Rollout, logprobs: Tensor, values: Tensor, rewards: Tensor
@@ -383,17 +428,21 @@ class PPOModule(LightningModule):
         stats: dict[str, list[Tensor]] = defaultdict(list)
         for _ in range(self.ppo.ppo_epochs):
             for minibatch in torch.randperm(batch_size).split(self.ppo.mini_batch_size):
+                minibatch_loss = torch.zeros((), device=self.device)
                 for micro_rows in minibatch.split(micro_batch_size):
                     loss, micro_stats = self._ppo_loss(experience.select(micro_rows))
                     self.manual_backward(loss / accumulation)
+                    minibatch_loss += loss.detach()
                     for name, value in micro_stats.items():
                         stats[name].append(value)
-                if self.ppo.max_grad_norm is not None:
-                    self.clip_gradients(optimizer, gradient_clip_val=self.ppo.max_grad_norm)
-                optimizer.step()
+                if self.faults.step_is_finite(self.trainer.strategy, minibatch_loss):  # else skip the step
+                    if self.ppo.max_grad_norm is not None:
+                        self.clip_gradients(optimizer, gradient_clip_val=self.ppo.max_grad_norm)
+                    optimizer.step()
                 optimizer.zero_grad()
         means = {name: torch.stack(values).float().mean() for name, values in stats.items()}
         means["ppo/skipped_minibatches"] = torch.stack(stats["ppo/skipped_minibatches"]).float().sum()
+        means["ppo/skipped_optimizer_steps"] = self.faults.pop_skipped_optimizer_steps()
         return means
 
     def _ppo_loss(self, batch: Experience) -> tuple[Tensor, dict[str, Tensor]]:
@@ -431,15 +480,16 @@ class PPOModule(LightningModule):
     # Sampling and scoring, shared by training, validation, test and predict
 
     def _sample(self, model: torch.nn.Module, batch: dict[str, Any], lengths: Tensor) -> Rollout:
-        return sample_responses(
-            model,
-            batch["input_ids"],
-            batch["attention_mask"],
-            lengths,
-            self.sampling,
-            pad_token_id=self.tokenizer.pad_token_id,
-            eos_token_id=self.tokenizer.eos_token_id,
-        )
+        with eval_mode(model):
+            return sample_responses(
+                model,
+                batch["input_ids"],
+                batch["attention_mask"],
+                lengths,
+                self.sampling,
+                pad_token_id=self.tokenizer.pad_token_id,
+                eos_token_id=self.tokenizer.eos_token_id,
+            )
 
     def _score(self, rollout: Rollout) -> tuple[Tensor, list[str]]:
         """Scores (B,) of prompt + response text, and the decoded responses."""
@@ -486,15 +536,8 @@ class PPOModule(LightningModule):
 
     def _sequence_kl(self, rollout: Rollout) -> Tensor:
         """Sampled KL(policy || reference) of each response, summed over its tokens. (B,)"""
-        with torch.no_grad():
-            logits, _ = self.policy(rollout.input_ids, rollout.attention_mask, rollout.response_start)
-            with self._reference() as reference:
-                ref_logits, _ = response_logits(
-                    reference, rollout.input_ids, rollout.attention_mask, rollout.response_start
-                )
-        logprobs = logprobs_from_logits(self._tempered(logits), rollout.response_ids)
-        ref_logprobs = logprobs_from_logits(self._tempered(ref_logits), rollout.response_ids)
-        return ((logprobs - ref_logprobs) * rollout.response_mask).sum(-1)
+        logprobs, _, ref_logprobs, _ = self._old_logprobs_values_ref(rollout)
+        return (logprobs - ref_logprobs).sum(-1)
 
     # ----------------------------------------------------------------------------------------------
     # Evaluation: held-out reward and KL during fit; before/after comparison in `test`

@@ -9,7 +9,7 @@ import torch
 from torch import Tensor, nn
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-from lightning_ppo.tiny import resolve_source
+from lightning_ppo.loading import ConfigError, load_from_source
 
 
 class RewardModel(nn.Module):
@@ -30,16 +30,19 @@ class ClassifierReward(RewardModel):
     """
 
     def __init__(
-        self, source: str, label: str = "POSITIVE", batch_size: int = 64, max_length: int = 512
+        self, source: str, label: str = "POSITIVE", batch_size: int | None = None, max_length: int = 512
     ) -> None:
         super().__init__()
         self.source = source
-        self.model = AutoModelForSequenceClassification.from_pretrained(resolve_source(source))
-        self.tokenizer = AutoTokenizer.from_pretrained(resolve_source(source))
+        key = "model.reward_model"
+        self.model = load_from_source(
+            AutoModelForSequenceClassification.from_pretrained, source, key, "model"
+        )
+        self.tokenizer = load_from_source(AutoTokenizer.from_pretrained, source, key, "tokenizer")
         self.tokenizer.padding_side = "right"
         labels = self.model.config.label2id
         if label not in labels:
-            raise ValueError(
+            raise ConfigError(
                 f"model.reward_label={label!r} is not a label of the reward model {source!r}; "
                 f"it has {sorted(labels)}. Set model.reward_label to one of them."
             )
@@ -49,13 +52,19 @@ class ClassifierReward(RewardModel):
         self.model.requires_grad_(False).eval()
 
     @torch.no_grad()
-    def forward(self, texts: list[str], queries: list[str], responses: list[str]) -> Tensor:
-        """Scores (B,) float32 of the B full texts, in micro-batches of `batch_size`."""
+    def forward(
+        self, texts: list[str], queries: list[str] | None = None, responses: list[str] | None = None
+    ) -> Tensor:
+        """Scores (B,) float32 of the B full texts, in micro-batches of `batch_size` (all at once if None).
+
+        Queries and responses are accepted for the `RewardModel` interface; the classifier reads the texts.
+        """
         device = next(self.model.parameters()).device
+        chunk = self.batch_size or len(texts)
         scores = []
-        for start in range(0, len(texts), self.batch_size):
+        for start in range(0, len(texts), chunk):
             encoded = self.tokenizer(
-                texts[start : start + self.batch_size],
+                texts[start : start + chunk],
                 padding=True,
                 truncation=True,
                 max_length=self.max_length,
@@ -69,7 +78,7 @@ def import_function(path: str) -> Callable:
     """The object at `package.module:name`."""
     module_name, _, name = path.partition(":")
     if not module_name or not name:
-        raise ValueError(f"a reward function must be given as 'package.module:function', got {path!r}")
+        raise ConfigError(f"a reward function must be given as 'package.module:function', got {path!r}")
     return getattr(importlib.import_module(module_name), name)
 
 
@@ -100,7 +109,7 @@ class WeightedSumReward(RewardModel):
     def __init__(self, rewards: list[RewardModel], weights: list[float]) -> None:
         super().__init__()
         if len(rewards) != len(weights) or not rewards:
-            raise ValueError(
+            raise ConfigError(
                 f"model.reward.init_args.rewards ({len(rewards)}) and model.reward.init_args.weights "
                 f"({len(weights)}) must be non-empty lists of the same length"
             )

@@ -19,6 +19,10 @@ class SamplingConfig:
         temperature: Sampling temperature; every log-prob pass divides the logits by it too.
         top_k: Top-k filter; 0 disables it (notebook: 0).
         top_p: Nucleus filter; 1.0 disables it (notebook: 1.0).
+        batch_size: Prompts per `generate` call; null samples the whole batch at once. Lower it when
+            generation runs out of memory.
+        cache_implementation: Key/value cache of `generate`: null (dynamic) or "static" (preallocated;
+            on CUDA, transformers then compiles the decoding step with torch.compile).
     """
 
     response_min_length: int = 4
@@ -26,6 +30,8 @@ class SamplingConfig:
     temperature: float = 1.0
     top_k: int = 0
     top_p: float = 1.0
+    batch_size: int | None = None
+    cache_implementation: str | None = None
 
     def __post_init__(self) -> None:
         if not 1 <= self.response_min_length <= self.response_max_length:
@@ -33,6 +39,8 @@ class SamplingConfig:
                 "need 1 <= model.sampling.response_min_length <= model.sampling.response_max_length, "
                 f"got {self.response_min_length} and {self.response_max_length}"
             )
+        if self.batch_size is not None and self.batch_size < 1:
+            raise ValueError(f"model.sampling.batch_size must be >= 1 or null, got {self.batch_size}")
         if self.temperature <= 0:
             raise ValueError(f"model.sampling.temperature must be > 0, got {self.temperature}")
 
@@ -57,6 +65,18 @@ class Rollout:
     @property
     def query_ids(self) -> Tensor:  # (B, P)
         return self.input_ids[:, : self.response_start]
+
+    def split(self, rows: int) -> list[Rollout]:
+        """Consecutive groups of `rows` rows, keeping the layout."""
+        return [
+            Rollout(ids, mask, self.response_start, response_mask)
+            for ids, mask, response_mask in zip(
+                self.input_ids.split(rows),
+                self.attention_mask.split(rows),
+                self.response_mask.split(rows),
+                strict=True,
+            )
+        ]
 
 
 def draw_response_lengths(batch_size: int, config: SamplingConfig, device: torch.device) -> Tensor:
@@ -86,11 +106,30 @@ def sample_responses(
     pad_token_id: int,
     eos_token_id: int | None,
 ) -> Rollout:
-    """Sample a response for every left-padded prompt in one batched `generate` call.
+    """Sample a response for every left-padded prompt, `config.batch_size` prompts per `generate` call.
 
-    All rows generate up to the longest drawn length; each row is then cut to its own length, which is
-    the same distribution as stopping it there (sampling is autoregressive).
+    All rows of a call generate up to its longest drawn length; each row is then cut to its own length,
+    which is the same distribution as stopping it there (sampling is autoregressive).
     """
+    chunk = config.batch_size or input_ids.shape[0]
+    parts = [
+        _sample_chunk(model, ids, mask, chunk_lengths, config, pad_token_id, eos_token_id)
+        for ids, mask, chunk_lengths in zip(
+            input_ids.split(chunk), attention_mask.split(chunk), lengths.split(chunk), strict=True
+        )
+    ]
+    return parts[0] if len(parts) == 1 else concat_rollouts(parts, pad_token_id)
+
+
+def _sample_chunk(
+    model: PreTrainedModel,
+    input_ids: Tensor,
+    attention_mask: Tensor,
+    lengths: Tensor,
+    config: SamplingConfig,
+    pad_token_id: int,
+    eos_token_id: int | None,
+) -> Rollout:
     generation_config = GenerationConfig(
         do_sample=True,
         top_k=config.top_k,
@@ -99,6 +138,7 @@ def sample_responses(
         max_new_tokens=int(lengths.max()),
         pad_token_id=pad_token_id,
         eos_token_id=eos_token_id,
+        cache_implementation=config.cache_implementation,
         # replaces NaN/inf logits instead of crashing inside torch.multinomial (TRL notebook crash)
         remove_invalid_values=True,
     )
@@ -114,4 +154,19 @@ def sample_responses(
         attention_mask=torch.cat([attention_mask, response_mask.long()], dim=1),
         response_start=prompt_width,
         response_mask=response_mask,
+    )
+
+
+def concat_rollouts(parts: list[Rollout], pad_token_id: int) -> Rollout:
+    """Stack rollouts that share the prompt width, right-padding responses to the longest."""
+    width = max(part.response_mask.shape[1] for part in parts)
+
+    def pad_right(part: Rollout, x: Tensor, value: float) -> Tensor:
+        return torch.nn.functional.pad(x, (0, width - part.response_mask.shape[1]), value=value)
+
+    return Rollout(
+        input_ids=torch.cat([pad_right(p, p.input_ids, pad_token_id) for p in parts]),
+        attention_mask=torch.cat([pad_right(p, p.attention_mask, 0) for p in parts]),
+        response_start=parts[0].response_start,
+        response_mask=torch.cat([pad_right(p, p.response_mask, 0.0) for p in parts]),
     )

@@ -38,6 +38,7 @@ def fitted(tiny_assets: Path, tmp_path_factory: pytest.TempPathFactory):
     cli = run_cli(
         "fit",
         "--config", TINY,
+        "--trainer.max_epochs", "1",
         "--trainer.limit_train_batches", str(PPO_STEPS),
         "--trainer.val_check_interval", "8",
         "--trainer.logger.init_args.save_dir", str(root),

@@ -51,7 +51,8 @@ def test_reward_model_critic_starts_from_the_reward_models_backbone(tiny_assets:
 def test_fit_with_a_separate_critic_trains_and_checkpoints_it(tiny_assets: Path, tmp_path: Path):
     cli = main(
         [
-            "fit", "--config", TINY, "--model.critic", "tiny:policy", "--model.critic_learning_rate", "1e-3",
+            "fit", "--config", TINY, "--trainer.max_epochs", "1",
+            "--model.critic", "tiny:policy", "--model.critic_learning_rate", "1e-3",
             "--trainer.limit_train_batches", "2", "--trainer.val_check_interval", "2",
             "--trainer.logger.init_args.save_dir", str(tmp_path),
         ]

@@ -54,7 +54,8 @@ def lora_fit(tiny_assets: Path, tmp_path_factory: pytest.TempPathFactory):
     root = tmp_path_factory.mktemp("lora_fit")
     cli = main(
         [
-            "fit", "--config", TINY, "--model.lora.r", "8", "--model.learning_rate", LORA_LR,
+            "fit", "--config", TINY, "--trainer.max_epochs", "1",
+            "--model.lora.r", "8", "--model.learning_rate", LORA_LR,
             "--trainer.limit_train_batches", str(LORA_STEPS), "--trainer.val_check_interval", str(LORA_STEPS),
             "--trainer.logger.init_args.save_dir", str(root),
         ]

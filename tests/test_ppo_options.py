@@ -49,7 +49,7 @@ def test_temperature_divides_the_logits_of_old_ref_and_training_passes(tiny_asse
 def _fit(tmp_path: Path, steps: int, *overrides: str):
     return main(
         [
-            "fit", "--config", TINY, "--trainer.limit_train_batches", str(steps),
+            "fit", "--config", TINY, "--trainer.max_epochs", "1", "--trainer.limit_train_batches", str(steps),
             "--trainer.val_check_interval", str(steps), "--trainer.logger.init_args.save_dir", str(tmp_path),
             *overrides,
         ]

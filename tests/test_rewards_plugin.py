@@ -52,7 +52,7 @@ def test_a_function_reward_from_yaml_rises_during_fit(tiny_assets: Path, tmp_pat
     )
     cli = main(
         [
-            "fit", "--config", TINY, "--config", str(config),
+            "fit", "--config", TINY, "--config", str(config), "--trainer.max_epochs", "1",
             "--trainer.limit_train_batches", "16", "--trainer.val_check_interval", "16",
             "--trainer.logger.init_args.save_dir", str(tmp_path),
         ]

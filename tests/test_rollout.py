@@ -62,3 +62,36 @@ def test_sample_responses_layout_and_single_generate_call():
     assert rollout.response_ids.tolist() == [[31, 32, eos, pad, pad], [41, 42, 43, pad, pad]]
     assert rollout.response_mask.tolist() == [[1, 1, 1, 0, 0], [1, 1, 1, 0, 0]]
     assert rollout.attention_mask.tolist() == [[0, 0, 1, 1, 1, 1, 1, 0, 0], [1, 1, 1, 1, 1, 1, 1, 0, 0]]
+
+
+def test_rollout_micro_batches_give_the_same_layout_as_one_call():
+    pad = eos = 0
+    input_ids = torch.tensor([[pad, 11, 12], [21, 22, 23], [pad, pad, 31]])
+    attention_mask = (input_ids != pad).long()
+    new_tokens = torch.tensor([[41, eos, 43, 44], [51, 52, 53, 54], [61, 62, 63, 64]])
+    lengths = torch.tensor([4, 2, 3])
+    whole = sample_responses(
+        ScriptedLM(new_tokens), input_ids, attention_mask, lengths, SamplingConfig(), pad, eos
+    )
+    chunked_model = ChunkedScriptedLM(new_tokens)
+    chunked = sample_responses(
+        chunked_model, input_ids, attention_mask, lengths, SamplingConfig(batch_size=2), pad, eos
+    )
+    assert chunked_model.calls == 2
+    assert chunked.input_ids.tolist() == whole.input_ids.tolist()
+    assert chunked.attention_mask.tolist() == whole.attention_mask.tolist()
+    assert chunked.response_mask.tolist() == whole.response_mask.tolist()
+
+
+class ChunkedScriptedLM(ScriptedLM):
+    """Serves successive row chunks of `new_tokens`, one chunk per `generate` call."""
+
+    def __init__(self, new_tokens: torch.Tensor) -> None:
+        super().__init__(new_tokens)
+        self.next_row = 0
+
+    def generate(self, input_ids, attention_mask, generation_config):
+        self.calls += 1
+        rows = slice(self.next_row, self.next_row + input_ids.shape[0])
+        self.next_row = rows.stop
+        return torch.cat([input_ids, self.new_tokens[rows, : generation_config.max_new_tokens]], dim=1)

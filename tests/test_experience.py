@@ -1,0 +1,83 @@
+"""Minibatches are padded only to their own longest prompt and response, without changing any number."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from lightning_ppo.core import logprobs_from_logits
+from lightning_ppo.data import collate_prompts
+from lightning_ppo.module import PPOModule
+from lightning_ppo.rollout import Rollout, draw_response_lengths
+
+
+@pytest.fixture(scope="module")
+def module(tiny_assets: Path) -> PPOModule:
+    torch.manual_seed(0)
+    return PPOModule(policy="tiny:policy", reward_model="tiny:reward")
+
+
+def make_experience(module: PPOModule):
+    prompts = ["the movie", "a", "this film was really", "the plot and the actor were", "an"]
+    examples = [{"input_ids": module.tokenizer(p).input_ids, "query": p} for p in prompts]
+    batch = collate_prompts(examples, module.tokenizer.pad_token_id)
+    lengths = draw_response_lengths(len(prompts), module.sampling, module.device)
+    rollout = module._sample(module.policy.lm, batch, lengths)
+    logprobs, values, _, _ = module._old_logprobs_values_ref(rollout)
+    return module._make_experience(rollout, logprobs, values, rewards=torch.randn_like(logprobs))
+
+
+def test_select_trims_padding_and_keeps_log_probs(module: PPOModule):
+    torch.manual_seed(1)
+    experience = make_experience(module)
+    rows = torch.tensor([1, 4])  # the two one-token prompts: every other row's padding can go
+    minibatch = experience.select(rows)
+    assert minibatch.input_ids.shape[1] < experience.input_ids.shape[1]
+    assert minibatch.response_start == experience.response_start - int(experience.prompt_pad[rows].min())
+    assert int(minibatch.response_mask.sum()) == int(experience.response_mask[rows].sum())
+    torch.testing.assert_close(minibatch.response_ids * minibatch.response_mask.long(),
+                               experience.response_ids[rows, : minibatch.response_ids.shape[1]]
+                               * minibatch.response_mask.long())  # fmt: skip
+    with torch.no_grad():
+        logits, values = module.policy(
+            minibatch.input_ids, minibatch.attention_mask, minibatch.response_start
+        )
+    logprobs = logprobs_from_logits(logits, minibatch.response_ids) * minibatch.response_mask
+    torch.testing.assert_close(logprobs, minibatch.old_logprobs, atol=1e-5, rtol=0)
+    torch.testing.assert_close(values * minibatch.response_mask, minibatch.old_values, atol=1e-5, rtol=0)
+
+
+def test_forward_micro_batches_change_no_number(module: PPOModule):
+    torch.manual_seed(2)
+    experience = make_experience(module)
+    rollout = Rollout(
+        experience.input_ids, experience.attention_mask, experience.response_start, experience.response_mask
+    )
+    whole = module._old_logprobs_values_ref(rollout)[:3]
+    module.hparams.forward_batch_size = 2
+    try:
+        chunked = module._old_logprobs_values_ref(rollout)[:3]
+    finally:
+        module.hparams.forward_batch_size = None
+    for a, b in zip(whole, chunked, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=0)
+
+
+def test_gradient_checkpointing_gives_the_same_gradients(tiny_assets: Path):
+    grads = []
+    for checkpointing in (False, True):
+        torch.manual_seed(0)
+        module = PPOModule(
+            policy="tiny:policy", reward_model="tiny:reward", gradient_checkpointing=checkpointing
+        )
+        assert module.policy.lm.is_gradient_checkpointing is checkpointing
+        module.train()
+        torch.manual_seed(3)
+        experience = make_experience(module)
+        loss, _ = module._ppo_loss(experience.select(torch.arange(experience.input_ids.shape[0])))
+        loss.backward()
+        grads.append([p.grad.clone() for p in module.policy.parameters()])
+    for a, b in zip(*grads, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
