@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from peft import LoraConfig, PeftModel, get_peft_model
+from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 from transformers import PreTrainedModel
 
@@ -72,6 +73,14 @@ def adapter_disabled(lm: nn.Module) -> Iterator[nn.Module]:
         yield lm
 
 
+def adapts_tied_output_layer(policy: PeftModel) -> bool:
+    """Whether the adapter sits on an output layer that shares its weight with the input embeddings."""
+    lm = policy.get_base_model()
+    output = lm.get_output_embeddings()
+    tied = output is not None and lm.get_input_embeddings().weight is output.weight
+    return tied and isinstance(output, BaseTunerLayer)
+
+
 def save_policy(policy: nn.Module, out_dir: str | Path, merge: bool = False) -> list[Path]:
     """Save a policy LM (`PPOModule.policy.lm`) for use outside training; returns the folders written.
 
@@ -80,6 +89,12 @@ def save_policy(policy: nn.Module, out_dir: str | Path, merge: bool = False) -> 
     `out_dir/merged`; the training model is left untouched. A plain policy is saved whole to `out_dir`.
     """
     out_dir = Path(out_dir)
+    if merge and is_lora(policy) and adapts_tied_output_layer(policy):
+        raise ValueError(
+            "cannot merge a LoRA adapter on an output layer tied to the input embeddings "
+            "(model.lora.target_modules includes it): merging would change the embeddings too. Export "
+            "the adapter without merging, or train without the output layer in model.lora.target_modules."
+        )
     policy.save_pretrained(out_dir)
     written = [out_dir]
     if merge and is_lora(policy):

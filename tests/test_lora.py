@@ -9,7 +9,7 @@ import torch
 from transformers import AutoModelForCausalLM, GPT2Config
 
 from lightning_ppo.cli import main
-from lightning_ppo.lora import LoraOptions, save_policy
+from lightning_ppo.lora import LoraOptions, adapts_tied_output_layer, apply_lora, save_policy
 from lightning_ppo.models import freeze, load_causal_lm, response_logits
 from lightning_ppo.module import PPOModule
 from tests.test_cli import TINY, scalars
@@ -136,3 +136,12 @@ def test_the_memory_benchmark_counts_what_lora_saves():
     value_head = config.n_embd + 1
     assert full["reference copy MiB"] * MIB >= 4 * (full["all parameters"] - value_head)
     assert lora["reference copy MiB"] == 0
+
+
+def test_merging_an_adapter_on_a_tied_output_layer_is_refused(tiny_assets: Path, tmp_path: Path):
+    tied = apply_lora(load_causal_lm("tiny:policy"), LoraOptions(r=2, target_modules=["c_attn", "lm_head"]))
+    assert adapts_tied_output_layer(tied)
+    with pytest.raises(ValueError, match=r"model\.lora\.target_modules"):
+        save_policy(tied, tmp_path / "merged", merge=True)
+    assert save_policy(tied, tmp_path / "adapter") == [tmp_path / "adapter"]  # the adapter alone is fine
+    assert not adapts_tied_output_layer(apply_lora(load_causal_lm("tiny:policy"), LoraOptions(r=2)))
