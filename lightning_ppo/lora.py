@@ -18,6 +18,8 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 from transformers import PreTrainedModel
 
+from lightning_ppo.loading import ConfigError
+
 
 @dataclass
 class LoraOptions:
@@ -39,11 +41,11 @@ class LoraOptions:
 
     def __post_init__(self) -> None:
         if self.r < 1:
-            raise ValueError(f"model.lora.r must be >= 1, got {self.r}")
+            raise ConfigError(f"model.lora.r must be >= 1, got {self.r}")
         if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"model.lora.dropout must be in [0, 1), got {self.dropout}")
+            raise ConfigError(f"model.lora.dropout must be in [0, 1), got {self.dropout}")
         if self.bias not in ("none", "all", "lora_only"):
-            raise ValueError(f"model.lora.bias must be none, all or lora_only, got {self.bias!r}")
+            raise ConfigError(f"model.lora.bias must be none, all or lora_only, got {self.bias!r}")
 
 
 def apply_lora(lm: PreTrainedModel, options: LoraOptions) -> PeftModel:
@@ -90,7 +92,7 @@ def save_policy(policy: nn.Module, out_dir: str | Path, merge: bool = False) -> 
     """
     out_dir = Path(out_dir)
     if merge and is_lora(policy) and adapts_tied_output_layer(policy):
-        raise ValueError(
+        raise ConfigError(
             "cannot merge a LoRA adapter on an output layer tied to the input embeddings "
             "(model.lora.target_modules includes it): merging would change the embeddings too. Export "
             "the adapter without merging, or train without the output layer in model.lora.target_modules."

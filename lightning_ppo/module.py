@@ -294,13 +294,12 @@ class PPOModule(LightningModule):
         with self._timed(timings, "time/rollout"):  # 1. sample responses for the batch of prompts
             lengths = draw_response_lengths(len(batch["query"]), self.sampling, self.device)
             rollout = self._sample(self.policy.lm, batch, lengths)
-        with self._timed(timings, "time/reward"):  # 2. score prompt + response, then shape the scores
+        with self._timed(timings, "time/reward"):  # 2. score prompt + response
             raw_scores, responses = self._score(rollout)
-            scores = self._shape_scores(raw_scores, rollout)
         with self._timed(timings, "time/forward"):  # 3. old log-probs and values, reference log-probs
             old_logprobs, old_values, ref_logprobs, full = self._old_logprobs_values_ref(rollout)
         usable, fault_metrics = self.faults.check_rollout(
-            self.trainer.strategy, scores, old_logprobs, old_values, ref_logprobs
+            self.trainer.strategy, raw_scores, old_logprobs, old_values, ref_logprobs
         )
         if not usable:  # NaN/inf rewards, log-probs or values: skip the batch (lightning_ppo.faults)
             self._log_metrics(fault_metrics)
@@ -308,7 +307,8 @@ class PPOModule(LightningModule):
             return
         kl_coef = self.kl_ctl.value
         mask = rollout.response_mask
-        # 4. per-token rewards: -kl_coef * KL, plus the score on each response's last token
+        # 4. per-token rewards: -kl_coef * KL, plus the shaped score on each response's last token
+        scores = self._shape_scores(raw_scores, rollout)  # after the NaN check: it updates running moments
         kl_inputs = full if full is not None else (old_logprobs, ref_logprobs)
         rewards, non_score_rewards, _ = compute_rewards(
             scores, *kl_inputs, mask, kl_coef, self.ppo.kl_penalty

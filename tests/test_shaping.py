@@ -7,9 +7,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from lightning_ppo.cli import main
 from lightning_ppo.module import PPOModule
 from lightning_ppo.rollout import Rollout
 from lightning_ppo.shaping import RunningMoments, ShapingConfig, shape_scores
+from tests.test_cli import TINY, scalars
 
 OFF = ShapingConfig()
 
@@ -90,3 +92,20 @@ def test_the_module_shapes_scores_and_checkpoints_the_moments(tiny_assets: Path)
     fresh = PPOModule(policy="tiny:policy", reward_model="tiny:reward", shaping=shaping)
     fresh.on_load_checkpoint(checkpoint)
     assert fresh.score_moments.state_dict() == module.score_moments.state_dict()
+
+
+@pytest.mark.slow
+def test_score_clip_in_a_fit_changes_the_optimised_scores_only(tiny_assets: Path, tmp_path: Path):
+    def first_step(*overrides: str) -> dict[str, float]:
+        cli = main(
+            [
+                "fit", "--config", TINY, "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "1",
+                "--trainer.limit_val_batches", "0", "--trainer.logger.init_args.save_dir", str(tmp_path),
+                *overrides,
+            ]
+        )  # fmt: skip
+        return {name: values[0] for name, values in scalars(Path(cli.trainer.log_dir)).items()}
+
+    plain, clipped = first_step(), first_step("--model.shaping.score_clip", "0.1")
+    assert clipped["env/reward_mean"] == plain["env/reward_mean"]  # same rollout, same raw reward
+    assert abs(clipped["ppo/mean_scores"]) <= 0.1 < abs(plain["ppo/mean_scores"])
