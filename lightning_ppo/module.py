@@ -40,6 +40,12 @@ from lightning_ppo.models import (
     make_reference,
     response_logits,
 )
+from lightning_ppo.parallel import (
+    clips_in_engine,
+    configure_deepspeed,
+    gathered_for_generation,
+    no_backward_sync,
+)
 from lightning_ppo.rewards import ClassifierReward
 from lightning_ppo.rollout import Rollout, SamplingConfig, draw_response_lengths, sample_responses
 
@@ -175,15 +181,27 @@ class PPOModule(LightningModule):
         lm = load_causal_lm(policy)
         if disable_dropout:
             disable_dropout_in_model(lm)
-        self.ref_policy = make_reference(lm)  # frozen copy of the starting policy
+        # The frozen models live in a plain dict, not as registered children: DDP and DeepSpeed wrap the
+        # whole LightningModule and would otherwise cast, shard (ZeRO-3) and checkpoint them too.
+        self._frozen: dict[str, torch.nn.Module] = {
+            "ref_policy": make_reference(lm),  # frozen copy of the starting policy
+            "reward": ClassifierReward(reward_model, reward_label, reward_batch_size),
+        }
         self.policy = PolicyWithValueHead(lm)
-        self.reward = ClassifierReward(reward_model, reward_label, reward_batch_size)
         if self.ppo.adap_kl_ctrl:
             self.kl_ctl = AdaptiveKLController(self.ppo.init_kl_coef, self.ppo.target, self.ppo.horizon)
         else:
             self.kl_ctl = FixedKLController(self.ppo.init_kl_coef)
         self._test_rows: list[dict[str, Any]] = []
         self._eval_stats: dict[str, list[Tensor]] = defaultdict(list)
+
+    @property
+    def ref_policy(self) -> torch.nn.Module:
+        return self._frozen["ref_policy"]
+
+    @property
+    def reward(self) -> ClassifierReward:
+        return self._frozen["reward"]
 
     # ----------------------------------------------------------------------------------------------
     # Lightning plumbing
@@ -202,6 +220,29 @@ class PPOModule(LightningModule):
                 f"data.batch_size ({batch_size}) must be divisible by model.ppo.mini_batch_size "
                 f"({self.ppo.mini_batch_size}); set model.ppo.mini_batch_size to a divisor of it"
             )
+        configure_deepspeed(self.trainer.strategy, self.ppo.max_grad_norm)
+
+    def on_fit_start(self) -> None:
+        self._place_frozen_models()
+
+    def on_validation_start(self) -> None:
+        self._place_frozen_models()
+
+    def on_test_start(self) -> None:
+        self._place_frozen_models()
+
+    def on_predict_start(self) -> None:
+        self._place_frozen_models()
+
+    def _place_frozen_models(self) -> None:
+        """Put the frozen models on this rank's device, in the dtype the strategy gave the policy.
+
+        The reference must compute exactly what the starting policy computed, so the KL starts at 0
+        (DeepSpeed with bf16 casts the policy's weights; the reward model follows for memory).
+        """
+        dtype = next(self.policy.lm.parameters()).dtype
+        for model in self._frozen.values():
+            model.to(device=self.trainer.strategy.root_device, dtype=dtype)
 
     def train(self, mode: bool = True) -> PPOModule:
         """Frozen models stay in eval mode whatever Lightning asks of the module."""
@@ -211,19 +252,12 @@ class PPOModule(LightningModule):
         return self
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        # frozen models are rebuilt from their source on load: keep them out of the file
-        state = checkpoint["state_dict"]
-        for key in [k for k in state if k.startswith(self._frozen_prefixes)]:
-            del state[key]
+        # the frozen models are not in the state dict: they are rebuilt from their source on load
         checkpoint["kl_controller"] = self.kl_ctl.state_dict()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        frozen = {k: v for k, v in self.state_dict().items() if k.startswith(self._frozen_prefixes)}
-        checkpoint["state_dict"].update(frozen)
         if "kl_controller" in checkpoint:
             self.kl_ctl.load_state_dict(checkpoint["kl_controller"])
-
-    _frozen_prefixes = ("ref_policy.", "reward.")
 
     # ----------------------------------------------------------------------------------------------
     # One PPO iteration
@@ -342,12 +376,14 @@ class PPOModule(LightningModule):
         stats: dict[str, list[Tensor]] = defaultdict(list)
         for _ in range(self.ppo.ppo_epochs):
             for minibatch in torch.randperm(batch_size).split(self.ppo.mini_batch_size):
-                for micro_rows in minibatch.split(micro_batch_size):
-                    loss, micro_stats = self._ppo_loss(experience.select(micro_rows))
-                    self.manual_backward(loss / accumulation)
+                for i, micro_rows in enumerate(minibatch.split(micro_batch_size)):
+                    # DDP all-reduces the gradients once per minibatch, on its last micro-batch
+                    with no_backward_sync(self.trainer.strategy, last_micro_batch=i == accumulation - 1):
+                        loss, micro_stats = self._ppo_loss(experience.select(micro_rows))
+                        self.manual_backward(loss / accumulation)
                     for name, value in micro_stats.items():
                         stats[name].append(value)
-                if self.ppo.max_grad_norm is not None:
+                if self.ppo.max_grad_norm is not None and not clips_in_engine(self.trainer.strategy):
                     self.clip_gradients(optimizer, gradient_clip_val=self.ppo.max_grad_norm)
                 optimizer.step()
                 optimizer.zero_grad()
@@ -390,15 +426,18 @@ class PPOModule(LightningModule):
     # Sampling and scoring, shared by training, validation, test and predict
 
     def _sample(self, model: torch.nn.Module, batch: dict[str, Any], lengths: Tensor) -> Rollout:
-        return sample_responses(
-            model,
-            batch["input_ids"],
-            batch["attention_mask"],
-            lengths,
-            self.sampling,
-            pad_token_id=self.tokenizer.pad_token_id,
-            eos_token_id=self.tokenizer.eos_token_id,
-        )
+        strategy = self._trainer.strategy if self._trainer is not None and model is self.policy.lm else None
+        with gathered_for_generation(strategy, self.policy) as synced_gpus:
+            return sample_responses(
+                model,
+                batch["input_ids"],
+                batch["attention_mask"],
+                lengths,
+                self.sampling,
+                pad_token_id=self.tokenizer.pad_token_id,
+                eos_token_id=self.tokenizer.eos_token_id,
+                synced_gpus=synced_gpus,
+            )
 
     def _score(self, rollout: Rollout) -> tuple[Tensor, list[str]]:
         """Scores (B,) of prompt + response text, and the decoded responses."""

@@ -85,11 +85,13 @@ def sample_responses(
     config: SamplingConfig,
     pad_token_id: int,
     eos_token_id: int | None,
+    synced_gpus: bool = False,
 ) -> Rollout:
     """Sample a response for every left-padded prompt in one batched `generate` call.
 
     All rows generate up to the longest drawn length; each row is then cut to its own length, which is
-    the same distribution as stopping it there (sampling is autoregressive).
+    the same distribution as stopping it there (sampling is autoregressive). `synced_gpus` keeps every rank
+    stepping until all are done, for weights sharded across ranks (ZeRO-3).
     """
     generation_config = GenerationConfig(
         do_sample=True,
@@ -103,7 +105,10 @@ def sample_responses(
         remove_invalid_values=True,
     )
     sequences = model.generate(
-        input_ids=input_ids, attention_mask=attention_mask, generation_config=generation_config
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        generation_config=generation_config,
+        synced_gpus=synced_gpus,
     )  # (B, P + R')
     prompt_width = input_ids.shape[1]
     response_ids = sequences[:, prompt_width:]
