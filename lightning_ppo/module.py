@@ -522,9 +522,9 @@ class PPOModule(LightningModule):
         self.log_dict(summary, rank_zero_only=True)
         rows = self._gather_objects(self._test_rows)
         self._test_rows = []
+        path = Path(self.trainer.log_dir or ".") / "test_samples.csv"  # a collective: every rank asks
         if not self.trainer.is_global_zero:
             return
-        path = Path(self.trainer.log_dir or ".") / "test_samples.csv"
         path.parent.mkdir(parents=True, exist_ok=True)
         with path.open("w", newline="") as handle:
             writer = csv.DictWriter(handle, fieldnames=list(rows[0]))

@@ -46,6 +46,11 @@ def configure_deepspeed(strategy: Strategy, max_grad_norm: float | None) -> None
     """
     if not clips_in_engine(strategy):
         return
+    if zero_stage(strategy) not in (2, 3):  # the unmanaged step boundary needs partitioned gradients
+        raise ValueError(
+            f"DeepSpeed ZeRO stage {zero_stage(strategy)} is not supported: set "
+            "trainer.strategy.init_args.stage to 2 or 3 (configs/deepspeed_zero2.yaml, deepspeed_zero3.yaml)"
+        )
     config: dict[str, Any] = strategy.config
     wanted = max_grad_norm or 0.0  # DeepSpeed's "off"
     configured = config.setdefault("gradient_clipping", wanted)

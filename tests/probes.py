@@ -38,6 +38,7 @@ class RankProbe(Callback):
             "val_scores": [],
             "kl_coef": [],
             "first_minibatch_gap": [],
+            "logit_dtypes": [],
             "logprob_dtypes": [],
             "allreduces": 0,
         }
@@ -65,6 +66,7 @@ class RankProbe(Callback):
                     logprobs = logprobs_from_logits(pl_module._tempered(logits), batch.response_ids)
                 gap = ((logprobs - batch.old_logprobs) * batch.response_mask).abs().max()
                 self.record["first_minibatch_gap"].append(float(gap))
+                self.record["logit_dtypes"].append(str(logits.dtype))
                 self.record["logprob_dtypes"].append(str(logprobs.dtype))
             return ppo_loss(batch)
 

@@ -75,6 +75,8 @@ def test_no_max_grad_norm_means_no_clipping_and_a_conflict_is_refused(capsys):
     conflicting = DeepSpeedStrategy(config={"zero_optimization": {"stage": 2}, "gradient_clipping": 0.5})
     with pytest.raises(ValueError, match=r"model\.ppo\.max_grad_norm"):
         configure_deepspeed(conflicting, max_grad_norm=1.0)
+    with pytest.raises(ValueError, match=r"trainer\.strategy\.init_args\.stage"):
+        configure_deepspeed(DeepSpeedStrategy(stage=1), max_grad_norm=None)
 
 
 @pytest.fixture(scope="module")

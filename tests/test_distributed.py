@@ -6,6 +6,7 @@ and with what rank 0 logged to TensorBoard.
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import subprocess
@@ -27,8 +28,6 @@ def ddp_run(tiny_assets: Path, tmp_path_factory: pytest.TempPathFactory):
     """`python -m lightning_ppo fit` with `--trainer.strategy ddp --trainer.devices 2` in a temp folder."""
     work = tmp_path_factory.mktemp("ddp")
     probe = {"class_path": "probes.RankProbe", "init_args": {"out_dir": str(work / "probe")}}
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests")])}
-    env.pop("OMP_NUM_THREADS", None)  # Lightning must split the cores between the ranks by itself
     command = [
         sys.executable, "-m", "lightning_ppo", "fit",
         "--config", str(ROOT / "configs" / "tiny.yaml"),
@@ -41,10 +40,32 @@ def ddp_run(tiny_assets: Path, tmp_path_factory: pytest.TempPathFactory):
         "--model.ppo.gradient_accumulation_steps", str(ACCUMULATION),
         "--model.ppo.ppo_epochs", str(EPOCHS),
     ]  # fmt: skip
-    result = subprocess.run(command, cwd=work, env=env, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-4000:]
+    run_on_two_ranks(command, work)
     ranks = [json.loads((work / "probe" / f"rank{r}.json").read_text()) for r in (0, 1)]
     return work, ranks
+
+
+def run_on_two_ranks(command: list[str], cwd: Path) -> None:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests")])}
+    env.pop("OMP_NUM_THREADS", None)  # Lightning must split the cores between the ranks by itself
+    # a rank waiting in a collective the other skipped hangs: the timeout turns that into a failure
+    result = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-4000:]
+
+
+@pytest.fixture(scope="module")
+def ddp_test_run(ddp_run) -> Path:
+    """`python -m lightning_ppo test` of the DDP checkpoint, on 2 ranks."""
+    work, _ = ddp_run
+    command = [
+        sys.executable, "-m", "lightning_ppo", "test",
+        "--config", str(ROOT / "configs" / "tiny.yaml"),
+        "--trainer.strategy", "ddp", "--trainer.devices", "2", "--trainer.accelerator", "cpu",
+        "--trainer.logger.init_args.save_dir", "test_runs",
+        "--ckpt_path", str(work / "runs" / "tiny" / "version_0" / "checkpoints" / "last.ckpt"),
+    ]  # fmt: skip
+    run_on_two_ranks(command, work)
+    return work / "test_runs"
 
 
 def scalars(log_dir: Path) -> dict[str, list[float]]:
@@ -103,7 +124,7 @@ def test_logged_metrics_are_global(ddp_run):
 
 def test_only_rank_zero_writes_files(ddp_run):
     work, _ = ddp_run
-    assert sorted(p.name for p in work.iterdir()) == ["probe", "runs"]
+    assert {"probe", "runs"} <= {p.name for p in work.iterdir()} <= {"probe", "runs", "test_runs"}
     assert [p.name for p in (work / "runs").iterdir()] == ["tiny"]
     versions = list((work / "runs" / "tiny").iterdir())
     assert [v.name for v in versions] == ["version_0"]
@@ -115,3 +136,14 @@ def test_each_rank_runs_on_its_share_of_the_cores(ddp_run):
     _, ranks = ddp_run
     for rank in ranks:
         assert rank["num_threads"] * 2 <= max(os.cpu_count() or 1, 2)
+
+
+def test_test_gathers_every_rank_into_one_table(ddp_test_run: Path):
+    versions = list((ddp_test_run / "tiny").iterdir())
+    assert [v.name for v in versions] == ["version_0"]
+    with (versions[0] / "test_samples.csv").open() as handle:
+        rows = list(csv.DictReader(handle))
+    assert len(rows) == 16  # data.test_size: 8 prompts from each rank
+    logged = scalars(versions[0])
+    mean_after = np.mean([float(row["rewards (after)"]) for row in rows])
+    np.testing.assert_allclose(logged["test/reward_policy_mean"], [mean_after], atol=1e-5)
