@@ -108,7 +108,7 @@ def sample_responses(
         input_ids=input_ids,
         attention_mask=attention_mask,
         generation_config=generation_config,
-        synced_gpus=synced_gpus,
+        **({"synced_gpus": True} if synced_gpus else {}),  # else transformers' own default
     )  # (B, P + R')
     prompt_width = input_ids.shape[1]
     response_ids = sequences[:, prompt_width:]
