@@ -87,7 +87,7 @@ def gathered_for_generation(strategy: Strategy | None, policy: nn.Module) -> Ite
 
 
 def _zero3_parameter_offload(engine: Any) -> Any:
-    """The object that owns ZeRO-3's module hooks, or None before the engine has an optimizer (inference)."""
+    """The object that owns ZeRO-3's module hooks; None if the engine has none (hooks then stay on)."""
     optimizer = getattr(engine, "optimizer", None)
     return getattr(optimizer, "parameter_offload", optimizer)
 
