@@ -45,6 +45,12 @@ from lightning_ppo.models import (
     make_reference,
     response_logits,
 )
+from lightning_ppo.parallel import (
+    clips_in_engine,
+    configure_deepspeed,
+    gathered_for_generation,
+    no_backward_sync,
+)
 from lightning_ppo.rewards import ClassifierReward, RewardModel
 from lightning_ppo.rollout import Rollout, SamplingConfig, draw_response_lengths, sample_responses
 from lightning_ppo.shaping import RunningMoments, ShapingConfig, shape_scores
@@ -207,14 +213,17 @@ class PPOModule(LightningModule):
             disable_dropout_in_model(lm)
         if gradient_checkpointing:
             lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        # frozen copy of the starting policy; with LoRA the adapter-free policy is the reference
-        self.ref_policy = None if lora else make_reference(lm)
+        reference = None if lora else make_reference(lm)  # with LoRA: the policy with its adapter disabled
         self.policy = PolicyWithValueHead(apply_lora(lm, lora) if lora else lm, value_head=critic is None)
         self.critic = build_critic(critic, reward_model, self.tokenizer) if critic else None
         if self.critic is not None and disable_dropout:
             disable_dropout_in_model(self.critic)
         reward = reward or ClassifierReward(reward_model, reward_label, reward_batch_size)
-        self.reward = reward.requires_grad_(False).eval()
+        # The frozen models live in a plain dict, not as registered children: DDP and DeepSpeed wrap the
+        # whole LightningModule and would otherwise cast, shard (ZeRO-3) and checkpoint them too.
+        self._frozen: dict[str, torch.nn.Module] = {"reward": reward.requires_grad_(False).eval()}
+        if reference is not None:
+            self._frozen["ref_policy"] = reference
         self.score_moments = RunningMoments()
         if self.ppo.adap_kl_ctrl:
             self.kl_ctl = AdaptiveKLController(self.ppo.init_kl_coef, self.ppo.target, self.ppo.horizon)
@@ -223,6 +232,15 @@ class PPOModule(LightningModule):
         self.faults = FaultGuard(max_consecutive_bad_steps)
         self._test_rows: list[dict[str, Any]] = []
         self._eval_stats: dict[str, list[Tensor]] = defaultdict(list)
+
+    @property
+    def ref_policy(self) -> torch.nn.Module | None:
+        """The frozen reference; None with LoRA, whose policy with the adapter disabled is the reference."""
+        return self._frozen.get("ref_policy")
+
+    @property
+    def reward(self) -> RewardModel:
+        return self._frozen["reward"]
 
     # ----------------------------------------------------------------------------------------------
     # Lightning plumbing
@@ -254,17 +272,39 @@ class PPOModule(LightningModule):
             check_fits_context(
                 self.policy.lm.config, prompt_tokens, prompt_key, response_tokens, self.hparams.policy
             )
+        configure_deepspeed(self.trainer.strategy, self.ppo.max_grad_norm)
+
+    def on_fit_start(self) -> None:
+        self._place_frozen_models()
+
+    def on_validation_start(self) -> None:
+        self._place_frozen_models()
+
+    def on_test_start(self) -> None:
+        self._place_frozen_models()
+
+    def on_predict_start(self) -> None:
+        self._place_frozen_models()
+
+    def _place_frozen_models(self) -> None:
+        """Put the frozen models on this rank's device, in the dtype the strategy gave the policy.
+
+        The reference must compute exactly what the starting policy computed, so the KL starts at 0
+        (DeepSpeed with bf16 casts the policy's weights; the reward model follows for memory).
+        """
+        dtype = next(self.policy.lm.parameters()).dtype
+        for model in self._frozen.values():
+            model.to(device=self.trainer.strategy.root_device, dtype=dtype)
 
     def train(self, mode: bool = True) -> PPOModule:
         """Frozen models stay in eval mode whatever Lightning asks of the module."""
         super().train(mode)
-        if self.ref_policy is not None:
-            self.ref_policy.eval()
-        self.reward.eval()
+        for model in self._frozen.values():
+            model.eval()
         return self
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        # frozen weights are rebuilt from their source on load: keep them out of the file
+        # frozen weights (a LoRA policy's base) are rebuilt from their source on load: keep them out
         state = checkpoint["state_dict"]
         for key in self._frozen_state_keys() & state.keys():
             del state[key]
@@ -279,12 +319,13 @@ class PPOModule(LightningModule):
         if "score_moments" in checkpoint:
             self.score_moments.load_state_dict(checkpoint["score_moments"])
 
-    _frozen_prefixes = ("ref_policy.", "reward.")
-
     def _frozen_state_keys(self) -> set[str]:
-        """Reference, reward and any frozen policy weight (a LoRA policy's base; tied names included)."""
+        """Frozen weights of the registered models: a LoRA policy's base (tied names included).
+
+        The reference and the reward model are not registered, so they are never in the state dict.
+        """
         frozen = {name for name, p in self.named_parameters(remove_duplicate=False) if not p.requires_grad}
-        return {k for k in self.state_dict() if k.startswith(self._frozen_prefixes) or k in frozen}
+        return frozen & self.state_dict().keys()
 
     # ----------------------------------------------------------------------------------------------
     # One PPO iteration
@@ -429,14 +470,16 @@ class PPOModule(LightningModule):
         for _ in range(self.ppo.ppo_epochs):
             for minibatch in torch.randperm(batch_size).split(self.ppo.mini_batch_size):
                 minibatch_loss = torch.zeros((), device=self.device)
-                for micro_rows in minibatch.split(micro_batch_size):
-                    loss, micro_stats = self._ppo_loss(experience.select(micro_rows))
-                    self.manual_backward(loss / accumulation)
+                for i, micro_rows in enumerate(minibatch.split(micro_batch_size)):
+                    # DDP all-reduces the gradients once per minibatch, on its last micro-batch
+                    with no_backward_sync(self.trainer.strategy, last_micro_batch=i == accumulation - 1):
+                        loss, micro_stats = self._ppo_loss(experience.select(micro_rows))
+                        self.manual_backward(loss / accumulation)
                     minibatch_loss += loss.detach()
                     for name, value in micro_stats.items():
                         stats[name].append(value)
                 if self.faults.step_is_finite(self.trainer.strategy, minibatch_loss):  # else skip the step
-                    if self.ppo.max_grad_norm is not None:
+                    if self.ppo.max_grad_norm is not None and not clips_in_engine(self.trainer.strategy):
                         self.clip_gradients(optimizer, gradient_clip_val=self.ppo.max_grad_norm)
                     optimizer.step()
                 optimizer.zero_grad()
@@ -480,7 +523,8 @@ class PPOModule(LightningModule):
     # Sampling and scoring, shared by training, validation, test and predict
 
     def _sample(self, model: torch.nn.Module, batch: dict[str, Any], lengths: Tensor) -> Rollout:
-        with eval_mode(model):
+        strategy = self._trainer.strategy if self._trainer is not None and model is self.policy.lm else None
+        with eval_mode(model), gathered_for_generation(strategy, self.policy) as synced_gpus:
             return sample_responses(
                 model,
                 batch["input_ids"],
@@ -489,6 +533,7 @@ class PPOModule(LightningModule):
                 self.sampling,
                 pad_token_id=self.tokenizer.pad_token_id,
                 eos_token_id=self.tokenizer.eos_token_id,
+                synced_gpus=synced_gpus,
             )
 
     def _score(self, rollout: Rollout) -> tuple[Tensor, list[str]]:
@@ -595,9 +640,9 @@ class PPOModule(LightningModule):
         self.log_dict(summary, rank_zero_only=True)
         rows = self._gather_objects(self._test_rows)
         self._test_rows = []
+        path = Path(self.trainer.log_dir or ".") / "test_samples.csv"  # a collective: every rank asks
         if not self.trainer.is_global_zero:
             return
-        path = Path(self.trainer.log_dir or ".") / "test_samples.csv"
         path.parent.mkdir(parents=True, exist_ok=True)
         with path.open("w", newline="") as handle:
             writer = csv.DictWriter(handle, fieldnames=list(rows[0]))

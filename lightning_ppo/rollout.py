@@ -105,15 +105,17 @@ def sample_responses(
     config: SamplingConfig,
     pad_token_id: int,
     eos_token_id: int | None,
+    synced_gpus: bool = False,
 ) -> Rollout:
     """Sample a response for every left-padded prompt, `config.batch_size` prompts per `generate` call.
 
     All rows of a call generate up to its longest drawn length; each row is then cut to its own length,
-    which is the same distribution as stopping it there (sampling is autoregressive).
+    which is the same distribution as stopping it there (sampling is autoregressive). `synced_gpus` keeps
+    every rank stepping until all are done, for weights sharded across ranks (ZeRO-3).
     """
     chunk = config.batch_size or input_ids.shape[0]
     parts = [
-        _sample_chunk(model, ids, mask, chunk_lengths, config, pad_token_id, eos_token_id)
+        _sample_chunk(model, ids, mask, chunk_lengths, config, pad_token_id, eos_token_id, synced_gpus)
         for ids, mask, chunk_lengths in zip(
             input_ids.split(chunk), attention_mask.split(chunk), lengths.split(chunk), strict=True
         )
@@ -129,6 +131,7 @@ def _sample_chunk(
     config: SamplingConfig,
     pad_token_id: int,
     eos_token_id: int | None,
+    synced_gpus: bool,
 ) -> Rollout:
     generation_config = GenerationConfig(
         do_sample=True,
@@ -143,7 +146,10 @@ def _sample_chunk(
         remove_invalid_values=True,
     )
     sequences = model.generate(
-        input_ids=input_ids, attention_mask=attention_mask, generation_config=generation_config
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        generation_config=generation_config,
+        **({"synced_gpus": True} if synced_gpus else {}),  # else transformers' own default
     )  # (B, P + R')
     prompt_width = input_ids.shape[1]
     response_ids = sequences[:, prompt_width:]

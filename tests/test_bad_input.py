@@ -64,7 +64,7 @@ def test_wrong_type_names_the_key(capsys: pytest.CaptureFixture[str]) -> None:
 
 
 def setup_with(module: PPOModule, stage: str = "fit", **datamodule: int) -> None:
-    module._trainer = SimpleNamespace(datamodule=SimpleNamespace(**datamodule))
+    module._trainer = SimpleNamespace(datamodule=SimpleNamespace(**datamodule), strategy=None)  # no DeepSpeed
     try:
         module.setup(stage)
     finally:

@@ -1,0 +1,91 @@
+"""A test-only callback that records what one rank saw and did, for tests that run the real CLI.
+
+Passed on the command line: `--trainer.callbacks+={"class_path": "probes.RankProbe", "init_args":
+{"out_dir": DIR}}` with `tests/` on PYTHONPATH. At the end of `fit` each rank writes `DIR/rank<N>.json`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from lightning.pytorch import Callback, LightningModule, Trainer
+from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
+from torch.nn.parallel import DistributedDataParallel
+
+from lightning_ppo.core import logprobs_from_logits
+
+
+def weights_hash(module: torch.nn.Module) -> str:
+    digest = hashlib.sha256()
+    for name, tensor in sorted(module.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().float().cpu().numpy().tobytes())
+    return digest.hexdigest()
+
+
+class RankProbe(Callback):
+    """Per step: prompts, local scores, KL coefficient, first-minibatch log-prob gap; counts all-reduces."""
+
+    def __init__(self, out_dir: str) -> None:
+        self.out_dir = Path(out_dir)
+        self.record: dict[str, Any] = {
+            "queries": [],
+            "train_scores": [],
+            "val_scores": [],
+            "kl_coef": [],
+            "first_minibatch_gap": [],
+            "logit_dtypes": [],
+            "logprob_dtypes": [],
+            "allreduces": 0,
+        }
+        self._first_loss_done = False
+
+    def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self.record["start_hash"] = weights_hash(pl_module.policy)
+        self.record["num_threads"] = torch.get_num_threads()
+        self.record["world_size"] = trainer.world_size
+        if isinstance(trainer.model, DistributedDataParallel):
+            trainer.model.register_comm_hook(None, self._counting_allreduce)
+        score, ppo_loss = pl_module._score, pl_module._ppo_loss
+
+        def recording_score(rollout):
+            scores, responses = score(rollout)
+            key = "train_scores" if trainer.training else "val_scores"
+            self.record[key].append(scores.tolist())
+            return scores, responses
+
+        def recording_ppo_loss(batch):
+            if not self._first_loss_done:  # before any optimizer step of this PPO step
+                self._first_loss_done = True
+                with torch.no_grad():
+                    logits, _ = pl_module.policy(batch.input_ids, batch.attention_mask, batch.response_start)
+                    logprobs = logprobs_from_logits(pl_module._tempered(logits), batch.response_ids)
+                gap = ((logprobs - batch.old_logprobs) * batch.response_mask).abs().max()
+                self.record["first_minibatch_gap"].append(float(gap))
+                self.record["logit_dtypes"].append(str(logits.dtype))
+                self.record["logprob_dtypes"].append(str(logprobs.dtype))
+            return ppo_loss(batch)
+
+        pl_module._score, pl_module._ppo_loss = recording_score, recording_ppo_loss
+
+    # no annotations: DDP refuses a hook whose `bucket` annotation is not the class dist.GradBucket itself
+    def _counting_allreduce(self, state, bucket):
+        if bucket.index() == 0:  # one count per gradient all-reduce, however many buckets
+            self.record["allreduces"] += 1
+        return allreduce_hook(state, bucket)
+
+    def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int):
+        self._first_loss_done = False
+        self.record["queries"].append(list(batch["query"]))
+        self.record["kl_coef"].append(float(pl_module.kl_ctl.value))
+
+    def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self.record["end_hash"] = weights_hash(pl_module.policy)
+        self.record["global_step"] = trainer.global_step
+        self.record["sampler"] = type(trainer.train_dataloader.sampler).__name__
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        (self.out_dir / f"rank{trainer.global_rank}.json").write_text(json.dumps(self.record))
