@@ -32,6 +32,8 @@ from lightning_ppo.core import (
     policy_loss,
     value_loss,
 )
+from lightning_ppo.export import ExportOnFitEnd
+from lightning_ppo.fault_tolerance import FaultTolerance
 from lightning_ppo.models import (
     PolicyWithValueHead,
     disable_dropout_in_model,
@@ -189,7 +191,7 @@ class PPOModule(LightningModule):
     # Lightning plumbing
 
     def configure_callbacks(self) -> list[Callback]:
-        return [JsonlPredictionWriter()]
+        return [JsonlPredictionWriter(), FaultTolerance(), ExportOnFitEnd()]
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return torch.optim.Adam(self.policy.parameters(), lr=self.hparams.learning_rate)
