@@ -77,6 +77,8 @@ class FaultTolerance(Callback):
     - SLURM's requeue signal (SIGUSR1) and Ctrl-C (SIGINT) arriving mid-step are held until the step ends:
       then Lightning's requeue handler saves `hpc_ckpt_N.ckpt` and requeues, or `last.ckpt` is saved and
       the fit stops (and is exported as usual). A second Ctrl-C interrupts at once.
+    - A fit always ends with an up-to-date `last.ckpt` (ModelCheckpoint keeps an older one when the run
+      does not end on its `every_n_train_steps`).
     """
 
     def __init__(self) -> None:
@@ -84,6 +86,7 @@ class FaultTolerance(Callback):
         self._rng_before_validation: dict[str, Any] | None = None
         self._held_handlers: dict[int, Any] = {}
         self._pending: set[int] = set()
+        self._last_saved_step = -1
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:  # a user's own plugin stays
@@ -148,10 +151,25 @@ class FaultTolerance(Callback):
                 continue
             self._pending.discard(signum)
             if signum == signal.SIGINT:
-                trainer.save_checkpoint(last_checkpoint_path(trainer))
+                self._save_last(trainer)
                 trainer.should_stop = True
             else:
                 self._held_handlers[signum](signum, None)
+
+    def on_save_checkpoint(
+        self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        self._last_saved_step = checkpoint["global_step"]
+
+    def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self._last_saved_step != trainer.global_step:
+            self._save_last(trainer)
+
+    def _save_last(self, trainer: Trainer) -> None:
+        """Save `last.ckpt` beside the ModelCheckpoint's files; nothing when checkpointing is off."""
+        checkpoint = trainer.checkpoint_callback
+        if isinstance(checkpoint, ModelCheckpoint) and checkpoint.dirpath:
+            trainer.save_checkpoint(os.path.join(checkpoint.dirpath, "last.ckpt"))
 
     def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         # Lightning has put back the handlers from before the fit already, unless it left ours
@@ -159,10 +177,3 @@ class FaultTolerance(Callback):
             if signal.getsignal(signum) == self._hold:
                 signal.signal(signum, handler)
         self._held_handlers, self._pending = {}, set()
-
-
-def last_checkpoint_path(trainer: Trainer) -> str:
-    """Where `last.ckpt` goes: the first ModelCheckpoint's folder, else the default root folder."""
-    checkpoint = trainer.checkpoint_callback
-    folder = checkpoint.dirpath if isinstance(checkpoint, ModelCheckpoint) and checkpoint.dirpath else None
-    return os.path.join(folder or trainer.default_root_dir, "last.ckpt")
