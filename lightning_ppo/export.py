@@ -56,8 +56,9 @@ class ExportOnFitEnd(Callback):
     """At the end of every fit, export the tuned policy to `<log_dir>/export/` (rank 0 only)."""
 
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        log_dir = trainer.log_dir  # a collective under DDP: every rank asks
         if trainer.is_global_zero:
-            folder = export_policy(pl_module, Path(trainer.log_dir or trainer.default_root_dir) / "export")
+            folder = export_policy(pl_module, Path(log_dir or trainer.default_root_dir) / "export")
             rank_zero_info(f"Exported the tuned policy to {folder}")
 
 
