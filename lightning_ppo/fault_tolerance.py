@@ -76,7 +76,7 @@ class FaultTolerance(Callback):
       (which may skip or repeat a validation) draws the same numbers as an uninterrupted one.
     - SLURM's requeue signal (SIGUSR1) and Ctrl-C (SIGINT) arriving mid-step are held until the step ends:
       then Lightning's requeue handler saves `hpc_ckpt_N.ckpt` and requeues, or `last.ckpt` is saved and
-      the fit stops (and is exported as usual). A second Ctrl-C interrupts at once.
+      Lightning's graceful KeyboardInterrupt shutdown follows. A second Ctrl-C interrupts at once.
     - A fit always ends with an up-to-date `last.ckpt` (ModelCheckpoint keeps an older one when the run
       does not end on its `every_n_train_steps`).
     """
@@ -151,8 +151,9 @@ class FaultTolerance(Callback):
                 continue
             self._pending.discard(signum)
             if signum == signal.SIGINT:
+                # not `should_stop`: that ends the epoch, and a checkpoint of it would skip the rest
                 self._save_last(trainer)
-                trainer.should_stop = True
+                raise KeyboardInterrupt
             else:
                 self._held_handlers[signum](signum, None)
 
@@ -169,7 +170,11 @@ class FaultTolerance(Callback):
         """Save `last.ckpt` beside the ModelCheckpoint's files; nothing when checkpointing is off."""
         checkpoint = trainer.checkpoint_callback
         if isinstance(checkpoint, ModelCheckpoint) and checkpoint.dirpath:
-            trainer.save_checkpoint(os.path.join(checkpoint.dirpath, "last.ckpt"))
+            name = checkpoint.CHECKPOINT_NAME_LAST + checkpoint.FILE_EXTENSION
+            # claimed as its own (also in the saved state), ModelCheckpoint later overwrites this file
+            # instead of writing `last-v1.ckpt` beside it
+            checkpoint.last_model_path = os.path.join(checkpoint.dirpath, name)
+            trainer.save_checkpoint(checkpoint.last_model_path)
 
     def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         # Lightning has put back the handlers from before the fit already, unless it left ours

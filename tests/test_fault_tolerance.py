@@ -85,19 +85,27 @@ def test_a_run_killed_mid_step_resumes_from_its_last_checkpoint(tiny_assets: Pat
 
 
 @pytest.mark.slow
-def test_ctrl_c_finishes_the_step_saves_last_and_exports(tiny_assets: Path, tmp_path: Path):
+def test_ctrl_c_finishes_the_step_and_saves_a_last_checkpoint_that_resumes(tiny_assets: Path, tmp_path: Path):
     version = tmp_path / "runs" / "tiny" / "version_0"
-    # checkpoints only at the very end: the last.ckpt found after Ctrl-C is the interrupt's own
-    run = start(
-        fit_command(tmp_path / "runs", "--trainer.callbacks.init_args.every_n_train_steps", "1000"),
-        tmp_path / "interrupted.log",
-    )
+    # no periodic checkpoints (the last.ckpt found after Ctrl-C is the interrupt's own), a longer run
+    steps = 40
+    command = fit_command(
+        tmp_path / "runs",
+        "--trainer.callbacks.init_args.every_n_train_steps", "1000",
+        "--trainer.limit_train_batches", str(steps),
+    )  # fmt: skip
+    run = start(command, tmp_path / "interrupted.log")
     wait_for(version / "hparams.yaml", run)  # written when training starts
-    time.sleep(1.0)
+    time.sleep(0.5)
     assert run.poll() is None, "the run finished before it could be interrupted"
     run.send_signal(signal.SIGINT)
-    assert run.wait(timeout=120) == 0, (tmp_path / "interrupted.log").read_text()[-3000:]
+    run.wait(timeout=120)  # Lightning's graceful KeyboardInterrupt shutdown exits with 1
+    assert "Detected KeyboardInterrupt" in (tmp_path / "interrupted.log").read_text()
 
-    steps_done = global_step(version / "checkpoints" / "last.ckpt")
-    assert 0 < steps_done < PPO_STEPS * OPT_STEPS_PER_PPO_STEP and steps_done % OPT_STEPS_PER_PPO_STEP == 0
-    assert (version / "export" / "model.safetensors").is_file()
+    last = version / "checkpoints" / "last.ckpt"
+    steps_done = global_step(last)
+    assert 0 < steps_done < steps * OPT_STEPS_PER_PPO_STEP and steps_done % OPT_STEPS_PER_PPO_STEP == 0
+    resumed = start([*command, "--ckpt_path", "last"], tmp_path / "resumed.log")
+    assert resumed.wait(timeout=300) == 0, (tmp_path / "resumed.log").read_text()[-3000:]
+    assert global_step(last) == steps * OPT_STEPS_PER_PPO_STEP  # the rest of the epoch was trained
+    assert sorted(p.name for p in last.parent.iterdir()) == ["last.ckpt"]

@@ -16,7 +16,7 @@ import torch
 ROOT = Path(__file__).parents[1]
 SCRIPTS = sorted((ROOT / "slurm").glob("*.sbatch"))
 OPT_STEPS_PER_PPO_STEP = 8  # 4 PPO epochs x (16 / 8) minibatches
-PPO_STEPS = 12
+PPO_STEPS = 40
 JOB_ID = "4242"
 
 
@@ -84,7 +84,7 @@ def test_a_signalled_job_saves_requeues_and_resumes(tiny_assets: Path, tmp_path:
     while not (run_dir / "hparams.yaml").exists():  # written when training starts
         assert job.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
         time.sleep(0.05)
-    time.sleep(1.0)
+    time.sleep(0.5)
     job.send_signal(signal.SIGUSR1)  # SLURM's warning before the time limit
     while not (tmp_path / "scontrol.calls").exists():
         assert job.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
