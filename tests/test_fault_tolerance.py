@@ -88,7 +88,7 @@ def test_a_run_killed_mid_step_resumes_from_its_last_checkpoint(tiny_assets: Pat
 def test_ctrl_c_finishes_the_step_and_saves_a_last_checkpoint_that_resumes(tiny_assets: Path, tmp_path: Path):
     version = tmp_path / "runs" / "tiny" / "version_0"
     # no periodic checkpoints (the last.ckpt found after Ctrl-C is the interrupt's own), a longer run
-    steps = 40
+    steps = 24
     command = fit_command(
         tmp_path / "runs",
         "--trainer.callbacks.init_args.every_n_train_steps", "1000",

@@ -16,7 +16,7 @@ import torch
 ROOT = Path(__file__).parents[1]
 SCRIPTS = sorted((ROOT / "slurm").glob("*.sbatch"))
 OPT_STEPS_PER_PPO_STEP = 8  # 4 PPO epochs x (16 / 8) minibatches
-PPO_STEPS = 40
+PPO_STEPS = 24
 JOB_ID = "4242"
 
 
