@@ -10,6 +10,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from torch.utils.data import Dataset
 
 from lightning_ppo.cli import main
+from lightning_ppo.fault_tolerance import AtomicCheckpointIO
 from lightning_ppo.resumable import resumable_loader
 
 TINY = str(Path(__file__).parents[1] / "configs" / "tiny.yaml")
@@ -50,6 +51,7 @@ def test_a_resumed_fit_logs_what_an_uninterrupted_one_does(tiny_assets: Path, tm
     resumed = fit(tmp_path / "resumed", "--ckpt_path", str(last))
 
     assert resumed.trainer.global_step == whole.trainer.global_step == 6 * OPT_STEPS_PER_PPO_STEP
+    assert isinstance(resumed.trainer.strategy.checkpoint_io, AtomicCheckpointIO)  # installed by default
     expected, got = scalars(Path(whole.trainer.log_dir)), scalars(Path(resumed.trainer.log_dir))
     for name in COMPARED:
         assert sorted(got[name]) == [3, 4, 5], name  # the resumed run logged PPO steps 4-6 only
