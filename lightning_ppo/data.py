@@ -15,6 +15,7 @@ from transformers import PreTrainedTokenizerBase
 
 from lightning_ppo.loading import ConfigError, load_from_source
 from lightning_ppo.models import load_tokenizer
+from lightning_ppo.resumable import resumable_loader
 
 FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
 
@@ -73,7 +74,8 @@ class PromptDataModule(LightningDataModule):
             "prompt" or `text_column` field.
         max_prompt_tokens: Predict prompts are truncated to this many tokens.
         num_workers: DataLoader worker processes.
-        seed: Seeds the held-out split, the shuffle of the held-out prompts and the prompt lengths.
+        seed: Seeds the held-out split, the shuffle of the held-out prompts, the prompt lengths and the
+            order of the training prompts in each epoch.
     """
 
     def __init__(
@@ -146,7 +148,18 @@ class PromptDataModule(LightningDataModule):
             self.prompts["test"] = eval_prompts.select(range(min(self.test_size, len(eval_prompts))))
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader(self.prompts["train"], self.batch_size, shuffle=True, drop_last=True)
+        """Shuffled by `seed` and the epoch; checkpoints record its position, so a resumed fit goes on."""
+        trainer = self.trainer
+        world = (trainer.distributed_sampler_kwargs if trainer else None) or {}  # DDP: this rank's share
+        collate = partial(collate_prompts, pad_token_id=self.tokenizer.pad_token_id)
+        return resumable_loader(
+            self.prompts["train"],
+            self.batch_size,
+            self.seed,
+            world,
+            collate_fn=collate,
+            num_workers=self.num_workers,
+        )
 
     def val_dataloader(self) -> DataLoader:
         return self._loader(self.prompts["val"], self.eval_batch_size)
@@ -157,18 +170,9 @@ class PromptDataModule(LightningDataModule):
     def predict_dataloader(self) -> DataLoader:
         return self._loader(self.prompts["predict"], self.eval_batch_size)
 
-    def _loader(
-        self, prompts: Dataset, batch_size: int, shuffle: bool = False, drop_last: bool = False
-    ) -> DataLoader:
+    def _loader(self, prompts: Dataset, batch_size: int) -> DataLoader:
         collate = partial(collate_prompts, pad_token_id=self.tokenizer.pad_token_id)
-        return DataLoader(
-            prompts,
-            batch_size=batch_size,
-            shuffle=shuffle,
-            drop_last=drop_last,
-            collate_fn=collate,
-            num_workers=self.num_workers,
-        )
+        return DataLoader(prompts, batch_size=batch_size, collate_fn=collate, num_workers=self.num_workers)
 
     def _splits(self) -> tuple[Dataset, Dataset]:
         """The train split and the held-out texts: `eval_split`, or a seeded `eval_fraction` of train."""

@@ -33,6 +33,8 @@ from lightning_ppo.core import (
     value_loss,
 )
 from lightning_ppo.critic import build_critic
+from lightning_ppo.export import ExportOnFitEnd
+from lightning_ppo.fault_tolerance import FaultTolerance
 from lightning_ppo.faults import FaultGuard
 from lightning_ppo.loading import ConfigError, check_fits_context
 from lightning_ppo.lora import LoraOptions, adapter_disabled, apply_lora
@@ -246,7 +248,7 @@ class PPOModule(LightningModule):
     # Lightning plumbing
 
     def configure_callbacks(self) -> list[Callback]:
-        return [JsonlPredictionWriter()]
+        return [JsonlPredictionWriter(), FaultTolerance(), ExportOnFitEnd()]
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         """One Adam (DeepSpeed takes one optimizer): the policy's trainable weights, then the critic's."""

@@ -15,6 +15,7 @@ import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
 from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DistributedSampler
 
 from lightning_ppo.core import logprobs_from_logits
 
@@ -86,6 +87,8 @@ class RankProbe(Callback):
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self.record["end_hash"] = weights_hash(pl_module.policy)
         self.record["global_step"] = trainer.global_step
-        self.record["sampler"] = type(trainer.train_dataloader.sampler).__name__
+        sampler = trainer.train_dataloader.sampler
+        self.record["sampler"] = type(sampler).__name__
+        self.record["distributed_sampler"] = isinstance(sampler, DistributedSampler)
         self.out_dir.mkdir(parents=True, exist_ok=True)
         (self.out_dir / f"rank{trainer.global_rank}.json").write_text(json.dumps(self.record))

@@ -1,0 +1,96 @@
+"""Export the tuned policy as a Hugging Face folder (model + tokenizer), with the value head beside it.
+
+    python -m lightning_ppo.export --ckpt_path runs/tiny/version_0/checkpoints/last.ckpt --output_dir tuned
+
+The folder loads with `AutoModelForCausalLM.from_pretrained(DIR)` and `pipeline("text-generation", DIR)`;
+`value_head.safetensors` (+ `value_head.json`) hold the linear value head on the last hidden state. A LoRA
+policy exports its adapter (`PeftModel.from_pretrained(base, DIR)`), and with `--merge` also the merged
+model in `DIR/merged`; a separate critic goes to `DIR/critic` (backbone + value head).
+Every `fit` also ends by exporting to `<log_dir>/export/`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.utilities import rank_zero_info
+from safetensors.torch import load_file, save_file
+
+from lightning_ppo.lora import save_policy
+
+VALUE_HEAD_WEIGHTS = "value_head.safetensors"
+VALUE_HEAD_CONFIG = "value_head.json"
+
+
+def export_policy(module: LightningModule, output_dir: str | Path, merge: bool = False) -> Path:
+    """Write a `PPOModule`'s policy LM, its tokenizer and value head to `output_dir`; returns the folder."""
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    for folder in save_policy(module.policy.lm, output_dir, merge=merge):
+        module.tokenizer.save_pretrained(folder)
+    if module.policy.v_head is not None:
+        save_value_head(module.policy.v_head, output_dir)
+    if module.critic is not None:
+        module.critic.backbone.save_pretrained(output_dir / "critic")
+        save_value_head(module.critic.v_head, output_dir / "critic")
+    return output_dir
+
+
+def save_value_head(head: torch.nn.Linear, folder: Path) -> None:
+    weights = {name: tensor.detach().cpu().contiguous() for name, tensor in head.state_dict().items()}
+    save_file(weights, folder / VALUE_HEAD_WEIGHTS)
+    config = {"in_features": head.in_features, "out_features": head.out_features, "input": "last_hidden"}
+    (folder / VALUE_HEAD_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
+
+
+def load_value_head(folder: str | Path) -> torch.nn.Linear:
+    """The exported value head as an `nn.Linear` (hidden size -> 1)."""
+    config = json.loads((Path(folder) / VALUE_HEAD_CONFIG).read_text())
+    head = torch.nn.Linear(config["in_features"], config["out_features"])
+    head.load_state_dict(load_file(Path(folder) / VALUE_HEAD_WEIGHTS))
+    return head
+
+
+def export_checkpoint(ckpt_path: str | Path, output_dir: str | Path, merge: bool = False) -> Path:
+    """Rebuild the module from the checkpoint's hyper-parameters, load its weights, and export it."""
+    from lightning_ppo.module import PPOModule  # the module installs ExportOnFitEnd: import it late
+
+    module = PPOModule.load_from_checkpoint(ckpt_path, map_location="cpu", weights_only=False)
+    return export_policy(module, output_dir, merge=merge)
+
+
+class ExportOnFitEnd(Callback):
+    """At the end of every fit, export the tuned policy to `<log_dir>/export/` (rank 0 only)."""
+
+    def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        log_dir = trainer.log_dir  # a collective under DDP: every rank asks
+        if trainer.is_global_zero:
+            folder = export_policy(pl_module, Path(log_dir or trainer.default_root_dir) / "export")
+            rank_zero_info(f"Exported the tuned policy to {folder}")
+
+
+def main(args: list[str] | None = None) -> Path:
+    parser = argparse.ArgumentParser(
+        prog="python -m lightning_ppo.export",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--ckpt_path", required=True, help="a checkpoint written by `fit` (e.g. last.ckpt)")
+    parser.add_argument("--output_dir", required=True, help="folder to write the Hugging Face model into")
+    parser.add_argument(
+        "--merge", action="store_true", help="LoRA: also write the merged model to DIR/merged"
+    )
+    parsed = parser.parse_args(args)
+    if not Path(parsed.ckpt_path).is_file():
+        parser.error(f"--ckpt_path {parsed.ckpt_path!r} is not a file")
+    folder = export_checkpoint(parsed.ckpt_path, parsed.output_dir, merge=parsed.merge)
+    print(f"Exported the policy of {parsed.ckpt_path} to {folder}")
+    return folder
+
+
+if __name__ == "__main__":
+    main()

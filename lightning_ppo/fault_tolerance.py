@@ -1,0 +1,184 @@
+"""Never lose a run: atomic checkpoint files, RNG states in checkpoints, signals handled between PPO steps.
+
+A checkpoint taken by this callback's rules always holds the state between two PPO steps, so a resumed
+run continues as if it had never stopped (same prompts, same sampling noise, same updates).
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from lightning.fabric.plugins.environments import SLURMEnvironment
+from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.plugins.io import TorchCheckpointIO
+from lightning.pytorch.utilities import rank_zero_info
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Writes each checkpoint to a temporary file in the same folder, fsyncs it, then renames it in place.
+
+    A process killed mid-write leaves the previous file intact. Lightning's own save stages the file in
+    the system temp folder and moves it, which is a plain (interruptible) copy when that is another disk.
+    """
+
+    def save_checkpoint(
+        self, checkpoint: dict[str, Any], path: str | Path, storage_options: Any | None = None
+    ) -> None:
+        if storage_options is not None:
+            raise TypeError(f"{type(self).__name__} takes no storage_options")
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # same folder, so same file system
+        try:
+            with tmp.open("wb") as handle:
+                torch.save(checkpoint, handle)
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.replace(tmp, path)  # atomic on POSIX
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+
+
+def collect_rng_states() -> dict[str, Any]:
+    """This process's torch (CPU and CUDA), numpy and python RNG states, in checkpoint-loadable types."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "numpy": (kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached),
+        "python": random.getstate(),
+    }
+
+
+def restore_rng_states(states: dict[str, Any]) -> None:
+    torch.set_rng_state(states["torch"])
+    if states["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+    kind, keys, pos, has_gauss, cached = states["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    random.setstate(states["python"])
+
+
+class FaultTolerance(Callback):
+    """Installs `AtomicCheckpointIO`, checkpoints every rank's RNG states, and acts on signals between steps.
+
+    - Validation runs on a side RNG stream: the training stream is put back after it, so a resumed run
+      (which may skip or repeat a validation) draws the same numbers as an uninterrupted one.
+    - SLURM's requeue signal (SIGUSR1) and Ctrl-C (SIGINT) arriving mid-step are held until the step ends:
+      then Lightning's requeue handler saves `hpc_ckpt_N.ckpt` and requeues, or `last.ckpt` is saved and
+      Lightning's graceful KeyboardInterrupt shutdown follows. A second Ctrl-C interrupts at once.
+    - A fit always ends with an up-to-date `last.ckpt` (ModelCheckpoint keeps an older one when the run
+      does not end on its `every_n_train_steps`).
+    """
+
+    def __init__(self) -> None:
+        self._rng_to_restore: dict[str, Any] | None = None
+        self._rng_before_validation: dict[str, Any] | None = None
+        self._held_handlers: dict[int, Any] = {}
+        self._pending: set[int] = set()
+        self._last_saved_step = -1
+
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:  # a user's own plugin stays
+            trainer.strategy.checkpoint_io = AtomicCheckpointIO()
+
+    # ----------------------------------------------------------------------------------------------
+    # RNG states: saved for every rank, restored just before the first resumed training step
+
+    def state_dict(self) -> dict[str, Any]:
+        states = collect_rng_states()
+        if dist.is_available() and dist.is_initialized():
+            per_rank: list[Any] = [None] * dist.get_world_size()
+            dist.all_gather_object(per_rank, states)
+            return {"rng_per_rank": per_rank}
+        return {"rng_per_rank": [states]}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        per_rank = state_dict["rng_per_rank"]
+        rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+        # a different world size cannot continue every stream; rank 0's is the best available
+        self._rng_to_restore = per_rank[rank] if rank < len(per_rank) else per_rank[0]
+
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self._rng_to_restore is not None:
+            restore_rng_states(self._rng_to_restore)
+            self._rng_to_restore = None
+        self._hold_signals(trainer)
+
+    def on_validation_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._rng_before_validation = collect_rng_states()
+
+    def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self._rng_before_validation is not None:
+            restore_rng_states(self._rng_before_validation)
+            self._rng_before_validation = None
+
+    # ----------------------------------------------------------------------------------------------
+    # Signals held until the PPO step ends
+
+    def _hold_signals(self, trainer: Trainer) -> None:
+        if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+            self._held_handlers[signal.SIGINT] = signal.default_int_handler
+        environment = trainer._accelerator_connector.cluster_environment
+        if isinstance(environment, SLURMEnvironment) and environment.auto_requeue:
+            requeue = environment.requeue_signal
+            self._held_handlers[requeue] = signal.getsignal(requeue)  # Lightning's save-and-requeue
+        for signum in self._held_handlers:
+            signal.signal(signum, self._hold)
+
+    def _hold(self, signum: int, frame: FrameType | None) -> None:
+        if signum == signal.SIGINT and signum in self._pending:
+            self._held_handlers[signum](signum, frame)  # second Ctrl-C: KeyboardInterrupt now
+        rank_zero_info(f"Received signal {signum}: acting on it when this PPO step ends.")
+        self._pending.add(signum)
+
+    def on_train_batch_end(
+        self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        for signum in list(self._held_handlers):
+            # every rank must act on the same step: any rank that got the signal decides for all
+            if not trainer.strategy.reduce_boolean_decision(signum in self._pending, all=False):
+                continue
+            self._pending.discard(signum)
+            if signum == signal.SIGINT:
+                # not `should_stop`: that ends the epoch, and a checkpoint of it would skip the rest
+                self._save_last(trainer)
+                raise KeyboardInterrupt
+            else:
+                self._held_handlers[signum](signum, None)
+
+    def on_save_checkpoint(
+        self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        self._last_saved_step = checkpoint["global_step"]
+
+    def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self._last_saved_step != trainer.global_step:
+            self._save_last(trainer)
+
+    def _save_last(self, trainer: Trainer) -> None:
+        """Save `last.ckpt` beside the ModelCheckpoint's files; nothing when checkpointing is off."""
+        checkpoint = trainer.checkpoint_callback
+        if isinstance(checkpoint, ModelCheckpoint) and checkpoint.dirpath:
+            name = checkpoint.CHECKPOINT_NAME_LAST + checkpoint.FILE_EXTENSION
+            # claimed as its own (also in the saved state), ModelCheckpoint later overwrites this file
+            # instead of writing `last-v1.ckpt` beside it
+            checkpoint.last_model_path = os.path.join(checkpoint.dirpath, name)
+            trainer.save_checkpoint(checkpoint.last_model_path)
+
+    def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        # Lightning has put back the handlers from before the fit already, unless it left ours
+        for signum, handler in self._held_handlers.items():
+            if signal.getsignal(signum) == self._hold:
+                signal.signal(signum, handler)
+        self._held_handlers, self._pending = {}, set()

@@ -1,0 +1,78 @@
+"""Export: every fit leaves a Hugging Face folder of the policy; so does a command, from a checkpoint."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, pipeline
+
+from lightning_ppo.cli import main
+from lightning_ppo.export import load_value_head
+from lightning_ppo.export import main as export_main
+
+TINY = str(Path(__file__).parents[1] / "configs" / "tiny.yaml")
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def fitted(tiny_assets: Path, tmp_path_factory: pytest.TempPathFactory):
+    """Three tiny PPO steps; returns the CLI object (its module is the trained one) and the log folder."""
+    root = tmp_path_factory.mktemp("export_fit")
+    cli = main(
+        [
+            "fit", "--config", TINY,
+            "--trainer.max_epochs", "1",
+            "--trainer.limit_train_batches", "3",
+            # a checkpoint after PPO step 2 (16 optimizer steps), none after step 3: last.ckpt must be redone
+            "--trainer.callbacks.init_args.every_n_train_steps", "16",
+            "--trainer.limit_val_batches", "0",
+            "--data.batch_size", "16",
+            "--model.ppo.mini_batch_size", "8",
+            "--trainer.logger.init_args.save_dir", str(root),
+        ]
+    )  # fmt: skip
+    return cli, Path(cli.trainer.log_dir)
+
+
+def assert_matches_module(folder: Path, module) -> None:
+    """The folder's model gives the module's policy logits, and its value head is the module's."""
+    model = AutoModelForCausalLM.from_pretrained(folder).eval()
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    ids = tokenizer(["the movie was great", "this film"], padding=True, return_tensors="pt")
+    with torch.no_grad():
+        expected = module.policy.lm.eval()(**ids).logits
+        torch.testing.assert_close(model(**ids).logits, expected, rtol=0, atol=1e-6)
+    head = load_value_head(folder)
+    torch.testing.assert_close(head.weight, module.policy.v_head.weight.detach(), rtol=0, atol=0)
+    torch.testing.assert_close(head.bias, module.policy.v_head.bias.detach(), rtol=0, atol=0)
+
+
+def test_fit_ends_with_an_export_of_the_tuned_policy(fitted, tiny_assets: Path):
+    cli, log_dir = fitted
+    folder = log_dir / "export"
+    assert_matches_module(folder, cli.model)
+    start = AutoModelForCausalLM.from_pretrained(tiny_assets / "policy").state_dict()
+    exported = AutoModelForCausalLM.from_pretrained(folder).state_dict()
+    assert any(not torch.equal(exported[name], weight) for name, weight in start.items()), "not tuned"
+
+    generate = pipeline("text-generation", model=str(folder), device="cpu")
+    text = generate("the movie was", max_new_tokens=5, do_sample=False)[0]["generated_text"]
+    assert text.startswith("the movie was") and len(text) > len("the movie was")
+
+
+def test_the_export_command_rebuilds_the_policy_from_a_checkpoint(fitted, tmp_path: Path):
+    cli, log_dir = fitted
+    assert torch.load(log_dir / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 24
+    folder = export_main(
+        ["--ckpt_path", str(log_dir / "checkpoints" / "last.ckpt"), "--output_dir", str(tmp_path / "out")]
+    )
+    assert_matches_module(folder, cli.model)
+
+
+def test_the_export_command_names_a_missing_checkpoint(tmp_path: Path, capsys: pytest.CaptureFixture[str]):
+    with pytest.raises(SystemExit):
+        export_main(["--ckpt_path", str(tmp_path / "nope.ckpt"), "--output_dir", str(tmp_path / "out")])
+    assert "--ckpt_path" in capsys.readouterr().err

@@ -1,0 +1,113 @@
+"""Crash safety: atomic checkpoint files, SIGKILL mid-run then resume, Ctrl-C stopping after the step."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from lightning_ppo.fault_tolerance import AtomicCheckpointIO
+
+ROOT = Path(__file__).parents[1]
+OPT_STEPS_PER_PPO_STEP = 8  # 4 PPO epochs x (16 / 8) minibatches
+PPO_STEPS = 12
+
+
+def fit_command(save_dir: Path, *args: str) -> list[str]:
+    """`python -m lightning_ppo fit` on the tiny config, checkpointing every PPO step, into version_0."""
+    return [
+        sys.executable, "-m", "lightning_ppo", "fit", "--config", str(ROOT / "configs" / "tiny.yaml"),
+        "--trainer.max_epochs", "1",
+        "--trainer.limit_train_batches", str(PPO_STEPS),
+        "--trainer.limit_val_batches", "0",
+        "--data.batch_size", "16",
+        "--model.ppo.mini_batch_size", "8",
+        "--trainer.logger.init_args.save_dir", str(save_dir),
+        "--trainer.logger.init_args.version", "0",
+        "--trainer.callbacks.init_args.every_n_train_steps", str(OPT_STEPS_PER_PPO_STEP),
+        *args,
+    ]  # fmt: skip
+
+
+def start(command: list[str], log: Path) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen(command, cwd=log.parent, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT)
+
+
+def wait_for(path: Path, process: subprocess.Popen, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        assert process.poll() is None, f"the run ended before {path} appeared"
+        assert time.monotonic() < deadline, f"{path} did not appear in {timeout} s"
+        time.sleep(0.05)
+
+
+def global_step(checkpoint: Path) -> int:
+    return torch.load(checkpoint, map_location="cpu", weights_only=False)["global_step"]
+
+
+class Unpicklable:
+    def __reduce__(self):
+        raise RuntimeError("killed mid-write")
+
+
+def test_a_failed_write_leaves_the_previous_checkpoint_and_no_temporary_file(tmp_path: Path):
+    io = AtomicCheckpointIO()
+    path = tmp_path / "last.ckpt"
+    io.save_checkpoint({"global_step": 1, "weights": torch.ones(1000)}, path)
+    with pytest.raises(RuntimeError, match="mid-write"):
+        io.save_checkpoint({"weights": torch.zeros(1000), "after": Unpicklable()}, path)
+    assert io.load_checkpoint(path)["global_step"] == 1
+    assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]
+
+
+@pytest.mark.slow
+def test_a_run_killed_mid_step_resumes_from_its_last_checkpoint(tiny_assets: Path, tmp_path: Path):
+    last = tmp_path / "runs" / "tiny" / "version_0" / "checkpoints" / "last.ckpt"
+    run = start(fit_command(tmp_path / "runs"), tmp_path / "killed.log")
+    wait_for(last, run)
+    time.sleep(0.2)  # into the next PPO step
+    assert run.poll() is None, "the run finished before it could be killed"
+    run.send_signal(signal.SIGKILL)
+    run.wait()
+
+    steps_done = global_step(last)  # the last complete checkpoint is readable
+    assert 0 < steps_done < PPO_STEPS * OPT_STEPS_PER_PPO_STEP and steps_done % OPT_STEPS_PER_PPO_STEP == 0
+    resumed = start(fit_command(tmp_path / "runs", "--ckpt_path", "last"), tmp_path / "resumed.log")
+    assert resumed.wait(timeout=300) == 0, (tmp_path / "resumed.log").read_text()[-3000:]
+    assert f"Restoring states from the checkpoint path at {last}" in (tmp_path / "resumed.log").read_text()
+    assert global_step(last) == PPO_STEPS * OPT_STEPS_PER_PPO_STEP
+
+
+@pytest.mark.slow
+def test_ctrl_c_finishes_the_step_and_saves_a_last_checkpoint_that_resumes(tiny_assets: Path, tmp_path: Path):
+    version = tmp_path / "runs" / "tiny" / "version_0"
+    # no periodic checkpoints (the last.ckpt found after Ctrl-C is the interrupt's own), a longer run
+    steps = 24
+    command = fit_command(
+        tmp_path / "runs",
+        "--trainer.callbacks.init_args.every_n_train_steps", "1000",
+        "--trainer.max_epochs", "1",
+        "--trainer.limit_train_batches", str(steps),
+    )  # fmt: skip
+    run = start(command, tmp_path / "interrupted.log")
+    wait_for(version / "hparams.yaml", run)  # written when training starts
+    time.sleep(0.5)
+    assert run.poll() is None, "the run finished before it could be interrupted"
+    run.send_signal(signal.SIGINT)
+    run.wait(timeout=120)  # Lightning's graceful KeyboardInterrupt shutdown exits with 1
+    assert "Detected KeyboardInterrupt" in (tmp_path / "interrupted.log").read_text()
+
+    last = version / "checkpoints" / "last.ckpt"
+    steps_done = global_step(last)
+    assert 0 < steps_done < steps * OPT_STEPS_PER_PPO_STEP and steps_done % OPT_STEPS_PER_PPO_STEP == 0
+    resumed = start([*command, "--ckpt_path", "last"], tmp_path / "resumed.log")
+    assert resumed.wait(timeout=300) == 0, (tmp_path / "resumed.log").read_text()[-3000:]
+    assert global_step(last) == steps * OPT_STEPS_PER_PPO_STEP  # the rest of the epoch was trained
+    assert sorted(p.name for p in last.parent.iterdir()) == ["last.ckpt"]
