@@ -278,6 +278,10 @@ class PPOModule(LightningModule):
 
     def on_fit_start(self) -> None:
         self._place_frozen_models()
+        if self.trainer.world_size > 1:
+            # seed_everything gives every rank the same seed: without an offset all ranks would draw the
+            # same response lengths and sampling noise. (A resumed run then restores each rank's own state.)
+            torch.manual_seed(torch.initial_seed() + self.trainer.global_rank)
 
     def on_validation_start(self) -> None:
         self._place_frozen_models()

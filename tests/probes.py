@@ -42,6 +42,7 @@ class RankProbe(Callback):
             "logit_dtypes": [],
             "logprob_dtypes": [],
             "allreduces": 0,
+            "response_lengths": [],
         }
         self._first_loss_done = False
 
@@ -57,6 +58,8 @@ class RankProbe(Callback):
             scores, responses = score(rollout)
             key = "train_scores" if trainer.training else "val_scores"
             self.record[key].append(scores.tolist())
+            if trainer.training:
+                self.record["response_lengths"].append(rollout.response_mask.sum(-1).tolist())
             return scores, responses
 
         def recording_ppo_loss(batch):

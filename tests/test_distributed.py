@@ -86,6 +86,13 @@ def test_ranks_roll_out_different_prompts(ddp_run):
         assert queries0 != queries1
 
 
+def test_ranks_draw_their_own_random_numbers(ddp_run):
+    """seed_everything gives every rank one seed; sampling must still differ per rank (lengths, tokens)."""
+    _, (rank0, rank1) = ddp_run
+    assert rank0["response_lengths"] and len(rank0["response_lengths"]) == len(rank1["response_lengths"])
+    assert rank0["response_lengths"] != rank1["response_lengths"]
+
+
 def test_policy_weights_stay_identical_across_ranks(ddp_run):
     _, (rank0, rank1) = ddp_run
     assert rank0["start_hash"] == rank1["start_hash"]
