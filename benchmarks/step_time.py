@@ -89,16 +89,19 @@ def build_gpt2_shaped(directory: Path) -> str:
     return str(directory)
 
 
-def timed(fn: Callable[[], object], repeats: int, warmup: int = 1) -> list[float]:
-    for _ in range(warmup):
-        fn()
-    seconds = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        seconds.append(time.perf_counter() - start)
+def timed_interleaved(
+    fns: dict[str, Callable[[], object]], repeats: int, warmup: int = 1
+) -> dict[str, list[float]]:
+    """Seconds of each call, the variants taking turns so that machine noise hits them alike."""
+    seconds: dict[str, list[float]] = {name: [] for name in fns}
+    for round_ in range(warmup + repeats):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            if round_ >= warmup:
+                seconds[name].append(time.perf_counter() - start)
     return seconds
 
 
@@ -119,9 +122,12 @@ class StepTimes(Callback):
         self.steps.append(record)
 
 
-def fit_steps(module: PPOModule, data: PromptDataModule, steps: int, warmup: int) -> list[dict[str, float]]:
+def fit_steps(
+    module: PPOModule, data: PromptDataModule, steps: int, warmup: int, root: str
+) -> list[dict[str, float]]:
     timer = StepTimes()
     trainer = Trainer(
+        default_root_dir=root,
         accelerator="auto",
         devices=1,
         max_epochs=1,
@@ -189,9 +195,14 @@ def main() -> None:
                 )
 
         repeats = max(args.steps, 1)
-        rollout_batched = timed(lambda: module._sample(lm, batch, lengths), repeats, args.warmup)
-        rollout_plain = timed(plain_generate, repeats, args.warmup)
-        rollout_single = timed(lambda: sample_one_at_a_time(module, lm, batch, lengths), 1, 0)
+        batched = timed_interleaved(
+            {"trainer": lambda: module._sample(lm, batch, lengths), "plain": plain_generate},
+            repeats,
+            args.warmup,
+        )
+        single = timed_interleaved(
+            {"one per prompt": lambda: sample_one_at_a_time(module, lm, batch, lengths)}, 1, 0
+        )
         rollout = module._sample(lm, batch, lengths)
         new_tokens = float(rollout.response_mask.sum())
 
@@ -201,7 +212,8 @@ def main() -> None:
         print(f"model: {args.model} ({sum(p.numel() for p in lm.parameters()) / 1e6:.1f}M parameters), "
               f"batch {args.batch_size}, mini-batch {args.mini_batch_size}")  # fmt: skip
         print("\nrollout (median seconds for the batch)")
-        b, p, s = statistics.median(rollout_batched), statistics.median(rollout_plain), rollout_single[0]
+        b, p = statistics.median(batched["trainer"]), statistics.median(batched["plain"])
+        s = single["one per prompt"][0]
         print(f"  trainer, batched            {b:8.3f} s  {new_tokens / b:9.1f} new tokens/s")
         print(f"  plain batched generate      {p:8.3f} s")
         print(f"  one generate per prompt     {s:8.3f} s")
@@ -213,9 +225,9 @@ def main() -> None:
 
         fresh = dict(policy=policy, reward_model="tiny:reward", ppo=ppo, log_samples_every_n_steps=0)
         torch.manual_seed(0)
-        trainer_steps = fit_steps(PPOModule(**fresh), data, args.steps, args.warmup)
+        trainer_steps = fit_steps(PPOModule(**fresh), data, args.steps, args.warmup, scratch)
         torch.manual_seed(0)
-        notebook_steps = fit_steps(OneAtATimeModule(**fresh), data, 1, args.warmup)
+        notebook_steps = fit_steps(OneAtATimeModule(**fresh), data, args.steps, args.warmup, scratch)
         print("\nwhole PPO step through Trainer.fit (median seconds)")
         for name in ("time/rollout", "time/reward", "time/forward", "time/optimize", "step"):
             t, n = median_of(trainer_steps, name), median_of(notebook_steps, name)
@@ -235,7 +247,7 @@ def main() -> None:
                     )
                     out.logits.float().mean().backward()
 
-        bare = statistics.median(timed(bare_forward_backward, repeats, 1))
+        bare = statistics.median(timed_interleaved({"bare": bare_forward_backward}, repeats)["bare"])
         optimize = median_of(trainer_steps, "time/optimize")
         print("\noptimisation phase")
         print(f"  trainer PPO epochs          {optimize:8.3f} s")

@@ -2,7 +2,7 @@
 that keeps failing, with a checkpoint of its last good state.
 
 What happens to each fault (the metric that counts it, per PPO step):
-- NaN/inf logits while sampling: `generate(remove_invalid_values=True)` replaces them, so sampling never
+- NaN/inf logits while sampling: `rollout.FiniteLogits` replaces them inside `generate`, so sampling never
   crashes; if the policy's or reference's log-probs or values are then not finite, the batch is skipped
   (`ppo/skipped_batches`).
 - A reward model that returns NaN/inf: the batch is skipped (`env/nan_rewards` counts the bad scores). A

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor
-from transformers import GenerationConfig, PreTrainedModel
+from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList, PreTrainedModel
 
 
 @dataclass
@@ -79,6 +79,18 @@ class Rollout:
         ]
 
 
+class FiniteLogits(LogitsProcessor):
+    """NaN -> 0 and +/-inf -> the dtype's extremes, in place, so sampling never crashes on bad logits.
+
+    What `generate(remove_invalid_values=True)` does (the notebook's "probability tensor contains inf,
+    nan" crash), in one fused pass instead of three masked copies of the (B, V) scores per token.
+    """
+
+    def __call__(self, input_ids: Tensor, scores: Tensor) -> Tensor:
+        info = torch.finfo(scores.dtype)
+        return torch.nan_to_num_(scores, nan=0.0, posinf=info.max, neginf=info.min)
+
+
 def draw_response_lengths(batch_size: int, config: SamplingConfig, device: torch.device) -> Tensor:
     """Response length per sample, uniform in [min, max] (TRL's `LengthSampler`). (B,) long."""
     lengths = torch.randint(config.response_min_length, config.response_max_length + 1, (batch_size,))
@@ -142,13 +154,12 @@ def _sample_chunk(
         pad_token_id=pad_token_id,
         eos_token_id=eos_token_id,
         cache_implementation=config.cache_implementation,
-        # replaces NaN/inf logits instead of crashing inside torch.multinomial (TRL notebook crash)
-        remove_invalid_values=True,
     )
     sequences = model.generate(
         input_ids=input_ids,
         attention_mask=attention_mask,
         generation_config=generation_config,
+        logits_processor=LogitsProcessorList([FiniteLogits()]),
         **({"synced_gpus": True} if synced_gpus else {}),  # else transformers' own default
     )  # (B, P + R')
     prompt_width = input_ids.shape[1]

@@ -98,7 +98,7 @@ def nan_output(module: torch.nn.Module, inputs: Any, output: torch.Tensor) -> to
 # NaN logits
 
 
-def test_remove_invalid_values_prevents_the_multinomial_crash(tiny_assets: Path) -> None:
+def test_finite_logits_prevent_the_multinomial_crash(tiny_assets: Path) -> None:
     module = make_module()
     lm, tokenizer = module.policy.lm, module.tokenizer
     lm.get_output_embeddings().register_forward_hook(nan_output)

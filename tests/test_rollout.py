@@ -1,8 +1,9 @@
 """Batched sampling: masks, layout, and that one `generate` call serves the whole batch."""
 
 import torch
+from transformers.generation.logits_process import InfNanRemoveLogitsProcessor
 
-from lightning_ppo.rollout import SamplingConfig, response_mask_from_tokens, sample_responses
+from lightning_ppo.rollout import FiniteLogits, SamplingConfig, response_mask_from_tokens, sample_responses
 
 
 def naive_response_mask(response_ids: torch.Tensor, lengths: torch.Tensor, eos: int) -> torch.Tensor:
@@ -38,9 +39,10 @@ class ScriptedLM(torch.nn.Module):
         self.new_tokens = new_tokens
         self.calls = 0
 
-    def generate(self, input_ids, attention_mask, generation_config):
+    def generate(self, input_ids, attention_mask, generation_config, logits_processor):
         self.calls += 1
         assert generation_config.do_sample and generation_config.top_k == 0
+        assert any(isinstance(p, FiniteLogits) for p in logits_processor)
         new = self.new_tokens[:, : generation_config.max_new_tokens]
         return torch.cat([input_ids, new], dim=1)
 
@@ -90,8 +92,15 @@ class ChunkedScriptedLM(ScriptedLM):
         super().__init__(new_tokens)
         self.next_row = 0
 
-    def generate(self, input_ids, attention_mask, generation_config):
+    def generate(self, input_ids, attention_mask, generation_config, logits_processor):
         self.calls += 1
         rows = slice(self.next_row, self.next_row + input_ids.shape[0])
         self.next_row = rows.stop
         return torch.cat([input_ids, self.new_tokens[rows, : generation_config.max_new_tokens]], dim=1)
+
+
+def test_finite_logits_match_transformers_remove_invalid_values():
+    scores = torch.randn(4, 10)
+    scores[0, 1], scores[1, 2], scores[2, 3] = float("nan"), float("inf"), float("-inf")
+    expected = InfNanRemoveLogitsProcessor()(None, scores.clone())
+    torch.testing.assert_close(FiniteLogits()(None, scores.clone()), expected, rtol=0, atol=0)
