@@ -105,6 +105,23 @@ def timed_interleaved(
     return seconds
 
 
+class ProfileOneStep(Callback):
+    """Runs the PyTorch profiler over one PPO step (the first after the warm-up) and prints its table."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if batch_idx == self.step:
+            self.profiler = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU])
+            self.profiler.__enter__()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if batch_idx == self.step:
+            self.profiler.__exit__(None, None, None)
+            print(self.profiler.key_averages().table(sort_by="self_cpu_time_total", row_limit=15))
+
+
 class StepTimes(Callback):
     """Wall time of each PPO step and the module's own phase timings (`time/*`)."""
 
@@ -123,9 +140,10 @@ class StepTimes(Callback):
 
 
 def fit_steps(
-    module: PPOModule, data: PromptDataModule, steps: int, warmup: int, root: str
+    module: PPOModule, data: PromptDataModule, steps: int, warmup: int, root: str, profile: bool = False
 ) -> list[dict[str, float]]:
     timer = StepTimes()
+    callbacks = [timer, ProfileOneStep(warmup)] if profile else [timer]
     trainer = Trainer(
         default_root_dir=root,
         accelerator="auto",
@@ -138,7 +156,7 @@ def fit_steps(
         enable_checkpointing=False,
         enable_progress_bar=False,
         enable_model_summary=False,
-        callbacks=[timer],
+        callbacks=callbacks,
     )
     trainer.fit(module, datamodule=data)
     return timer.steps[warmup:]
@@ -166,6 +184,7 @@ def main() -> None:
     parser.add_argument(
         "--rollout-only", action="store_true", help="skip whole-step and optimisation timings"
     )
+    parser.add_argument("--profile", action="store_true", help="print the PyTorch profiler table of one step")
     args = parser.parse_args()
     torch.manual_seed(0)
 
@@ -225,7 +244,7 @@ def main() -> None:
 
         fresh = dict(policy=policy, reward_model="tiny:reward", ppo=ppo, log_samples_every_n_steps=0)
         torch.manual_seed(0)
-        trainer_steps = fit_steps(PPOModule(**fresh), data, args.steps, args.warmup, scratch)
+        trainer_steps = fit_steps(PPOModule(**fresh), data, args.steps, args.warmup, scratch, args.profile)
         torch.manual_seed(0)
         notebook_steps = fit_steps(OneAtATimeModule(**fresh), data, args.steps, args.warmup, scratch)
         print("\nwhole PPO step through Trainer.fit (median seconds)")
