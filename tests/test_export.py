@@ -6,11 +6,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer, pipeline
 
 from lightning_ppo.cli import main
-from lightning_ppo.export import load_value_head
+from lightning_ppo.export import export_policy, load_value_head
 from lightning_ppo.export import main as export_main
+from lightning_ppo.lora import LoraOptions
+from lightning_ppo.module import PPOModule
 
 TINY = str(Path(__file__).parents[1] / "configs" / "tiny.yaml")
 
@@ -76,3 +79,31 @@ def test_the_export_command_names_a_missing_checkpoint(tmp_path: Path, capsys: p
     with pytest.raises(SystemExit):
         export_main(["--ckpt_path", str(tmp_path / "nope.ckpt"), "--output_dir", str(tmp_path / "out")])
     assert "--ckpt_path" in capsys.readouterr().err
+
+
+def test_export_writes_a_lora_adapter_and_a_separate_critic(tiny_assets: Path, tmp_path: Path):
+    torch.manual_seed(0)
+    module = PPOModule(
+        policy="tiny:policy", reward_model="tiny:reward", lora=LoraOptions(r=4), critic="tiny:policy"
+    )
+    with torch.no_grad():  # move the adapter away from its zero init, so the export has something to carry
+        for name, weight in module.policy.lm.named_parameters():
+            if "lora_B" in name:
+                weight.normal_(std=0.1)
+    folder = export_policy(module, tmp_path / "export", merge=True)
+
+    assert (folder / "adapter_config.json").is_file() and (folder / "tokenizer.json").is_file()
+    assert not (folder / "value_head.safetensors").exists()  # the values come from the critic
+    input_ids = torch.randint(0, module.policy.lm.config.vocab_size, (2, 7))
+    with torch.no_grad():
+        expected = module.policy.lm(input_ids).logits
+        base = AutoModelForCausalLM.from_pretrained(tiny_assets / "policy")
+        adapted = PeftModel.from_pretrained(base, folder).eval()
+        torch.testing.assert_close(adapted(input_ids).logits, expected, atol=1e-5, rtol=1e-5)
+        merged = AutoModelForCausalLM.from_pretrained(folder / "merged").eval()
+        torch.testing.assert_close(merged(input_ids).logits, expected, atol=1e-5, rtol=1e-5)
+
+    critic = folder / "critic"
+    assert (critic / "config.json").is_file()
+    head = load_value_head(critic)
+    torch.testing.assert_close(head.weight, module.critic.v_head.weight.detach())
