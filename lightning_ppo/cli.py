@@ -12,7 +12,7 @@ import warnings
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from lightning_ppo.data import PromptDataModule
-from lightning_ppo.loading import ConfigError
+from lightning_ppo.errors import config_error_in
 from lightning_ppo.module import PPOModule
 
 
@@ -44,6 +44,9 @@ def run() -> None:
     """
     try:
         main()
-    except ConfigError as error:
-        print(f"lightning-ppo: error: {error}", file=sys.stderr)
+    except Exception as error:
+        config_error = config_error_in(error)  # also when jsonargparse wrapped it while building a class
+        if config_error is None:
+            raise
+        print(f"lightning-ppo: error: {config_error}", file=sys.stderr)
         raise SystemExit(2) from None

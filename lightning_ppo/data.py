@@ -100,12 +100,12 @@ class PromptDataModule(LightningDataModule):
     ) -> None:
         super().__init__()
         if not 1 <= prompt_min_tokens <= prompt_max_tokens:
-            raise ValueError(
+            raise ConfigError(
                 f"need 1 <= data.prompt_min_tokens ({prompt_min_tokens}) <= data.prompt_max_tokens "
                 f"({prompt_max_tokens})"
             )
         if not 0 < eval_fraction < 1:
-            raise ValueError(f"data.eval_fraction must lie in (0, 1), got {eval_fraction}")
+            raise ConfigError(f"data.eval_fraction must lie in (0, 1), got {eval_fraction}")
         self.save_hyperparameters()
         self.dataset = dataset
         self.tokenizer_source = tokenizer
@@ -130,7 +130,7 @@ class PromptDataModule(LightningDataModule):
     def setup(self, stage: str) -> None:
         """Load the tokenizer and only the prompts `stage` needs."""
         if self.tokenizer_source is None:
-            raise ValueError(
+            raise ConfigError(
                 "data.tokenizer is not set: give the policy's tokenizer (the CLI links model.policy)"
             )
         self.tokenizer = load_tokenizer(self.tokenizer_source)
@@ -224,7 +224,9 @@ class PromptDataModule(LightningDataModule):
     def _predict_prompts(self) -> Dataset:
         """Prompts from `predict_file`, truncated to `max_prompt_tokens`."""
         if self.predict_file is None:
-            raise ValueError("data.predict_file is not set: give a .txt (one prompt per line) or .jsonl file")
+            raise ConfigError(
+                "data.predict_file is not set: give a .txt (one prompt per line) or .jsonl file"
+            )
         path = Path(self.predict_file)
         if path.suffix == ".txt":
             lines = path.read_text(encoding="utf-8").splitlines()
@@ -233,7 +235,7 @@ class PromptDataModule(LightningDataModule):
             records = load_dataset("json", data_files=str(path), split="train")
         column = "prompt" if "prompt" in records.column_names else self.text_column
         if column not in records.column_names:
-            raise ValueError(
+            raise ConfigError(
                 f"data.predict_file {str(path)!r} needs a 'prompt' or {self.text_column!r} field; "
                 f"it has {records.column_names}"
             )

@@ -15,13 +15,10 @@ from typing import TypeVar
 import huggingface_hub
 from transformers import PretrainedConfig
 
+from lightning_ppo.errors import ConfigError
 from lightning_ppo.tiny import resolve_source
 
 T = TypeVar("T")
-
-
-class ConfigError(ValueError):
-    """A mistake in the configuration or the files it names; the message says which key and what to do."""
 
 
 def is_offline() -> bool:

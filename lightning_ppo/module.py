@@ -101,9 +101,9 @@ class PPOConfig:
     def __post_init__(self) -> None:
         for name in ("ppo_epochs", "mini_batch_size", "gradient_accumulation_steps", "horizon"):
             if getattr(self, name) < 1:
-                raise ValueError(f"model.ppo.{name} must be >= 1, got {getattr(self, name)}")
+                raise ConfigError(f"model.ppo.{name} must be >= 1, got {getattr(self, name)}")
         if self.mini_batch_size % self.gradient_accumulation_steps:
-            raise ValueError(
+            raise ConfigError(
                 f"model.ppo.mini_batch_size ({self.mini_batch_size}) must be divisible by "
                 f"model.ppo.gradient_accumulation_steps ({self.gradient_accumulation_steps})"
             )

@@ -12,6 +12,8 @@ from typing import Any
 from lightning.pytorch.strategies import DeepSpeedStrategy, ParallelStrategy, Strategy
 from torch import nn
 
+from lightning_ppo.errors import ConfigError
+
 
 def no_backward_sync(strategy: Strategy | None, last_micro_batch: bool) -> AbstractContextManager:
     """Skip DDP's gradient all-reduce on every micro-batch but the last of a minibatch.
@@ -47,7 +49,7 @@ def configure_deepspeed(strategy: Strategy, max_grad_norm: float | None) -> None
     if not clips_in_engine(strategy):
         return
     if zero_stage(strategy) not in (2, 3):  # the unmanaged step boundary needs partitioned gradients
-        raise ValueError(
+        raise ConfigError(
             f"DeepSpeed ZeRO stage {zero_stage(strategy)} is not supported: set "
             "trainer.strategy.init_args.stage to 2 or 3 (configs/deepspeed_zero2.yaml, deepspeed_zero3.yaml)"
         )
@@ -55,7 +57,7 @@ def configure_deepspeed(strategy: Strategy, max_grad_norm: float | None) -> None
     wanted = max_grad_norm or 0.0  # DeepSpeed's "off"
     configured = config.setdefault("gradient_clipping", wanted)
     if configured != wanted:
-        raise ValueError(
+        raise ConfigError(
             f"the DeepSpeed config sets gradient_clipping={configured} but model.ppo.max_grad_norm is "
             f"{max_grad_norm}: remove gradient_clipping from the DeepSpeed config and set "
             "model.ppo.max_grad_norm instead"

@@ -8,6 +8,8 @@ import torch
 from torch import Tensor
 from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList, PreTrainedModel
 
+from lightning_ppo.errors import ConfigError
+
 
 @dataclass
 class SamplingConfig:
@@ -35,14 +37,14 @@ class SamplingConfig:
 
     def __post_init__(self) -> None:
         if not 1 <= self.response_min_length <= self.response_max_length:
-            raise ValueError(
+            raise ConfigError(
                 "need 1 <= model.sampling.response_min_length <= model.sampling.response_max_length, "
                 f"got {self.response_min_length} and {self.response_max_length}"
             )
         if self.batch_size is not None and self.batch_size < 1:
-            raise ValueError(f"model.sampling.batch_size must be >= 1 or null, got {self.batch_size}")
+            raise ConfigError(f"model.sampling.batch_size must be >= 1 or null, got {self.batch_size}")
         if self.temperature <= 0:
-            raise ValueError(f"model.sampling.temperature must be > 0, got {self.temperature}")
+            raise ConfigError(f"model.sampling.temperature must be > 0, got {self.temperature}")
 
 
 @dataclass

@@ -1,7 +1,8 @@
 """Reward shaping of the sequence scores before the KL penalty: EOS penalty, running scaling, clipping.
 
-Pure math: imports only torch. Options follow TRL (legacy `use_score_scaling`, `use_score_norm`,
-`score_clip`; newer `missing_eos_penalty`); every one is off by default, as in the notebook.
+Pure math: imports only torch (and the dependency-free `ConfigError`). Options follow TRL (legacy
+`use_score_scaling`, `use_score_norm`, `score_clip`; newer `missing_eos_penalty`); every one is off by
+default, as in the notebook.
 """
 
 from __future__ import annotations
@@ -11,6 +12,8 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor
+
+from lightning_ppo.errors import ConfigError
 
 
 @dataclass
@@ -32,9 +35,9 @@ class ShapingConfig:
 
     def __post_init__(self) -> None:
         if self.score_norm and not self.score_scaling:
-            raise ValueError("model.shaping.score_norm needs model.shaping.score_scaling: true")
+            raise ConfigError("model.shaping.score_norm needs model.shaping.score_scaling: true")
         if self.score_clip is not None and self.score_clip <= 0:
-            raise ValueError(f"model.shaping.score_clip must be > 0 or null, got {self.score_clip}")
+            raise ConfigError(f"model.shaping.score_clip must be > 0 or null, got {self.score_clip}")
 
 
 class RunningMoments:

@@ -223,6 +223,27 @@ def test_python_m_lightning_ppo_exits_2_without_traceback(tiny_assets: Path, tmp
     assert "lightning-ppo: error: model.reward_label='HAPPY'" in done.stderr
 
 
+@pytest.mark.parametrize(
+    ("flag", "message"),
+    [
+        (["--model.sampling.temperature", "0"], "model.sampling.temperature must be > 0"),
+        (["--model.ppo.ppo_epochs", "0"], "model.ppo.ppo_epochs must be >= 1"),
+        (["--data.eval_fraction", "2"], "data.eval_fraction must lie in (0, 1)"),
+    ],
+)
+def test_a_bad_value_inside_a_config_class_is_one_paragraph_too(
+    flag: list[str], message: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """jsonargparse re-raises the errors of the classes it builds; the ConfigError behind them is shown."""
+    monkeypatch.setattr(sys, "argv", ["lightning-ppo", "fit", "--config", TINY, *flag])
+    with pytest.raises(SystemExit) as exit_info:
+        cli.run()
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    assert err.splitlines()[-1].startswith(f"lightning-ppo: error: {message}")
+
+
 # ------------------------------------------------------------------------------------------------
 # 3. Data edge cases
 
