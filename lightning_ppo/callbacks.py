@@ -6,10 +6,11 @@ import json
 from pathlib import Path
 from typing import Any
 
-import torch.distributed as dist
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import BasePredictionWriter
 from lightning.pytorch.utilities import rank_zero_info
+
+from lightning_ppo.parallel import gather_rows
 
 
 class JsonlPredictionWriter(BasePredictionWriter):
@@ -21,11 +22,8 @@ class JsonlPredictionWriter(BasePredictionWriter):
     def write_on_epoch_end(
         self, trainer: Trainer, pl_module: LightningModule, predictions: Any, batch_indices: Any
     ) -> None:
-        rows = [row for batch_rows in predictions for row in batch_rows]
-        if dist.is_available() and dist.is_initialized():  # each rank predicted its share of the prompts
-            per_rank: list[list[dict[str, Any]]] = [[] for _ in range(dist.get_world_size())]
-            dist.all_gather_object(per_rank, rows)
-            rows = [row for rank_rows in per_rank for row in rank_rows]
+        # each rank predicted its share of the prompts
+        rows = gather_rows([row for batch_rows in predictions for row in batch_rows])
         path = Path(trainer.log_dir or ".") / "predictions.jsonl"  # log_dir is a collective: every rank asks
         if not trainer.is_global_zero:
             return

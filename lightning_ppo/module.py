@@ -12,7 +12,6 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-import torch.distributed as dist
 from lightning.pytorch import Callback, LightningModule
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_info
@@ -50,6 +49,7 @@ from lightning_ppo.models import (
 from lightning_ppo.parallel import (
     clips_in_engine,
     configure_deepspeed,
+    gather_rows,
     gathered_for_generation,
     no_backward_sync,
 )
@@ -369,7 +369,7 @@ class PPOModule(LightningModule):
         world_batch = len(batch["query"]) * self.trainer.world_size
         self.kl_ctl.update(float(mean_kl), world_batch)  # 7. adapt the KL coefficient (same on every rank)
 
-        all_scores = self.all_gather(raw_scores).reshape(-1)  # (world * B,)
+        all_scores = self._gather_flat(raw_scores)  # (world * B,)
         returns_var = masked_var(experience.returns, mask)
         metrics = {
             "env/reward_mean": all_scores.mean(),
@@ -561,6 +561,7 @@ class PPOModule(LightningModule):
         return shape_scores(scores, has_eos, self.shaping, self.score_moments, self._gather_flat)
 
     def _gather_flat(self, x: Tensor) -> Tensor:
+        """Every rank's values of `x`, flattened into one (world * N,) tensor."""
         return self.all_gather(x).reshape(-1)
 
     def _forward(
@@ -644,7 +645,7 @@ class PPOModule(LightningModule):
             "test/kl": kl.mean(),
         }
         self.log_dict(summary, rank_zero_only=True)
-        rows = self._gather_objects(self._test_rows)
+        rows = gather_rows(self._test_rows)
         self._test_rows = []
         path = Path(self.trainer.log_dir or ".") / "test_samples.csv"  # a collective: every rank asks
         if not self.trainer.is_global_zero:
@@ -675,16 +676,8 @@ class PPOModule(LightningModule):
         """Concatenate the per-batch values of each statistic over batches and ranks, then reset them."""
         gathered = []
         for name in names:
-            local = torch.cat(self._eval_stats.pop(name))
-            gathered.append(self.all_gather(local).reshape(-1).float())
+            gathered.append(self._gather_flat(torch.cat(self._eval_stats.pop(name))).float())
         return gathered
-
-    def _gather_objects(self, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        if not (dist.is_available() and dist.is_initialized()):
-            return rows
-        per_rank: list[list[dict[str, Any]]] = [[] for _ in range(dist.get_world_size())]
-        dist.all_gather_object(per_rank, rows)
-        return [row for rank_rows in per_rank for row in rank_rows]
 
     # ----------------------------------------------------------------------------------------------
     # Monitoring helpers

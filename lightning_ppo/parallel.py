@@ -9,6 +9,7 @@ from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from typing import Any
 
+import torch.distributed as dist
 from lightning.pytorch.strategies import DeepSpeedStrategy, ParallelStrategy, Strategy
 from torch import nn
 
@@ -24,6 +25,15 @@ def no_backward_sync(strategy: Strategy | None, last_micro_batch: bool) -> Abstr
     if last_micro_batch or not isinstance(strategy, ParallelStrategy):
         return nullcontext()
     return strategy.block_backward_sync()
+
+
+def gather_rows(rows: list[Any]) -> list[Any]:
+    """Every rank's rows, rank after rank (the local rows when not distributed); a collective."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return rows
+    per_rank: list[list[Any]] = [[] for _ in range(dist.get_world_size())]
+    dist.all_gather_object(per_rank, rows)
+    return [row for rank_rows in per_rank for row in rank_rows]
 
 
 def zero_stage(strategy: Strategy | None) -> int:
