@@ -384,7 +384,9 @@ def padded_tokens(lengths: Tensor, micro_batches: list[Tensor]) -> tuple[int, in
     return useful, computed
 
 
-def micro_batch_weights(mask: Tensor, micro_batches: list[Tensor]) -> Tensor:
+def micro_batch_weights(
+    mask: Tensor, micro_batches: list[Tensor], dtype: torch.dtype = torch.float32
+) -> Tensor:
     """(M,) weights `masked tokens of micro-batch / masked tokens of the minibatch`, summing to 1.
 
     `sum_m weights[m] * masked_mean(loss[rows_m], mask[rows_m])` is the minibatch's `masked_mean(loss,
@@ -392,7 +394,7 @@ def micro_batch_weights(mask: Tensor, micro_batches: list[Tensor]) -> Tensor:
     has no real token (its masked mean is nan): skip it.
     """
     counts = torch.stack([mask[rows].to(torch.float64).sum() for rows in micro_batches])  # (M,)
-    return counts / mask.to(torch.float64).sum()
+    return (counts / mask.to(torch.float64).sum()).to(dtype)  # counted exactly, then cast for the loss
 
 
 def generation_groups(lengths: Tensor, max_calls: int) -> tuple[list[Tensor], int, int]:
