@@ -12,8 +12,15 @@ def _seed() -> None:
     torch.manual_seed(0)
 
 
+@pytest.fixture(params=[2**24, 600, 1], ids=["one-chunk", "few-rows-per-chunk", "one-row-per-chunk"])
+def chunk_elements(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> int:
+    """Fused-pass chunk budgets: the whole batch, one or two rows (of 582 or 265 logits), one row each."""
+    monkeypatch.setattr(core, "_FUSED_CHUNK_ELEMENTS", request.param)
+    return request.param
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_fused_values_equal_the_separate_functions(dtype: torch.dtype) -> None:
+def test_fused_values_equal_the_separate_functions(dtype: torch.dtype, chunk_elements: int) -> None:
     logits = (torch.randn(4, 6, 97) * 4).to(dtype)  # (B, R, V)
     tokens = torch.randint(0, 97, (4, 6))  # (B, R)
     logprobs, entropy = core.logprobs_and_entropy(logits, tokens)
@@ -28,7 +35,7 @@ def test_fused_values_equal_the_separate_functions(dtype: torch.dtype) -> None:
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_fused_logprob_gradients_equal_the_separate_function(dtype: torch.dtype) -> None:
+def test_fused_logprob_gradients_equal_the_separate_function(dtype: torch.dtype, chunk_elements: int) -> None:
     tokens = torch.randint(0, 53, (3, 5))  # (B, R)
     weights = torch.randn(3, 5)  # (B, R) stands in for -advantages * mask
     base = (torch.randn(3, 5, 53) * 3).to(dtype)  # (B, R, V)
@@ -43,22 +50,26 @@ def test_fused_logprob_gradients_equal_the_separate_function(dtype: torch.dtype)
     assert_close(fused_logits.grad, separate_logits.grad, rtol=0, atol=0)
 
 
-def test_fused_entropy_gradient_when_asked() -> None:
-    tokens = torch.randint(0, 31, (2, 7))
-    weights, entropy_weights = torch.randn(2, 7), torch.randn(2, 7)
-    base = torch.randn(2, 7, 31, dtype=torch.float64) * 2
-    fused_logits, separate_logits = base.clone().requires_grad_(), base.clone().requires_grad_()
-
-    logprobs, entropy = core.logprobs_and_entropy(fused_logits, tokens, entropy_grad=True)
-    (logprobs * weights + entropy * entropy_weights).sum().backward()
-    separate = core.logprobs_from_logits(separate_logits, tokens) * weights
-    (separate + core.entropy_from_logits(separate_logits) * entropy_weights).sum().backward()
-
-    assert_close(fused_logits.grad, separate_logits.grad, rtol=1e-5, atol=1e-6)
-
-
 def test_fused_under_no_grad_builds_no_graph() -> None:
     logits = torch.randn(2, 3, 11, requires_grad=True)
     with torch.no_grad():
-        logprobs, entropy = core.logprobs_and_entropy(logits, torch.zeros(2, 3, dtype=torch.long), True)
+        logprobs, entropy = core.logprobs_and_entropy(logits, torch.zeros(2, 3, dtype=torch.long))
     assert not logprobs.requires_grad and not entropy.requires_grad
+
+
+def test_fused_gradient_flows_through_a_head_and_matches_a_float64_log_softmax() -> None:
+    hidden = torch.randn(3, 4, 8)  # (B, R, H)
+    head = torch.nn.Linear(8, 29)
+    reference_head = torch.nn.Linear(8, 29).double()
+    reference_head.load_state_dict(head.state_dict())
+    tokens = torch.randint(0, 29, (3, 4))
+    weights = torch.randn(3, 4)
+
+    logprobs, _ = core.logprobs_and_entropy(head(hidden), tokens)
+    (logprobs * weights).sum().backward()
+    log_distribution = torch.log_softmax(reference_head(hidden.double()), dim=-1)  # (B, R, V) float64
+    taken = log_distribution.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+    (taken * weights.double()).sum().backward()
+
+    assert_close(head.weight.grad.double(), reference_head.weight.grad, rtol=1e-5, atol=1e-6)
+    assert_close(head.bias.grad.double(), reference_head.bias.grad, rtol=1e-5, atol=1e-6)
