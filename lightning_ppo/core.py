@@ -463,6 +463,10 @@ def generation_groups(lengths: Tensor, max_calls: int) -> tuple[list[Tensor], in
     return groups, int(best[calls][m]), int(lengths.sum())
 
 
+# Bootstrap indices are drawn in chunks of about this many (32 MiB of int64) to bound memory.
+_BOOTSTRAP_CHUNK_DRAWS = 2**22
+
+
 class PairedDifference(NamedTuple):
     """Mean of paired differences (tuned - reference) and its percentile-bootstrap interval."""
 
@@ -484,9 +488,15 @@ def paired_bootstrap_ci(
     n = differences.numel()
     if n < 2:
         raise ValueError(f"a bootstrap interval needs at least 2 paired samples, got {n}")
+    differences = differences.cpu()
     generator = torch.Generator().manual_seed(seed)
-    draws = torch.randint(n, (n_resamples, n), generator=generator, device="cpu")  # (n_resamples, n)
-    means = differences.cpu()[draws].mean(dim=1)  # (n_resamples,)
+    rows = max(1, _BOOTSTRAP_CHUNK_DRAWS // n)  # chunks draw the same stream as one (n_resamples, n) call
+    means = torch.cat(
+        [
+            differences[torch.randint(n, (min(rows, n_resamples - start), n), generator=generator)].mean(1)
+            for start in range(0, n_resamples, rows)
+        ]
+    )  # (n_resamples,)
     tail = (1 - confidence) / 2
     low, high = torch.quantile(means, torch.tensor([tail, 1 - tail], dtype=torch.float64)).tolist()
     return PairedDifference(float(differences.mean()), low, high)

@@ -22,7 +22,11 @@ def naive_bootstrap(differences: list[float], n_resamples: int, seed: int) -> tu
     return quantile(0.025), quantile(0.975)
 
 
-def test_bootstrap_matches_loop_for_small_resamples() -> None:
+@pytest.mark.parametrize("chunk_draws", [2**22, 13 * 7, 1])
+def test_bootstrap_matches_loop_for_small_resamples(
+    chunk_draws: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(core, "_BOOTSTRAP_CHUNK_DRAWS", chunk_draws)  # one chunk, 7 resamples, 1 each
     torch.manual_seed(0)
     tuned, reference = torch.randn(13) + 0.3, torch.randn(13)
     out = core.paired_bootstrap_ci(tuned, reference, n_resamples=200, seed=7)
