@@ -95,18 +95,24 @@ def consolidate_zero_checkpoint(folder: str | Path) -> dict[str, Any]:
 
 
 def load_whole_weights(module: nn.Module, state_dict: Mapping[str, torch.Tensor]) -> None:
-    """Load full weights into a ZeRO-3 partitioned module; a collective (every rank holds `state_dict`)."""
+    """Load full weights into a ZeRO-3 partitioned module; a collective (every rank holds `state_dict`).
+
+    Rank 0's copy is what every rank keeps (`modifier_rank=0` re-partitions it from there).
+    """
     import deepspeed
 
-    names = dict(module.named_parameters())
-    if names.keys() != state_dict.keys():
+    expected = module.state_dict().keys()  # tied weights under each of their names, as in the checkpoint
+    missing, unexpected = expected - state_dict.keys(), state_dict.keys() - expected
+    if missing or unexpected:
         raise KeyError(
-            f"checkpoint and model disagree: missing {sorted(names.keys() - state_dict.keys())}, "
-            f"unexpected {sorted(state_dict.keys() - names.keys())}"
+            f"checkpoint and model differ: missing {sorted(missing)}, unexpected {sorted(unexpected)}"
         )
-    for name, param in names.items():
+    for name, param in module.named_parameters():
         with deepspeed.zero.GatheredParameters([param], modifier_rank=0), torch.no_grad():
             param.copy_(state_dict[name])
+    for name, buffer in module.named_buffers():
+        if name in state_dict:
+            buffer.copy_(state_dict[name])
 
 
 @contextmanager
@@ -181,6 +187,8 @@ def configure_deepspeed(strategy: Strategy, max_grad_norm: float | None, micro_b
         )
     config["managed_gradient_accumulation"] = False
     config.setdefault("train_micro_batch_size_per_gpu", micro_batch_size)
+    # Lightning's default; its ZeRO-3 `test`/`predict` engine reads it even from a user's `config`
+    config.setdefault("zero_allow_untested_optimizer", True)
 
 
 @contextmanager
