@@ -12,6 +12,7 @@ Every `fit` also ends by exporting to `<log_dir>/export/`.
 from __future__ import annotations
 
 import argparse
+import io
 import json
 from pathlib import Path
 
@@ -21,6 +22,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from safetensors.torch import load_file, save_file
 
 from lightning_ppo.lora import save_policy
+from lightning_ppo.parallel import consolidate_zero_checkpoint, whole_parameters
 
 VALUE_HEAD_WEIGHTS = "value_head.safetensors"
 VALUE_HEAD_CONFIG = "value_head.json"
@@ -56,21 +58,30 @@ def load_value_head(folder: str | Path) -> torch.nn.Linear:
 
 
 def export_checkpoint(ckpt_path: str | Path, output_dir: str | Path, merge: bool = False) -> Path:
-    """Rebuild the module from the checkpoint's hyper-parameters, load its weights, and export it."""
+    """Rebuild the module from the checkpoint's hyper-parameters, load its weights, and export it.
+
+    A DeepSpeed checkpoint folder (ZeRO-2 or 3) is consolidated into full weights first.
+    """
     from lightning_ppo.module import PPOModule  # the module installs ExportOnFitEnd: import it late
 
-    module = PPOModule.load_from_checkpoint(ckpt_path, map_location="cpu", weights_only=False)
+    source: str | Path | io.BytesIO = ckpt_path
+    if Path(ckpt_path).is_dir():
+        source = io.BytesIO()
+        torch.save(consolidate_zero_checkpoint(ckpt_path), source)
+        source.seek(0)
+    module = PPOModule.load_from_checkpoint(source, map_location="cpu", weights_only=False)
     return export_policy(module, output_dir, merge=merge)
 
 
 class ExportOnFitEnd(Callback):
-    """At the end of every fit, export the tuned policy to `<log_dir>/export/` (rank 0 only)."""
+    """At the end of every fit, export the tuned policy to `<log_dir>/export/` (written by rank 0)."""
 
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         log_dir = trainer.log_dir  # a collective under DDP: every rank asks
-        if trainer.is_global_zero:
-            folder = export_policy(pl_module, Path(log_dir or trainer.default_root_dir) / "export")
-            rank_zero_info(f"Exported the tuned policy to {folder}")
+        with whole_parameters(trainer.strategy, pl_module):  # ZeRO-3: every rank gathers, rank 0 saves
+            if trainer.is_global_zero:
+                folder = export_policy(pl_module, Path(log_dir or trainer.default_root_dir) / "export")
+                rank_zero_info(f"Exported the tuned policy to {folder}")
 
 
 def main(args: list[str] | None = None) -> Path:
@@ -79,14 +90,16 @@ def main(args: list[str] | None = None) -> Path:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--ckpt_path", required=True, help="a checkpoint written by `fit` (e.g. last.ckpt)")
+    parser.add_argument(
+        "--ckpt_path", required=True, help="a checkpoint written by `fit` (last.ckpt; a DeepSpeed folder too)"
+    )
     parser.add_argument("--output_dir", required=True, help="folder to write the Hugging Face model into")
     parser.add_argument(
         "--merge", action="store_true", help="LoRA: also write the merged model to DIR/merged"
     )
     parsed = parser.parse_args(args)
-    if not Path(parsed.ckpt_path).is_file():
-        parser.error(f"--ckpt_path {parsed.ckpt_path!r} is not a file")
+    if not Path(parsed.ckpt_path).exists():
+        parser.error(f"--ckpt_path {parsed.ckpt_path!r} does not exist")
     folder = export_checkpoint(parsed.ckpt_path, parsed.output_dir, merge=parsed.merge)
     print(f"Exported the policy of {parsed.ckpt_path} to {folder}")
     return folder

@@ -274,7 +274,8 @@ class PPOModule(LightningModule):
             check_fits_context(
                 self.policy.lm.config, prompt_tokens, prompt_key, response_tokens, self.hparams.policy
             )
-        configure_deepspeed(self.trainer.strategy, self.ppo.max_grad_norm)
+        micro_batch_size = self.ppo.mini_batch_size // self.ppo.gradient_accumulation_steps
+        configure_deepspeed(self.trainer.strategy, self.ppo.max_grad_norm, micro_batch_size)
 
     def on_fit_start(self) -> None:
         self._place_frozen_models()
@@ -319,7 +320,8 @@ class PPOModule(LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         frozen = self._frozen_state_keys()
-        checkpoint["state_dict"].update({k: v for k, v in self.state_dict().items() if k in frozen})
+        if "state_dict" in checkpoint:  # a DeepSpeed client state has none: the engine restores the weights
+            checkpoint["state_dict"].update({k: v for k, v in self.state_dict().items() if k in frozen})
         if "kl_controller" in checkpoint:
             self.kl_ctl.load_state_dict(checkpoint["kl_controller"])
         if "score_moments" in checkpoint:

@@ -1,19 +1,130 @@
-"""What changes when PPO runs on several devices: DDP gradient sync, the DeepSpeed config, ZeRO-3 generation.
+"""What changes when PPO runs on several devices: DDP gradient sync, the DeepSpeed config and strategies
+(GPU and CPU), ZeRO-3 generation, export and evaluation from a ZeRO-3 checkpoint.
 
 The module calls these helpers with `self.trainer.strategy`; on a single device each one is a no-op.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import AbstractContextManager, contextmanager, nullcontext
+from pathlib import Path
 from typing import Any
 
+import torch
 import torch.distributed as dist
 from lightning.pytorch.strategies import DeepSpeedStrategy, ParallelStrategy, Strategy
+from lightning.pytorch.trainer.states import TrainerFn
 from torch import nn
 
 from lightning_ppo.errors import ConfigError
+
+
+class PPODeepSpeedStrategy(DeepSpeedStrategy):
+    """Lightning's `DeepSpeedStrategy` that can also `test`/`predict` from a ZeRO-3 checkpoint folder.
+
+    DeepSpeed cannot load a ZeRO-3 folder into an engine without an optimizer (`'DeepSpeedZeRoOffload' object
+    has no attribute '_restore_from_bit16_weights'`, deepspeedai/DeepSpeed#7272). Outside `fit`, the folder is
+    consolidated into full fp32 weights instead (DeepSpeed's zero_to_fp32), which every rank then loads
+    gathered, one parameter at a time.
+    """
+
+    def load_checkpoint(self, checkpoint_path: str | Path, weights_only: bool | None = None) -> dict:
+        if self._evaluates_zero3_folder(checkpoint_path):
+            return consolidate_zero_checkpoint(checkpoint_path)
+        return super().load_checkpoint(checkpoint_path, weights_only)
+
+    def load_model_state_dict(self, checkpoint: Mapping[str, Any], strict: bool = True) -> None:
+        if self.zero_stage_3 and not self.load_full_weights and "state_dict" in checkpoint:
+            load_whole_weights(self.lightning_module, checkpoint["state_dict"])
+        else:
+            super().load_model_state_dict(checkpoint, strict)
+
+    def _evaluates_zero3_folder(self, checkpoint_path: str | Path) -> bool:
+        fitting = self.lightning_module.trainer.state.fn == TrainerFn.FITTING
+        full_weights = self.load_full_weights or not Path(checkpoint_path).is_dir()
+        return self.zero_stage_3 and not fitting and not full_weights
+
+
+class CPUDeepSpeedStrategy(PPODeepSpeedStrategy):
+    """Lightning's `DeepSpeedStrategy` on CPU processes (DeepSpeed's CPU accelerator: oneCCL, else gloo).
+
+        trainer.accelerator: cpu
+        trainer.strategy: {class_path: lightning_ppo.parallel.CPUDeepSpeedStrategy, init_args: {stage: 2}}
+
+    Lightning refuses accelerators other than CUDA, and both its device-index check and
+    `deepspeed.initialize(device_rank=...)` reject the index None of a plain CPU device: the ranks' devices
+    are named `cpu:0..N-1` instead (torch ignores a CPU device's index).
+    """
+
+    def setup_environment(self) -> None:
+        assert self.parallel_devices is not None
+        self.parallel_devices = [torch.device("cpu", index) for index in range(len(self.parallel_devices))]
+        _skip_shared_memory_comm_build()
+        super(DeepSpeedStrategy, self).setup_environment()  # DDPStrategy's: DeepSpeedStrategy's is CUDA-only
+
+
+def _skip_shared_memory_comm_build() -> None:
+    """Keep DeepSpeed's comm backend from JIT-compiling its shared-memory op (about 150 s of g++ on 2 cores).
+
+    Only `inference_all_reduce` uses the op; without it DeepSpeed falls back to the process group's
+    all-reduce (deepspeed/comm/torch.py `build_shm_op` builds only ops marked compatible).
+    """
+    import deepspeed.ops
+    from deepspeed.ops.op_builder.cpu import ShareMemCommBuilder
+
+    deepspeed.ops.__compatible_ops__[ShareMemCommBuilder.NAME] = False
+
+
+def consolidate_zero_checkpoint(folder: str | Path) -> dict[str, Any]:
+    """A DeepSpeed checkpoint folder (ZeRO-2 or 3) as one Lightning checkpoint: full fp32 weights, on CPU.
+
+    The weights come from DeepSpeed's zero_to_fp32; the rest (hyper-parameters, loops, callbacks, the
+    module's own keys) is the client state DeepSpeed saved beside rank 0's shard.
+    """
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint, get_model_state_files
+
+    folder = Path(folder)
+    tag = (folder / "latest").read_text().strip()
+    rank0_states = get_model_state_files(str(folder / tag))[0]
+    checkpoint = torch.load(rank0_states, map_location="cpu", weights_only=False)
+    for deepspeed_key in ("module", "optimizer", "lr_scheduler"):  # the shards' own, not Lightning's
+        checkpoint.pop(deepspeed_key, None)
+    checkpoint["state_dict"] = get_fp32_state_dict_from_zero_checkpoint(str(folder), tag=tag)
+    return checkpoint
+
+
+def load_whole_weights(module: nn.Module, state_dict: Mapping[str, torch.Tensor]) -> None:
+    """Load full weights into a ZeRO-3 partitioned module; a collective (every rank holds `state_dict`).
+
+    Rank 0's copy is what every rank keeps (`modifier_rank=0` re-partitions it from there).
+    """
+    import deepspeed
+
+    expected = module.state_dict().keys()  # tied weights under each of their names, as in the checkpoint
+    missing, unexpected = expected - state_dict.keys(), state_dict.keys() - expected
+    if missing or unexpected:
+        raise KeyError(
+            f"checkpoint and model differ: missing {sorted(missing)}, unexpected {sorted(unexpected)}"
+        )
+    for name, param in module.named_parameters():
+        with deepspeed.zero.GatheredParameters([param], modifier_rank=0), torch.no_grad():
+            param.copy_(state_dict[name])
+    for name, buffer in module.named_buffers():
+        if name in state_dict:
+            buffer.copy_(state_dict[name])
+
+
+@contextmanager
+def whole_parameters(strategy: Strategy | None, module: nn.Module) -> Iterator[None]:
+    """Under ZeRO-3, gather `module`'s partitioned parameters for reading; a collective: every rank enters."""
+    if zero_stage(strategy) != 3:
+        yield
+        return
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters(list(module.parameters())):
+        yield
 
 
 def no_backward_sync(strategy: Strategy | None, last_micro_batch: bool) -> AbstractContextManager:
@@ -48,13 +159,15 @@ def clips_in_engine(strategy: Strategy | None) -> bool:
     return isinstance(strategy, DeepSpeedStrategy)
 
 
-def configure_deepspeed(strategy: Strategy, max_grad_norm: float | None) -> None:
-    """Write PPO's gradient clipping and step boundary into the DeepSpeed config, before the engine reads it.
+def configure_deepspeed(strategy: Strategy, max_grad_norm: float | None, micro_batch_size: int) -> None:
+    """Write PPO's gradient clipping, step boundary and micro-batch into the DeepSpeed config, before the
+    engine reads it.
 
     DeepSpeed clips inside `engine.step()` from its config (`self.clip_gradients` is a no-op under it), so
     `model.ppo.max_grad_norm` becomes `gradient_clipping`. PPO calls backward once per micro-batch and steps
     once per minibatch: `managed_gradient_accumulation: false` makes every `step()` the accumulation boundary
-    instead of DeepSpeed's own micro-step counter (DeepSpeed `engine.step` docstring).
+    instead of DeepSpeed's own micro-step counter (DeepSpeed `engine.step` docstring). Without
+    `train_micro_batch_size_per_gpu`, Lightning asks the train dataloader for it, which `test` has not set up.
     """
     if not clips_in_engine(strategy):
         return
@@ -73,6 +186,9 @@ def configure_deepspeed(strategy: Strategy, max_grad_norm: float | None) -> None
             "model.ppo.max_grad_norm instead"
         )
     config["managed_gradient_accumulation"] = False
+    config.setdefault("train_micro_batch_size_per_gpu", micro_batch_size)
+    # Lightning's default; its ZeRO-3 `test`/`predict` engine reads it even from a user's `config`
+    config.setdefault("zero_allow_untested_optimizer", True)
 
 
 @contextmanager

@@ -1,6 +1,6 @@
-"""DeepSpeed ZeRO-2/3 without a GPU: the shipped configs, the DeepSpeed config the module writes, the
-frozen models kept out of the engine, and ZeRO-3 generation (gather once, synced_gpus). The end-to-end run
-needs CUDA.
+"""DeepSpeed ZeRO-2/3 in-process: the shipped configs, the DeepSpeed config the module writes, the frozen
+models kept out of the engine, and ZeRO-3 generation (gather once, synced_gpus). The real 2-process runs
+(fit, resume, export, test) are in tests/test_deepspeed_cpu.py.
 """
 
 from __future__ import annotations
@@ -22,7 +22,12 @@ from lightning_ppo import parallel
 from lightning_ppo.cli import main
 from lightning_ppo.data import collate_prompts
 from lightning_ppo.module import PPOModule
-from lightning_ppo.parallel import configure_deepspeed, gathered_for_generation, zero_stage
+from lightning_ppo.parallel import (
+    PPODeepSpeedStrategy,
+    configure_deepspeed,
+    gathered_for_generation,
+    zero_stage,
+)
 from lightning_ppo.rollout import draw_response_lengths
 
 ROOT = Path(__file__).parents[1]
@@ -47,7 +52,6 @@ def format_like_lightning(strategy: DeepSpeedStrategy, precision: str) -> dict:
     strategy._lightning_module = SimpleNamespace(
         trainer=SimpleNamespace(accumulate_grad_batches=1, gradient_clip_val=None)
     )
-    strategy.config["train_micro_batch_size_per_gpu"] = 1  # Lightning reads it off the dataloader
     strategy._format_config()
     return strategy.config
 
@@ -55,11 +59,15 @@ def format_like_lightning(strategy: DeepSpeedStrategy, precision: str) -> dict:
 @pytest.mark.parametrize("stage", [2, 3])
 def test_layered_configs_give_a_bf16_deepspeed_strategy_that_clips(stage: int, capsys):
     strategy, trainer = strategy_from_configs(capsys, "gpt2.yaml", f"deepspeed_zero{stage}.yaml")
-    assert isinstance(strategy, DeepSpeedStrategy) and zero_stage(strategy) == stage
+    assert isinstance(strategy, PPODeepSpeedStrategy) and zero_stage(strategy) == stage
     assert trainer["precision"] == "bf16-mixed" and trainer["accelerator"] == "gpu"
 
-    configure_deepspeed(strategy, max_grad_norm=1.0)  # what PPOModule.setup does with model.ppo.max_grad_norm
+    # what PPOModule.setup does: model.ppo.max_grad_norm, mini_batch_size // gradient_accumulation_steps
+    configure_deepspeed(strategy, max_grad_norm=1.0, micro_batch_size=4)
     config = format_like_lightning(strategy, trainer["precision"])
+    assert (
+        config["train_micro_batch_size_per_gpu"] == 4
+    )  # else Lightning asks the train dataloader (not in test)
     assert config["zero_optimization"]["stage"] == stage
     assert config["bf16"] == {"enabled": True}
     assert config["gradient_clipping"] == 1.0  # survives Lightning's default of 0.0
@@ -69,14 +77,14 @@ def test_layered_configs_give_a_bf16_deepspeed_strategy_that_clips(stage: int, c
 
 def test_no_max_grad_norm_means_no_clipping_and_a_conflict_is_refused(capsys):
     strategy, _ = strategy_from_configs(capsys, "gpt2.yaml", "deepspeed_zero2.yaml")
-    configure_deepspeed(strategy, max_grad_norm=None)
+    configure_deepspeed(strategy, max_grad_norm=None, micro_batch_size=1)
     assert strategy.config["gradient_clipping"] == 0.0
 
     conflicting = DeepSpeedStrategy(config={"zero_optimization": {"stage": 2}, "gradient_clipping": 0.5})
     with pytest.raises(ValueError, match=r"model\.ppo\.max_grad_norm"):
-        configure_deepspeed(conflicting, max_grad_norm=1.0)
+        configure_deepspeed(conflicting, max_grad_norm=1.0, micro_batch_size=1)
     with pytest.raises(ValueError, match=r"trainer\.strategy\.init_args\.stage"):
-        configure_deepspeed(DeepSpeedStrategy(stage=1), max_grad_norm=None)
+        configure_deepspeed(DeepSpeedStrategy(stage=1), max_grad_norm=None, micro_batch_size=1)
 
 
 @pytest.fixture(scope="module")
