@@ -226,9 +226,9 @@ def test_python_m_lightning_ppo_exits_2_without_traceback(tiny_assets: Path, tmp
 @pytest.mark.parametrize(
     ("flag", "message"),
     [
-        (["--model.sampling.temperature", "0"], "model.sampling.temperature must be > 0"),
-        (["--model.ppo.ppo_epochs", "0"], "model.ppo.ppo_epochs must be >= 1"),
-        (["--data.eval_fraction", "2"], "data.eval_fraction must lie in (0, 1)"),
+        (["--model.sampling.temperature", "0"], "model.sampling.temperature must be a number > 0"),
+        (["--model.ppo.ppo_epochs", "0"], "model.ppo.ppo_epochs must be an integer >= 1"),
+        (["--data.eval_fraction", "2"], "data.eval_fraction must be a number in (0, 1)"),
     ],
 )
 def test_a_bad_value_inside_a_config_class_is_one_paragraph_too(
