@@ -11,6 +11,7 @@ from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import BasePredictionWriter, TQDMProgressBar
 from lightning.pytorch.utilities import rank_zero_info
 
+from lightning_ppo.data import unique_rows
 from lightning_ppo.parallel import gather_rows
 
 
@@ -23,8 +24,8 @@ class JsonlPredictionWriter(BasePredictionWriter):
     def write_on_epoch_end(
         self, trainer: Trainer, pl_module: LightningModule, predictions: Any, batch_indices: Any
     ) -> None:
-        # each rank predicted its share of the prompts
-        rows = gather_rows([row for batch_rows in predictions for row in batch_rows])
+        # each rank predicted its (padded) share of the prompts: keep each prompt once, in file order
+        rows = unique_rows(gather_rows([row for batch_rows in predictions for row in batch_rows]))
         path = Path(trainer.log_dir or ".") / "predictions.jsonl"  # log_dir is a collective: every rank asks
         if not trainer.is_global_zero:
             return

@@ -1,9 +1,9 @@
 """Command line: `python -m lightning_ppo {fit,validate,test,predict} --config configs/tiny.yaml`.
 
-`python -m lightning_ppo --help` lists the commands without importing torch or Lightning (it answers at
-once); `python -m lightning_ppo fit --help` and `--print_config` show every `model.*`/`data.*`/`trainer.*`
-key with its default, through LightningCLI, which turns the typed arguments of `PPOModule` and
-`PromptDataModule` into those keys.
+`python -m lightning_ppo --help` lists the commands without importing torch or Lightning, so it answers at
+once; `python -m lightning_ppo fit --help` shows every `model.*`/`data.*`/`trainer.*` key through
+LightningCLI (`lightning_cli.py`). Exit codes: 0 done, 2 a configuration mistake (one paragraph, no
+traceback), 3 a fit stopped after too many bad (NaN/inf) steps in a row, with its checkpoint saved.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 from lightning_ppo.errors import config_error_in
 
 if TYPE_CHECKING:
-    from lightning.pytorch.cli import LightningCLI
+    from lightning_ppo.lightning_cli import PPOCLI
 
 PROG = "python -m lightning_ppo"
 COMMANDS = {
@@ -40,6 +40,7 @@ examples:
   {PROG} fit --help                            every key of a command, with its default
   {PROG} fit --config configs/tiny.yaml --print_config
 """
+CONFIG_ERROR_EXIT_CODE = 2
 
 
 def quiet_libraries() -> None:
@@ -53,6 +54,7 @@ def quiet_libraries() -> None:
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
     import datasets
+    import torch
     import transformers
 
     datasets.disable_progress_bars()
@@ -60,7 +62,7 @@ def quiet_libraries() -> None:
     logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(_DropTips())
     warnings.filterwarnings("ignore", category=FutureWarning, module=r"lightning\.")
     warnings.filterwarnings("ignore", message=r".*LeafSpec.*is deprecated", category=FutureWarning)
-    if "DS_ACCELERATOR" not in os.environ and not _has_cuda():
+    if "DS_ACCELERATOR" not in os.environ and not torch.cuda.is_available():
         os.environ["DS_ACCELERATOR"] = "cpu"  # DeepSpeed then picks its CPU accelerator without a warning
 
 
@@ -69,58 +71,46 @@ class _DropTips(logging.Filter):
         return not str(record.msg).startswith("💡 Tip")
 
 
-def _has_cuda() -> bool:
-    import torch
+def main(args: list[str] | None = None) -> PPOCLI:
+    """Run a LightningCLI command on `args` (default: the process's arguments), libraries quieted."""
+    quiet_libraries()  # before the libraries it quiets are imported by the CLI's modules
+    from lightning_ppo.lightning_cli import build_cli
 
-    return torch.cuda.is_available()
-
-
-def main(args: list[str] | None = None) -> LightningCLI:
-    """Run LightningCLI on `args` (default: the process's arguments)."""
-    quiet_libraries()  # before the libraries it quiets are imported
-    from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
-
-    from lightning_ppo.callbacks import PPOProgressBar
-    from lightning_ppo.data import PromptDataModule
-    from lightning_ppo.module import PPOModule
-
-    class PPOCLI(LightningCLI):
-        def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
-            # prompts are tokenised with the policy's tokenizer
-            parser.link_arguments("model.policy", "data.tokenizer")
-
-    # the reference and reward model are in eval mode on purpose
-    warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode")
-    # PPO checkpoints are meant to hold the state after the step's optimisation
-    warnings.filterwarnings("ignore", message="Using ModelCheckpoint with manual optimization")
-    return PPOCLI(
-        PPOModule,
-        PromptDataModule,
-        args=args,
-        seed_everything_default=0,
-        parser_kwargs={"prog": PROG},
-        trainer_defaults={"callbacks": [PPOProgressBar()]},
-        # a requeued SLURM job reuses its log directory: the saved config may be overwritten
-        save_config_kwargs={"overwrite": True},
-    )
+    return build_cli(args)
 
 
 def run(args: list[str] | None = None) -> None:
     """The console entry point: a configuration mistake prints one paragraph (no traceback) and exits 2.
 
-    Any other exception keeps its traceback: it is a bug or a fault worth reporting.
+    A fit stopped for too many bad steps in a row exits 3 (`faults.BAD_STEPS_EXIT_CODE`), after saving its
+    checkpoint. Any other exception keeps its traceback: it is a bug or a fault worth reporting.
     """
     given = sys.argv[1:] if args is None else args
     if not given or given[0] in ("-h", "--help"):
         print(USAGE, file=sys.stdout if given else sys.stderr)
         if not given:
-            raise SystemExit(2)
+            raise SystemExit(CONFIG_ERROR_EXIT_CODE)
         return
     try:
-        main(args)
+        cli = main(args)
     except Exception as error:
         config_error = config_error_in(error)  # also when jsonargparse wrapped it while building a class
         if config_error is None:
             raise
         print(f"lightning-ppo: error: {config_error}", file=sys.stderr)
-        raise SystemExit(2) from None
+        raise SystemExit(CONFIG_ERROR_EXIT_CODE) from None
+    _exit_if_stopped_for_bad_steps(cli)
+
+
+def _exit_if_stopped_for_bad_steps(cli: PPOCLI) -> None:
+    from lightning_ppo.faults import BAD_STEPS_EXIT_CODE
+
+    stop_checkpoint = cli.model.faults.stop_checkpoint
+    if stop_checkpoint is not None:  # every rank exits with the code; rank 0 says why
+        if cli.trainer.is_global_zero:
+            print(
+                f"lightning-ppo: error: stopped after {cli.model.faults.consecutive_bad_steps} bad steps in "
+                f"a row (NaN/inf; see the log above); last good state: {stop_checkpoint}",
+                file=sys.stderr,
+            )
+        raise SystemExit(BAD_STEPS_EXIT_CODE)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -10,10 +11,12 @@ import numpy as np
 import torch
 from datasets import Dataset, DatasetDict, load_dataset, load_from_disk
 from lightning import LightningDataModule
-from torch.utils.data import DataLoader
+from torch import Tensor
+from torch.utils.data import DataLoader, DistributedSampler
 from transformers import PreTrainedTokenizerBase
 
-from lightning_ppo.loading import ConfigError, load_from_source
+from lightning_ppo.errors import ConfigError, check_number
+from lightning_ppo.loading import load_from_source
 from lightning_ppo.models import load_tokenizer
 from lightning_ppo.resumable import resumable_loader
 
@@ -36,8 +39,48 @@ def load_prompt_dataset(source: str) -> DatasetDict:
     return load_dataset(source)
 
 
+def numbered(prompts: Dataset) -> Dataset:
+    """Held-out prompts with an `index` column (their position), so results gathered from ranks that
+    evaluated a padded share (see `EvalSampler`) keep each prompt once."""
+    return prompts.add_column("index", list(range(len(prompts))))
+
+
+class EvalSampler(DistributedSampler):
+    """This rank's share of the held-out prompts, in order, padded as `DistributedSampler` pads.
+
+    Every rank then runs the same number of equal batches: generation and forward passes under ZeRO-3
+    are collectives that hang if one rank has a batch more (Lightning's `UnrepeatedDistributedSampler`
+    allows that). The repeated prompts are dropped by `index` when results are gathered.
+    Being a `DistributedSampler`, Lightning leaves it in place instead of injecting its own.
+    """
+
+    def __init__(self, dataset: Dataset, num_replicas: int = 1, rank: int = 0) -> None:
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=False)
+
+
+def first_of_each_index(index: Tensor) -> Tensor:
+    """Positions of the first occurrence of each value of `index` (N,), in increasing order of the values.
+
+    Naive equivalent: `[list(index).index(i) for i in sorted(set(index))]`.
+    """
+    order = torch.argsort(index, stable=True)  # (N,)
+    ordered = index[order]
+    first = torch.ones_like(ordered, dtype=torch.bool)
+    first[1:] = ordered[1:] != ordered[:-1]
+    return order[first]
+
+
+def unique_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The first row of each held-out prompt (rows hold its `index`, which is dropped), in prompt order."""
+    keep = first_of_each_index(torch.tensor([row["index"] for row in rows], dtype=torch.long))
+    return [{k: v for k, v in rows[i].items() if k != "index"} for i in keep.tolist()]
+
+
 def collate_prompts(examples: list[dict[str, Any]], pad_token_id: int) -> dict[str, Any]:
-    """Stack prompts LEFT-padded, so generation continues every prompt from the same last column."""
+    """Stack prompts LEFT-padded, so generation continues every prompt from the same last column.
+
+    Held-out prompts also carry their `index` (B,) long.
+    """
     width = max(len(example["input_ids"]) for example in examples)
     input_ids = torch.full((len(examples), width), pad_token_id, dtype=torch.long)  # (B, P)
     attention_mask = torch.zeros((len(examples), width), dtype=torch.long)  # (B, P)
@@ -45,7 +88,11 @@ def collate_prompts(examples: list[dict[str, Any]], pad_token_id: int) -> dict[s
         length = len(example["input_ids"])
         input_ids[row, width - length :] = torch.tensor(example["input_ids"], dtype=torch.long)
         attention_mask[row, width - length :] = 1
-    return {"input_ids": input_ids, "attention_mask": attention_mask, "query": [e["query"] for e in examples]}
+    queries = [example["query"] for example in examples]
+    batch = {"input_ids": input_ids, "attention_mask": attention_mask, "query": queries}
+    if "index" in examples[0]:
+        batch["index"] = torch.tensor([example["index"] for example in examples], dtype=torch.long)  # (B,)
+    return batch
 
 
 class PromptDataModule(LightningDataModule):
@@ -99,13 +146,25 @@ class PromptDataModule(LightningDataModule):
         seed: int = 0,
     ) -> None:
         super().__init__()
-        if not 1 <= prompt_min_tokens <= prompt_max_tokens:
+        check_number("data.eval_fraction", eval_fraction, 0, 1, open_low=True, open_high=True)
+        for name, value, low in [
+            ("min_text_length", min_text_length, 0),
+            ("prompt_min_tokens", prompt_min_tokens, 1),
+            ("prompt_max_tokens", prompt_max_tokens, 1),
+            ("batch_size", batch_size, 1),
+            ("val_size", val_size, 1),
+            ("test_size", test_size, 1),
+            ("max_prompt_tokens", max_prompt_tokens, 1),
+            ("num_workers", num_workers, 0),
+            ("seed", seed, 0),  # numpy's generators refuse negative seeds
+        ]:
+            check_number(f"data.{name}", value, low, integer=True)
+        check_number("data.eval_batch_size", eval_batch_size, 1, integer=True, optional=True)
+        if prompt_min_tokens > prompt_max_tokens:
             raise ConfigError(
-                f"need 1 <= data.prompt_min_tokens ({prompt_min_tokens}) <= data.prompt_max_tokens "
-                f"({prompt_max_tokens})"
+                f"data.prompt_min_tokens ({prompt_min_tokens}) exceeds data.prompt_max_tokens "
+                f"({prompt_max_tokens}); raise the maximum or lower the minimum"
             )
-        if not 0 < eval_fraction < 1:
-            raise ConfigError(f"data.eval_fraction must lie in (0, 1), got {eval_fraction}")
         self.save_hyperparameters()
         self.dataset = dataset
         self.tokenizer_source = tokenizer
@@ -142,10 +201,16 @@ class PromptDataModule(LightningDataModule):
             self.prompts["train"] = self._make_prompts(train)
             self._check_enough_train_prompts(len(train))
         eval_prompts = self._make_prompts(held_out).shuffle(seed=self.seed)
+        if len(eval_prompts) == 0:
+            raise ConfigError(
+                f"none of the {len(held_out)} held-out texts of {self.dataset!r} gives a prompt "
+                f"(data.min_text_length={self.min_text_length}, data.text_column={self.text_column!r}); "
+                "add longer texts, lower data.min_text_length, or raise data.eval_fraction"
+            )
         if stage in ("fit", "validate"):
-            self.prompts["val"] = eval_prompts.select(range(min(self.val_size, len(eval_prompts))))
+            self.prompts["val"] = numbered(eval_prompts.take(self.val_size))
         if stage == "test":
-            self.prompts["test"] = eval_prompts.select(range(min(self.test_size, len(eval_prompts))))
+            self.prompts["test"] = numbered(eval_prompts.take(self.test_size))
 
     def train_dataloader(self) -> DataLoader:
         """Shuffled by `seed` and the epoch; checkpoints record its position, so a resumed fit goes on."""
@@ -171,8 +236,17 @@ class PromptDataModule(LightningDataModule):
         return self._loader(self.prompts["predict"], self.eval_batch_size)
 
     def _loader(self, prompts: Dataset, batch_size: int) -> DataLoader:
+        """In order; under DDP or DeepSpeed each rank takes its (padded) share, see `EvalSampler`."""
+        trainer = self.trainer
+        world = (trainer.distributed_sampler_kwargs if trainer else None) or {}
         collate = partial(collate_prompts, pad_token_id=self.tokenizer.pad_token_id)
-        return DataLoader(prompts, batch_size=batch_size, collate_fn=collate, num_workers=self.num_workers)
+        return DataLoader(
+            prompts,
+            batch_size=batch_size,
+            sampler=EvalSampler(prompts, **world),
+            collate_fn=collate,
+            num_workers=self.num_workers,
+        )
 
     def _splits(self) -> tuple[Dataset, Dataset]:
         """The train split and the held-out texts: `eval_split`, or a seeded `eval_fraction` of train."""
@@ -189,6 +263,14 @@ class PromptDataModule(LightningDataModule):
             )
         if self.eval_split is not None and self.eval_split in data:
             return train, data[self.eval_split]
+        kept = math.floor((1 - self.eval_fraction) * len(train))  # as `train_test_split` rounds
+        if kept < 1:
+            raise ConfigError(
+                f"data.dataset={self.dataset!r} has {len(train)} text(s) in split {self.train_split!r} and "
+                f"no held-out split (data.eval_split={self.eval_split!r}); holding out data.eval_fraction="
+                f"{self.eval_fraction} of them leaves none to train on. Add texts, or name a held-out split "
+                "with data.eval_split."
+            )
         split = train.train_test_split(test_size=self.eval_fraction, seed=self.seed)
         return split["train"], split["test"]
 
@@ -240,13 +322,17 @@ class PromptDataModule(LightningDataModule):
                 f"it has {records.column_names}"
             )
         lengths = np.full(len(records), self.max_prompt_tokens)
-        return self._tokenize(records, column, lengths)
+        return numbered(self._tokenize(records, column, lengths))
 
     def _check_enough_train_prompts(self, num_texts: int) -> None:
+        """Each rank needs one full batch: `batch_size` prompts per rank (the last partial one is dropped)."""
         usable = len(self.prompts["train"])
-        if usable < self.batch_size:
+        world_size = self.trainer.world_size if self.trainer else 1
+        if usable < self.batch_size * world_size:
+            ranks = f" x {world_size} ranks" if world_size > 1 else ""
             raise ConfigError(
                 f"only {usable} of {num_texts} texts in split {self.train_split!r} of {self.dataset!r} "
                 f"give a prompt (data.min_text_length={self.min_text_length}, "
                 f"data.text_column={self.text_column!r}), fewer than data.batch_size={self.batch_size}"
+                f"{ranks}: add texts or lower data.batch_size"
             )

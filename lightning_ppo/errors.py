@@ -15,3 +15,45 @@ def config_error_in(error: BaseException) -> ConfigError | None:
         seen.add(id(current))
         current = current.__cause__ or current.__context__
     return None
+
+
+def check_number(
+    key: str,
+    value: object,
+    low: float | None = None,
+    high: float | None = None,
+    *,
+    integer: bool = False,
+    open_low: bool = False,
+    open_high: bool = False,
+    optional: bool = False,
+) -> None:
+    """Refuse a `value` of config `key` that is not a (finite) number in the interval from `low` to `high`.
+
+    The bounds are inclusive unless `open_low`/`open_high`; None leaves that side unbounded. `integer`
+    asks for an int; `optional` lets null through (the key then falls back to its documented default).
+    """
+    if value is None and optional:
+        return
+    kinds = (int,) if integer else (int, float)
+    is_number = isinstance(value, kinds) and not isinstance(value, bool)
+    in_range = (
+        is_number
+        and value == value  # not NaN
+        and abs(value) != float("inf")
+        and (low is None or (value > low if open_low else value >= low))
+        and (high is None or (value < high if open_high else value <= high))
+    )
+    if in_range:
+        return
+    kind = "an integer" if integer else "a number"
+    if low is not None and high is not None:
+        bounds = f"in {'(' if open_low else '['}{low}, {high}{')' if open_high else ']'}"
+    elif low is not None:
+        bounds = f"{'>' if open_low else '>='} {low}"
+    elif high is not None:
+        bounds = f"{'<' if open_high else '<='} {high}"
+    else:
+        bounds = "finite"
+    null = " or null" if optional else ""
+    raise ConfigError(f"{key} must be {kind} {bounds}{null}, got {value!r}")

@@ -11,7 +11,8 @@ What happens to each fault (the metric that counts it, per PPO step):
   `PPOModule._ppo_loss` (TRL's guard, `ppo/skipped_minibatches`).
 - A NaN/inf loss: that optimizer step is skipped, so neither the weights nor Adam's moments move
   (`ppo/skipped_optimizer_steps`).
-After `model.max_consecutive_bad_steps` bad batches or optimizer steps in a row the run stops.
+After `model.max_consecutive_bad_steps` bad batches or optimizer steps in a row the run stops, saves
+`bad-steps.ckpt`, and the command line exits with code 3 (`BAD_STEPS_EXIT_CODE`) so that schedulers see it.
 """
 
 from __future__ import annotations
@@ -24,24 +25,20 @@ from lightning.pytorch import Trainer
 from lightning.pytorch.strategies import Strategy
 from torch import Tensor
 
-from lightning_ppo.loading import ConfigError
-
 logger = logging.getLogger(__name__)
 
 STOP_CHECKPOINT = "bad-steps.ckpt"
+BAD_STEPS_EXIT_CODE = 3  # the command line's exit code after such a stop (2 is a configuration mistake)
 
 
 class FaultGuard:
     """Decides whether a rollout or an optimizer step is usable, counts the faults, and stops the run."""
 
     def __init__(self, max_consecutive_bad_steps: int) -> None:
-        if max_consecutive_bad_steps < 1:
-            raise ConfigError(
-                f"model.max_consecutive_bad_steps must be >= 1, got {max_consecutive_bad_steps}"
-            )
-        self.max_consecutive_bad_steps = max_consecutive_bad_steps
+        self.max_consecutive_bad_steps = max_consecutive_bad_steps  # >= 1, checked by PPOModule
         self.consecutive_bad_steps = 0
         self.skipped_optimizer_steps = 0  # in the current PPO step
+        self.stop_checkpoint: Path | None = None  # set once the run was stopped
 
     def check_rollout(
         self, strategy: Strategy, scores: Tensor, *per_token: Tensor
@@ -90,6 +87,7 @@ class FaultGuard:
             return
         path = checkpoint_dir(trainer) / STOP_CHECKPOINT
         trainer.save_checkpoint(path)  # every rank calls it: strategies that shard state need them all
+        self.stop_checkpoint = path
         trainer.should_stop = True  # the fit loop ends after this batch
         if trainer.is_global_zero:
             logger.error(

@@ -18,7 +18,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 from transformers import PreTrainedModel
 
-from lightning_ppo.loading import ConfigError
+from lightning_ppo.errors import ConfigError, check_number
 
 
 @dataclass
@@ -40,10 +40,9 @@ class LoraOptions:
     bias: str = "none"
 
     def __post_init__(self) -> None:
-        if self.r < 1:
-            raise ConfigError(f"model.lora.r must be >= 1, got {self.r}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ConfigError(f"model.lora.dropout must be in [0, 1), got {self.dropout}")
+        check_number("model.lora.r", self.r, 1, integer=True)
+        check_number("model.lora.alpha", self.alpha, 0, open_low=True)
+        check_number("model.lora.dropout", self.dropout, 0, 1, open_high=True)
         if self.bias not in ("none", "all", "lora_only"):
             raise ConfigError(f"model.lora.bias must be none, all or lora_only, got {self.bias!r}")
 

@@ -32,6 +32,8 @@ from lightning_ppo.core import (
     value_loss,
 )
 from lightning_ppo.critic import build_critic
+from lightning_ppo.data import first_of_each_index, unique_rows
+from lightning_ppo.errors import check_number
 from lightning_ppo.export import ExportOnFitEnd
 from lightning_ppo.fault_tolerance import FaultTolerance
 from lightning_ppo.faults import FaultGuard
@@ -100,8 +102,14 @@ class PPOConfig:
 
     def __post_init__(self) -> None:
         for name in ("ppo_epochs", "mini_batch_size", "gradient_accumulation_steps", "horizon"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"model.ppo.{name} must be >= 1, got {getattr(self, name)}")
+            check_number(f"model.ppo.{name}", getattr(self, name), 1, integer=True)
+        for name in ("cliprange", "cliprange_value", "ratio_threshold", "target"):
+            check_number(f"model.ppo.{name}", getattr(self, name), 0, open_low=True)
+        for name in ("vf_coef", "init_kl_coef"):
+            check_number(f"model.ppo.{name}", getattr(self, name), 0)
+        for name in ("gamma", "lam"):
+            check_number(f"model.ppo.{name}", getattr(self, name), 0, 1)
+        check_number("model.ppo.max_grad_norm", self.max_grad_norm, 0, open_low=True, optional=True)
         if self.mini_batch_size % self.gradient_accumulation_steps:
             raise ConfigError(
                 f"model.ppo.mini_batch_size ({self.mini_batch_size}) must be divisible by "
@@ -203,6 +211,14 @@ class PPOModule(LightningModule):
         shaping: ShapingConfig | None = None,
     ) -> None:
         super().__init__()
+        # numbers first, so that a bad one fails before any model is loaded
+        check_number("model.reward_batch_size", reward_batch_size, 1, integer=True, optional=True)
+        check_number("model.forward_batch_size", forward_batch_size, 1, integer=True, optional=True)
+        check_number("model.learning_rate", learning_rate, 0, open_low=True)
+        check_number("model.critic_learning_rate", critic_learning_rate, 0, open_low=True, optional=True)
+        check_number("model.log_samples_every_n_steps", log_samples_every_n_steps, 0, integer=True)
+        check_number("model.num_log_samples", num_log_samples, 1, integer=True)
+        check_number("model.max_consecutive_bad_steps", max_consecutive_bad_steps, 1, integer=True)
         self.ppo = ppo or PPOConfig()
         self.sampling = sampling or SamplingConfig()
         self.shaping = shaping or ShapingConfig()
@@ -600,6 +616,7 @@ class PPOModule(LightningModule):
         lengths = draw_response_lengths(len(batch["query"]), self.sampling, self.device)
         rollout = self._sample(self.policy.lm, batch, lengths)
         scores, _ = self._score(rollout)
+        self._eval_stats["index"].append(batch["index"])
         self._eval_stats["reward"].append(scores)
         self._eval_stats["kl"].append(self._sequence_kl(rollout))
 
@@ -623,12 +640,14 @@ class PPOModule(LightningModule):
         ref_scores, ref_responses = self._score(before)
         scores, responses = self._score(after)
         kl = self._sequence_kl(after)
+        self._eval_stats["index"].append(batch["index"])
         self._eval_stats["reward_ref"].append(ref_scores)
         self._eval_stats["reward"].append(scores)
         self._eval_stats["kl"].append(kl)
         for i, query in enumerate(batch["query"]):
             self._test_rows.append(
                 {
+                    "index": int(batch["index"][i]),
                     "query": query,
                     "response (before)": ref_responses[i],
                     "response (after)": responses[i],
@@ -647,7 +666,7 @@ class PPOModule(LightningModule):
             "test/kl": kl.mean(),
         }
         self.log_dict(summary, rank_zero_only=True)
-        rows = gather_rows(self._test_rows)
+        rows = unique_rows(gather_rows(self._test_rows))
         self._test_rows = []
         path = Path(self.trainer.log_dir or ".") / "test_samples.csv"  # a collective: every rank asks
         if not self.trainer.is_global_zero:
@@ -670,16 +689,19 @@ class PPOModule(LightningModule):
         rollout = self._sample(self.policy.lm, batch, lengths)
         scores, responses = self._score(rollout)
         return [
-            {"prompt": query, "response": response, "reward": float(score)}
-            for query, response, score in zip(batch["query"], responses, scores, strict=True)
+            {"index": int(index), "prompt": query, "response": response, "reward": float(score)}
+            for index, query, response, score in zip(
+                batch["index"], batch["query"], responses, scores, strict=True
+            )
         ]
 
     def _gather_eval_stats(self, *names: str) -> list[Tensor]:
-        """Concatenate the per-batch values of each statistic over batches and ranks, then reset them."""
-        gathered = []
-        for name in names:
-            gathered.append(self._gather_flat(torch.cat(self._eval_stats.pop(name))).float())
-        return gathered
+        """Each statistic over batches and ranks, one value per held-out prompt in prompt order; resets them.
+
+        Ranks evaluate equal, padded shares (`EvalSampler`): a prompt seen twice counts once.
+        """
+        keep = first_of_each_index(self._gather_flat(torch.cat(self._eval_stats.pop("index"))))
+        return [self._gather_flat(torch.cat(self._eval_stats.pop(name)))[keep].float() for name in names]
 
     # ----------------------------------------------------------------------------------------------
     # Monitoring helpers

@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList, PreTrainedModel
 
-from lightning_ppo.errors import ConfigError
+from lightning_ppo.errors import ConfigError, check_number
 
 
 @dataclass
@@ -36,15 +36,18 @@ class SamplingConfig:
     cache_implementation: str | None = None
 
     def __post_init__(self) -> None:
-        if not 1 <= self.response_min_length <= self.response_max_length:
+        check_number("model.sampling.response_min_length", self.response_min_length, 1, integer=True)
+        check_number("model.sampling.response_max_length", self.response_max_length, 1, integer=True)
+        if self.response_min_length > self.response_max_length:
             raise ConfigError(
-                "need 1 <= model.sampling.response_min_length <= model.sampling.response_max_length, "
-                f"got {self.response_min_length} and {self.response_max_length}"
+                f"model.sampling.response_min_length ({self.response_min_length}) exceeds "
+                f"model.sampling.response_max_length ({self.response_max_length}); raise the maximum or "
+                "lower the minimum"
             )
-        if self.batch_size is not None and self.batch_size < 1:
-            raise ConfigError(f"model.sampling.batch_size must be >= 1 or null, got {self.batch_size}")
-        if self.temperature <= 0:
-            raise ConfigError(f"model.sampling.temperature must be > 0, got {self.temperature}")
+        check_number("model.sampling.temperature", self.temperature, 0, open_low=True)
+        check_number("model.sampling.top_k", self.top_k, 0, integer=True)
+        check_number("model.sampling.top_p", self.top_p, 0, 1, open_low=True)
+        check_number("model.sampling.batch_size", self.batch_size, 1, integer=True, optional=True)
 
 
 @dataclass

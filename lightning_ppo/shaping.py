@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from lightning_ppo.errors import ConfigError
+from lightning_ppo.errors import ConfigError, check_number
 
 
 @dataclass
@@ -21,8 +21,8 @@ class ShapingConfig:
     """How raw scores become the scores PPO optimises; applied in the order of the fields below.
 
     Args:
-        missing_eos_penalty: Subtracted from the score of every response without an EOS token (newer TRL);
-            null disables it.
+        missing_eos_penalty: Subtracted (>= 0) from the score of every response without an EOS token (newer
+            TRL); null disables it.
         score_scaling: Divide scores by the running standard deviation of all scores seen so far.
         score_norm: Also subtract the running mean (needs score_scaling).
         score_clip: Clip (shaped) scores to [-score_clip, score_clip]; null disables it.
@@ -36,8 +36,8 @@ class ShapingConfig:
     def __post_init__(self) -> None:
         if self.score_norm and not self.score_scaling:
             raise ConfigError("model.shaping.score_norm needs model.shaping.score_scaling: true")
-        if self.score_clip is not None and self.score_clip <= 0:
-            raise ConfigError(f"model.shaping.score_clip must be > 0 or null, got {self.score_clip}")
+        check_number("model.shaping.missing_eos_penalty", self.missing_eos_penalty, 0, optional=True)
+        check_number("model.shaping.score_clip", self.score_clip, 0, open_low=True, optional=True)
 
 
 class RunningMoments:

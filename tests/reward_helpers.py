@@ -12,3 +12,8 @@ def count_word(texts: list[str], queries: list[str], responses: list[str]) -> li
 
 def response_length(texts: list[str], queries: list[str], responses: list[str]) -> list[float]:
     return [float(len(response.split())) for response in responses]
+
+
+def nan_score(texts: list[str], queries: list[str], responses: list[str]) -> list[float]:
+    """A broken reward model: every score is NaN, so every PPO batch is skipped."""
+    return [float("nan")] * len(texts)

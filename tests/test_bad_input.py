@@ -199,13 +199,14 @@ def test_config_error_prints_one_paragraph_and_exits_2(
     def fail(message: str, kind: type[Exception]) -> None:
         raise kind(message)
 
-    monkeypatch.setattr(cli, "main", lambda: fail("model.reward_label is wrong", ConfigError))
+    monkeypatch.setattr(sys, "argv", ["lightning-ppo", "fit"])
+    monkeypatch.setattr(cli, "main", lambda args: fail("model.reward_label is wrong", ConfigError))
     with pytest.raises(SystemExit) as exit_info:
         cli.run()
     assert exit_info.value.code == 2
     assert capsys.readouterr().err == "lightning-ppo: error: model.reward_label is wrong\n"
 
-    monkeypatch.setattr(cli, "main", lambda: fail("a bug", RuntimeError))
+    monkeypatch.setattr(cli, "main", lambda args: fail("a bug", RuntimeError))
     with pytest.raises(RuntimeError, match="a bug"):  # anything else keeps its traceback
         cli.run()
 
@@ -226,9 +227,9 @@ def test_python_m_lightning_ppo_exits_2_without_traceback(tiny_assets: Path, tmp
 @pytest.mark.parametrize(
     ("flag", "message"),
     [
-        (["--model.sampling.temperature", "0"], "model.sampling.temperature must be > 0"),
-        (["--model.ppo.ppo_epochs", "0"], "model.ppo.ppo_epochs must be >= 1"),
-        (["--data.eval_fraction", "2"], "data.eval_fraction must lie in (0, 1)"),
+        (["--model.sampling.temperature", "0"], "model.sampling.temperature must be a number > 0"),
+        (["--model.ppo.ppo_epochs", "0"], "model.ppo.ppo_epochs must be an integer >= 1"),
+        (["--data.eval_fraction", "2"], "data.eval_fraction must be a number in (0, 1)"),
     ],
 )
 def test_a_bad_value_inside_a_config_class_is_one_paragraph_too(
@@ -329,3 +330,158 @@ def test_prompt_lengths_stay_within_bounds(tmp_path: Path, byte_level_tokenizer:
     for ids, query in zip(prompts["input_ids"], prompts["query"], strict=True):
         assert 1 <= len(ids) <= 4
         assert re.sub(r"\s", "", query)  # never an empty prompt
+
+
+# ------------------------------------------------------------------------------------------------
+# 4. A sweep over every numeric setting: 0, a negative value and a wrong type each end in exit 2
+
+
+# key -> whether 0 is a valid value (it is then not swept)
+NUMERIC_KEYS = {
+    "data.eval_fraction": False,
+    "data.min_text_length": True,
+    "data.prompt_min_tokens": False,
+    "data.prompt_max_tokens": False,
+    "data.batch_size": False,
+    "data.eval_batch_size": False,
+    "data.val_size": False,
+    "data.test_size": False,
+    "data.max_prompt_tokens": False,
+    "data.num_workers": True,
+    "data.seed": True,
+    "model.reward_batch_size": False,
+    "model.learning_rate": False,
+    "model.forward_batch_size": False,
+    "model.log_samples_every_n_steps": True,
+    "model.num_log_samples": False,
+    "model.max_consecutive_bad_steps": False,
+    "model.critic_learning_rate": False,
+    "model.ppo.ppo_epochs": False,
+    "model.ppo.mini_batch_size": False,
+    "model.ppo.gradient_accumulation_steps": False,
+    "model.ppo.cliprange": False,
+    "model.ppo.cliprange_value": False,
+    "model.ppo.vf_coef": True,
+    "model.ppo.gamma": True,
+    "model.ppo.lam": True,
+    "model.ppo.ratio_threshold": False,
+    "model.ppo.max_grad_norm": False,
+    "model.ppo.init_kl_coef": True,
+    "model.ppo.target": False,
+    "model.ppo.horizon": False,
+    "model.sampling.response_min_length": False,
+    "model.sampling.response_max_length": False,
+    "model.sampling.temperature": False,
+    "model.sampling.top_k": True,
+    "model.sampling.top_p": False,
+    "model.sampling.batch_size": False,
+    "model.shaping.missing_eos_penalty": True,
+    "model.shaping.score_clip": False,
+    "model.lora.r": False,
+    "model.lora.alpha": False,
+}
+SWEEP = [
+    (key, value)
+    for key, zero_ok in NUMERIC_KEYS.items()
+    for value in ([] if zero_ok else ["0"]) + ["-1", "abc"]
+]
+
+
+def run_cli(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, *args: str
+) -> tuple[int, str]:
+    """`lightning-ppo fit --config configs/tiny.yaml ARGS` in-process: its exit code and stderr."""
+    monkeypatch.setattr(sys, "argv", ["lightning-ppo", "fit", "--config", TINY, *args])
+    with pytest.raises(SystemExit) as exit_info:
+        cli.run()
+    return exit_info.value.code, capsys.readouterr().err
+
+
+def error_paragraph(err: str, loaded: bool = False) -> str:
+    """The one paragraph the CLI printed for a mistake, last; alone unless models or data `loaded` (their
+    progress bars come first). Lightning may log "Seed set to 0" before it."""
+    assert "Traceback" not in err, err
+    lines = [line for line in err.splitlines() if line.strip() and not line.startswith("Seed set to")]
+    assert (loaded or len(lines) == 1) and lines[-1].startswith("lightning-ppo: error: "), err
+    return lines[-1]
+
+
+@pytest.mark.parametrize(("key", "value"), SWEEP, ids=[f"{key}={value}" for key, value in SWEEP])
+def test_every_numeric_setting_is_checked_before_any_model_loads(
+    key: str, value: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    loads: list[str] = []
+    monkeypatch.setattr(
+        "lightning_ppo.module.load_tokenizer", lambda source: loads.append(source) or load_tokenizer(source)
+    )
+    code, err = run_cli(capsys, monkeypatch, f"--{key}", value)
+    paragraph = error_paragraph(err)
+    assert code == 2
+    parent, _, leaf = key.rpartition(".")
+    # jsonargparse names a nested dataclass's field as `Parser key "model.ppo": ... Parser key "cliprange"`
+    named = key in paragraph if value != "abc" else f'"{parent}' in paragraph and leaf in paragraph
+    assert named, paragraph
+    assert loads == []  # the value alone is wrong: it failed before the policy was loaded
+
+
+@pytest.mark.parametrize(
+    ("args", "keys"),
+    [
+        (["--data.prompt_min_tokens", "8"], ["data.prompt_min_tokens", "data.prompt_max_tokens"]),
+        (
+            ["--model.sampling.response_min_length", "16"],
+            ["model.sampling.response_min_length", "model.sampling.response_max_length"],
+        ),
+        (
+            ["--model.ppo.mini_batch_size", "32", "--model.ppo.gradient_accumulation_steps", "3"],
+            ["model.ppo.mini_batch_size", "model.ppo.gradient_accumulation_steps"],
+        ),
+        (["--model.ppo.lam", "1.5"], ["model.ppo.lam"]),
+        (["--model.sampling.top_p", "nan"], ['"model.sampling"', '"top_p"']),
+    ],
+)
+def test_settings_that_disagree_name_both_keys(
+    args: list[str], keys: list[str], monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, err = run_cli(capsys, monkeypatch, *args)
+    paragraph = error_paragraph(err)
+    assert code == 2 and all(key in paragraph for key in keys), paragraph
+
+
+def test_batch_size_that_mini_batch_size_does_not_divide_exits_2(
+    tiny_assets: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    args = ["--data.batch_size", "48", "--trainer.logger.init_args.save_dir", str(tmp_path)]
+    code, err = run_cli(capsys, monkeypatch, *args)
+    paragraph = error_paragraph(err, loaded=True)
+    assert code == 2 and "data.batch_size (48)" in paragraph and "model.ppo.mini_batch_size (32)" in paragraph
+
+
+def test_a_dataset_with_one_usable_prompt_exits_2(
+    tiny_assets: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    """Was `datasets`' train_test_split ValueError: no held-out split, and one text to split."""
+    dataset = tmp_path / "one.csv"
+    dataset.write_text("text\n" + "the film was a joy from start to end " * 8 + "\n")
+    args = ["--data.dataset", str(dataset), "--trainer.logger.init_args.save_dir", str(tmp_path)]
+    code, err = run_cli(capsys, monkeypatch, *args)
+    paragraph = error_paragraph(err, loaded=True)
+    assert code == 2 and "data.dataset=" in paragraph and "data.eval_split" in paragraph
+
+
+def test_a_held_out_split_without_usable_prompts_is_refused(tmp_path: Path, tiny_assets: Path) -> None:
+    long_text = "the movie was great, fun"
+    splits = {
+        "train": Dataset.from_dict({"text": [long_text] * 8}),
+        "test": Dataset.from_dict({"text": ["a"]}),
+    }
+    DatasetDict(splits).save_to_disk(tmp_path / "no_eval")
+    assert "none of the 1 held-out texts" in setup_error(tmp_path / "no_eval")
+
+
+def test_jsonargparse_type_error_is_one_paragraph(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, err = run_cli(capsys, monkeypatch, "--data.batch_size", "abc")
+    paragraph = error_paragraph(err)
+    assert code == 2 and '"data.batch_size"' in paragraph and "abc" in paragraph and "usage" not in err

@@ -156,3 +156,25 @@ def test_test_gathers_every_rank_into_one_table(ddp_test_run: Path):
     logged = scalars(versions[0])
     mean_after = np.mean([float(row["rewards (after)"]) for row in rows])
     np.testing.assert_allclose(logged["test/reward_policy_mean"], [mean_after], atol=1e-5)
+
+
+def test_uneven_held_out_prompts_count_once_on_two_ranks(tiny_assets: Path, tmp_path: Path):
+    """5 test prompts on 2 ranks: ranks take 3 and 3 (one repeated); the table and means hold each once."""
+    test_size = 5
+    command = [
+        sys.executable, "-m", "lightning_ppo", "test",
+        "--config", str(ROOT / "configs" / "tiny.yaml"),
+        "--trainer.strategy", "ddp", "--trainer.devices", "2", "--trainer.accelerator", "cpu",
+        "--trainer.logger.init_args.save_dir", "runs",
+        "--data.test_size", str(test_size), "--data.eval_batch_size", "2",
+    ]  # fmt: skip
+    run_on_two_ranks(command, tmp_path)
+    (version,) = (tmp_path / "runs" / "tiny").iterdir()
+    with (version / "test_samples.csv").open() as handle:
+        rows = list(csv.DictReader(handle))
+    assert len(rows) == test_size
+    assert len({row["query"] for row in rows}) == test_size
+    logged = scalars(version)
+    means = {"rewards (before)": "test/reward_ref_mean", "rewards (after)": "test/reward_policy_mean"}
+    for column, tag in means.items():
+        np.testing.assert_allclose(logged[tag], [np.mean([float(row[column]) for row in rows])], atol=1e-5)

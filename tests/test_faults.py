@@ -3,7 +3,9 @@ counted; a run that keeps failing stops with a checkpoint. Also: EOS masking on 
 
 from __future__ import annotations
 
+import json
 import logging
+import sys
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
@@ -16,9 +18,9 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from transformers import GenerationConfig
 
 import lightning_ppo.module as module_file
-from lightning_ppo.cli import main
+from lightning_ppo.cli import main, run
 from lightning_ppo.data import PromptDataModule
-from lightning_ppo.faults import STOP_CHECKPOINT
+from lightning_ppo.faults import BAD_STEPS_EXIT_CODE, STOP_CHECKPOINT
 from lightning_ppo.module import PPOConfig, PPOModule
 from lightning_ppo.rollout import SamplingConfig, sample_responses
 
@@ -283,3 +285,28 @@ def test_same_seed_gives_identical_rewards(tiny_assets: Path, tmp_path: Path) ->
     first, second = reward_and_kl(tmp_path / "a"), reward_and_kl(tmp_path / "b")
     assert len(first["env/reward_mean"]) == 3
     assert first == second
+
+
+def test_a_run_stopped_for_bad_steps_exits_3_through_the_cli(
+    tiny_assets: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A reward model that only returns NaN: every batch is skipped, the run stops, and the shell sees it."""
+    reward = {"class_path": "lightning_ppo.rewards.FunctionReward"}
+    reward["init_args"] = {"function": "tests.reward_helpers:nan_score"}
+    args = [
+        "lightning-ppo", "fit", "--config", TINY,
+        "--trainer.limit_train_batches", "4", "--trainer.max_epochs", "1", "--trainer.limit_val_batches", "0",
+        "--trainer.logger.init_args.save_dir", str(tmp_path),
+        "--data.batch_size", str(BATCH), "--model.ppo.mini_batch_size", str(MINI_BATCH),
+        "--model.max_consecutive_bad_steps", "2", f"--model.reward={json.dumps(reward)}",
+    ]  # fmt: skip
+    monkeypatch.setattr(sys, "argv", args)
+    with pytest.raises(SystemExit) as exit_info:
+        run()
+    assert exit_info.value.code == BAD_STEPS_EXIT_CODE == 3
+    (checkpoint,) = tmp_path.glob(f"tiny/version_0/checkpoints/{STOP_CHECKPOINT}")
+    last_line = capsys.readouterr().err.splitlines()[-1]
+    assert last_line == (
+        "lightning-ppo: error: stopped after 2 bad steps in a row (NaN/inf; see the log above); "
+        f"last good state: {checkpoint}"
+    )
