@@ -206,6 +206,8 @@ class PPOModule(LightningModule):
             It must share the policy's tokenizer.
         critic_learning_rate: Adam learning rate of the separate critic; null: learning_rate.
         shaping: Score shaping (missing-EOS penalty, running scaling/normalisation, clipping); off by default.
+        fp32_lm_head: Compute the LM head and the value head in float32 (MiniMax-M1, 2025: a bf16 head makes
+            training probabilities drift from sampling ones); null: on when the trainer's precision is bf16.
     """
 
     def __init__(
@@ -228,6 +230,7 @@ class PPOModule(LightningModule):
         critic: str | None = None,
         critic_learning_rate: float | None = None,
         shaping: ShapingConfig | None = None,
+        fp32_lm_head: bool | None = None,
     ) -> None:
         super().__init__()
         self.ppo = ppo or PPOConfig()
@@ -299,6 +302,12 @@ class PPOModule(LightningModule):
                 self.policy.lm.config, prompt_tokens, prompt_key, response_tokens, self.hparams.policy
             )
         configure_deepspeed(self.trainer.strategy, self.ppo.max_grad_norm)
+        fp32_head = self.hparams.fp32_lm_head
+        if fp32_head is None:
+            fp32_head = "bf16" in str(self.trainer.precision)
+        self.policy.float32_head = fp32_head
+        if self.critic is not None:
+            self.critic.float32_head = fp32_head
 
     def on_fit_start(self) -> None:
         self._place_frozen_models()
@@ -479,7 +488,11 @@ class PPOModule(LightningModule):
         logits, values = self._forward(rollout.input_ids, rollout.attention_mask, rollout.response_start)
         with self._reference() as reference:  # never around the policy's pass: it may disable LoRA
             ref_logits, _ = response_logits(
-                reference, rollout.input_ids, rollout.attention_mask, rollout.response_start
+                reference,
+                rollout.input_ids,
+                rollout.attention_mask,
+                rollout.response_start,
+                self.policy.float32_head,
             )
         logits, ref_logits = self._tempered(logits), self._tempered(ref_logits)
         mask = rollout.response_mask
