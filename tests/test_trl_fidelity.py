@@ -20,6 +20,7 @@ from lightning.pytorch import Trainer
 from lightning_ppo import core
 from lightning_ppo.data import PromptDataModule
 from lightning_ppo.module import PPOConfig, PPOModule
+from lightning_ppo.rollout import Rollout, SamplingConfig, draw_response_lengths
 
 BATCH, LR, SEED = 8, 0.05, 1234
 
@@ -291,3 +292,61 @@ def test_step_refuses_a_batch_that_does_not_fill_optimizer_steps(tiny_assets: Pa
     ppo = PPOConfig(mini_batch_size=2, gradient_accumulation_steps=3)
     with pytest.raises(ConfigError, match=r"gradient_accumulation_steps"):
         ppo.check_batch_size(8)
+
+
+# ------------------------------------------------------------------------------------------------
+# Rollouts with a real `generate`
+
+
+def tiny_prompts(module: PPOModule) -> dict[str, torch.Tensor]:
+    texts = ["the movie was", "a", "this film was really quite", "the plot"]
+    return dict(module.tokenizer(texts, return_tensors="pt", padding=True))  # left-padded
+
+
+def test_recomputed_logprobs_equal_generates_own_scores(tiny_assets: Path) -> None:
+    torch.manual_seed(0)
+    module = PPOModule(policy="tiny:policy", reward_model="tiny:reward")
+    prompts = tiny_prompts(module)
+    out = module.policy.lm.generate(
+        **prompts, do_sample=True, top_k=0, max_new_tokens=6, pad_token_id=module.tokenizer.pad_token_id,
+        eos_token_id=None, output_logits=True, return_dict_in_generate=True,
+    )  # fmt: skip
+    P = prompts["input_ids"].shape[1]
+    response_ids = out.sequences[:, P:]  # (B, 6)
+    generated = torch.stack(out.logits, dim=1).float().log_softmax(-1)  # (B, 6, V)
+    expected = generated.gather(-1, response_ids[..., None])[..., 0]  # (B, 6)
+    rollout = Rollout(
+        out.sequences, torch.cat([prompts["attention_mask"], torch.ones_like(response_ids)], 1), P,
+        torch.ones_like(response_ids, dtype=torch.float32),
+    )  # fmt: skip
+    logprobs, _, ref_logprobs, _ = module._old_logprobs_values_ref(rollout)
+    torch.testing.assert_close(logprobs, expected, rtol=0, atol=1e-5)
+    torch.testing.assert_close(ref_logprobs, expected, rtol=0, atol=1e-5)
+
+
+def test_real_rollout_lengths_stay_in_range_and_stop_at_eos(tiny_assets: Path) -> None:
+    torch.manual_seed(0)
+    sampling = SamplingConfig(response_min_length=3, response_max_length=7)
+    module = PPOModule(policy="tiny:policy", reward_model="tiny:reward", sampling=sampling)
+    eos = module.tokenizer.eos_token_id
+    head = module.policy.lm.get_output_embeddings()
+    head.bias = torch.nn.Parameter(torch.zeros(head.out_features))  # EOS 0.02 -> ~0.15 per token
+    with torch.no_grad():
+        head.bias[eos] = 2.0
+    prompts = tiny_prompts(module)
+    batch = {**prompts, "input_ids": prompts["input_ids"].repeat(8, 1)}
+    batch["attention_mask"] = prompts["attention_mask"].repeat(8, 1)
+    lengths = draw_response_lengths(32, sampling, module.device)
+    rollout = module._sample(module.policy.lm, batch, lengths)
+    kept = rollout.response_mask.sum(-1).long()  # (B,)
+    assert rollout.response_ids.shape[1] <= sampling.response_max_length
+    stopped_at_eos = 0
+    for row, drawn in zip(range(32), lengths.tolist(), strict=True):
+        assert sampling.response_min_length <= drawn <= sampling.response_max_length
+        tokens = rollout.response_ids[row, :drawn].tolist()
+        first_eos = tokens.index(eos) if eos in tokens else None
+        expected = drawn if first_eos is None else first_eos + 1  # documented: EOS kept, the rest cut
+        assert int(kept[row]) == expected
+        assert (rollout.response_ids[row, expected:] == module.tokenizer.pad_token_id).all()
+        stopped_at_eos += first_eos is not None and first_eos + 1 < drawn
+    assert 0 < stopped_at_eos < 32  # both cases occurred
