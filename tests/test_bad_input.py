@@ -64,7 +64,9 @@ def test_wrong_type_names_the_key(capsys: pytest.CaptureFixture[str]) -> None:
 
 
 def setup_with(module: PPOModule, stage: str = "fit", **datamodule: int) -> None:
-    module._trainer = SimpleNamespace(datamodule=SimpleNamespace(**datamodule), strategy=None)  # no DeepSpeed
+    module._trainer = SimpleNamespace(  # no DeepSpeed
+        datamodule=SimpleNamespace(**datamodule), strategy=None, precision="32-true"
+    )
     try:
         module.setup(stage)
     finally:

@@ -350,3 +350,20 @@ def test_real_rollout_lengths_stay_in_range_and_stop_at_eos(tiny_assets: Path) -
         assert (rollout.response_ids[row, expected:] == module.tokenizer.pad_token_id).all()
         stopped_at_eos += first_eos is not None and first_eos + 1 < drawn
     assert 0 < stopped_at_eos < 32  # both cases occurred
+
+
+def test_fp32_lm_head_computes_the_heads_in_float32_under_bf16_autocast(tiny_assets: Path) -> None:
+    from lightning_ppo.models import PolicyWithValueHead, load_causal_lm
+
+    policy = PolicyWithValueHead(load_causal_lm("tiny:policy"))
+    ids = torch.randint(2, policy.lm.config.vocab_size, (2, 9))
+    gaps = {}
+    with torch.no_grad():
+        exact_logits, _ = policy(ids, torch.ones_like(ids), 4)
+        for float32_head, dtype in ((False, torch.bfloat16), (True, torch.float32)):
+            policy.float32_head = float32_head
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                logits, values = policy(ids, torch.ones_like(ids), 4)
+            assert logits.dtype == dtype and values.dtype == torch.float32
+            gaps[float32_head] = float((logits.float() - exact_logits).abs().mean())
+    assert gaps[True] < gaps[False] / 2  # only the trunk's bf16 rounding is left
