@@ -142,7 +142,38 @@ def compute_gae(
     V_T = 0, `A_t = delta + gamma * lam * A_{t+1}`. Values and rewards are masked first.
     """
     values = _zero_outside(values, mask)  # (B, T)
+    advantages = _gae(values, _zero_outside(rewards, mask), gamma, lam)
+    return advantages, advantages + values
+
+
+def compute_advantages(
+    values: Tensor,
+    rewards: Tensor,
+    mask: Tensor,
+    gamma: float,
+    lam: float,
+    whiten_rewards: bool = False,
+    whiten_rewards_masked: bool = False,
+) -> tuple[Tensor, Tensor]:
+    """Whitened advantages and returns, in TRL 0.11's `compute_advantages` order.
+
+    Masks values and rewards, optionally whitens the rewards (`shift_mean=False`), runs GAE, whitens the
+    advantages over the whole batch. TRL's GAE then reads the whitened rewards on padding too (they are
+    not 0 there); `whiten_rewards_masked` zeroes them again so only real tokens feed the advantages.
+    """
+    values = _zero_outside(values, mask)  # (B, T)
     rewards = _zero_outside(rewards, mask)  # (B, T)
+    if whiten_rewards:
+        rewards = masked_whiten(rewards, mask, shift_mean=False)
+        if whiten_rewards_masked:
+            rewards = _zero_outside(rewards, mask)
+    advantages = _gae(values, rewards, gamma, lam)  # (B, T)
+    returns = advantages + values
+    return masked_whiten(advantages, mask), returns
+
+
+def _gae(values: Tensor, rewards: Tensor, gamma: float, lam: float) -> Tensor:
+    """GAE over every position of (B, T) values and rewards, as given (no masking). (B, T)"""
     next_values = torch.cat([values[:, 1:], torch.zeros_like(values[:, :1])], dim=1)  # (B, T)
     deltas = rewards + gamma * next_values - values  # (B, T)
     T = values.shape[1]
@@ -152,13 +183,11 @@ def compute_gae(
         steps = torch.arange(T, device=values.device, dtype=torch.float64)
         exponents = steps.unsqueeze(0) - steps.unsqueeze(1)  # (T, T) j - i, row = i
         discount = torch.where(exponents >= 0, (gamma * lam) ** exponents.clamp(min=0), 0.0)  # (T, T)
-        advantages = (deltas.double() @ discount.T).to(values.dtype)  # (B, T)
-    else:
-        columns = [torch.zeros_like(deltas[:, 0])]
-        for t in reversed(range(T)):
-            columns.append(deltas[:, t] + gamma * lam * columns[-1])
-        advantages = torch.stack(columns[:0:-1], dim=1)  # (B, T)
-    return advantages, advantages + values
+        return (deltas.double() @ discount.T).to(values.dtype)  # (B, T)
+    columns = [torch.zeros_like(deltas[:, 0])]
+    for t in reversed(range(T)):
+        columns.append(deltas[:, t] + gamma * lam * columns[-1])
+    return torch.stack(columns[:0:-1], dim=1)  # (B, T)
 
 
 def policy_loss(

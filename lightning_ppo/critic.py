@@ -13,7 +13,7 @@ from torch import Tensor, nn
 from transformers import AutoModel, PreTrainedTokenizerBase
 
 from lightning_ppo.loading import ConfigError, load_from_source
-from lightning_ppo.models import load_tokenizer, position_ids_from_mask
+from lightning_ppo.models import float32_linear, load_tokenizer, position_ids_from_mask
 
 REWARD_MODEL = "reward_model"  # `model.critic` value meaning "start from model.reward_model"
 
@@ -26,12 +26,15 @@ class ValueModel(nn.Module):
         self.backbone = load_from_source(AutoModel.from_pretrained, source, key, "model")
         self.v_head = nn.Linear(self.backbone.config.get_text_config().hidden_size, 1)
         self._takes_positions = "position_ids" in inspect.signature(self.backbone.forward).parameters
+        self.float32_head = False  # the head in float32 (model.fp32_lm_head)
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor, response_start: int) -> Tensor:
         """Values (B, R) float32 of the states before each response token, as the policy's value head."""
         extra = {"position_ids": position_ids_from_mask(attention_mask)} if self._takes_positions else {}
         hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask, **extra).last_hidden_state
         hidden = hidden[:, response_start - 1 : -1]  # (B, R, H)
+        if self.float32_head:
+            return float32_linear(self.v_head, hidden).squeeze(-1)
         return self.v_head(hidden.to(self.v_head.weight.dtype)).squeeze(-1).float()
 
 

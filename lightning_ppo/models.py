@@ -83,15 +83,30 @@ def position_ids_from_mask(attention_mask: Tensor) -> Tensor:
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
+def float32_linear(layer: nn.Linear, x: Tensor) -> Tensor:
+    """`layer(x)` in float32 whatever the autocast or weight dtype (the gradient still reaches the weights).
+
+    MiniMax-M1 (2025) traced sampling/training probability mismatch to a reduced-precision LM head.
+    """
+    bias = None if layer.bias is None else layer.bias.float()
+    with torch.autocast(x.device.type, enabled=False):
+        return nn.functional.linear(x.float(), layer.weight.float(), bias)
+
+
 def response_logits(
-    lm: PreTrainedModel, input_ids: Tensor, attention_mask: Tensor, response_start: int
+    lm: PreTrainedModel,
+    input_ids: Tensor,
+    attention_mask: Tensor,
+    response_start: int,
+    float32_head: bool = False,
 ) -> tuple[Tensor, Tensor]:
     """Logits that predict the response tokens, and the hidden states they came from.
 
     Only the R response positions go through the LM head, never the prompt's (B, P, V) logits.
     `input_ids` is (B, P + R) with the response starting at column `response_start` = P.
     Returns logits (B, R, V) and hidden states (B, R, H). A LoRA `PeftModel` runs its own (adapted)
-    layers: its wrapped LM's backbone holds the injected adapters.
+    layers: its wrapped LM's backbone holds the injected adapters. `float32_head` computes the LM head
+    in float32 (float32 logits).
     """
     backbone = (lm.get_base_model() if isinstance(lm, PeftModel) else lm).base_model
     hidden = backbone(
@@ -101,7 +116,8 @@ def response_logits(
         use_cache=False,
     ).last_hidden_state  # (B, P + R, H)
     hidden = hidden[:, response_start - 1 : -1]  # (B, R, H) the state before each response token
-    return lm.get_output_embeddings()(hidden), hidden
+    head = lm.get_output_embeddings()
+    return (float32_linear(head, hidden) if float32_head else head(hidden)), hidden
 
 
 class PolicyWithValueHead(nn.Module):
@@ -116,14 +132,19 @@ class PolicyWithValueHead(nn.Module):
         super().__init__()
         self.lm = lm
         self.v_head = nn.Linear(lm.config.get_text_config().hidden_size, 1) if value_head else None
+        self.float32_head = False  # compute the LM head and the value head in float32 (model.fp32_lm_head)
 
     def forward(
         self, input_ids: Tensor, attention_mask: Tensor, response_start: int
     ) -> tuple[Tensor, Tensor | None]:
         """Response logits (B, R, V) and values (B, R) float32, or None without a value head."""
-        logits, hidden = response_logits(self.lm, input_ids, attention_mask, response_start)
+        logits, hidden = response_logits(
+            self.lm, input_ids, attention_mask, response_start, self.float32_head
+        )
         if self.v_head is None:
             return logits, None
+        if self.float32_head:
+            return logits, float32_linear(self.v_head, hidden).squeeze(-1)
         values = self.v_head(hidden.to(self.v_head.weight.dtype)).squeeze(-1).float()
         return logits, values
 

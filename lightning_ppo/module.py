@@ -21,13 +21,12 @@ from lightning_ppo.callbacks import JsonlPredictionWriter
 from lightning_ppo.core import (
     AdaptiveKLController,
     FixedKLController,
-    compute_gae,
+    compute_advantages,
     compute_rewards,
     entropy_from_logits,
     logprobs_from_logits,
     masked_mean,
     masked_var,
-    masked_whiten,
     policy_loss,
     value_loss,
 )
@@ -56,7 +55,13 @@ from lightning_ppo.parallel import (
     no_backward_sync,
 )
 from lightning_ppo.rewards import ClassifierReward, RewardModel
-from lightning_ppo.rollout import Rollout, SamplingConfig, draw_response_lengths, sample_responses
+from lightning_ppo.rollout import (
+    Rollout,
+    SamplingConfig,
+    draw_response_lengths,
+    rollout_from_token_lists,
+    sample_responses,
+)
 from lightning_ppo.shaping import RunningMoments, ShapingConfig, shape_scores
 
 
@@ -66,14 +71,18 @@ class PPOConfig:
 
     Args:
         ppo_epochs: Optimisation passes over each rollout batch.
-        mini_batch_size: Samples per optimizer step; must divide data.batch_size.
-        gradient_accumulation_steps: Micro-batches each minibatch is split into; must divide mini_batch_size.
+        mini_batch_size: Rows per forward/backward pass in the PPO epochs (TRL's minibatch).
+        gradient_accumulation_steps: Minibatches whose gradients add up to one optimizer step, as in TRL:
+            a step sees mini_batch_size x gradient_accumulation_steps rows, which must divide data.batch_size.
         cliprange: PPO ratio clip epsilon.
         cliprange_value: Value clip epsilon around the rollout's values.
         vf_coef: Weight of the value loss in the total loss.
         gamma: Discount factor for GAE.
         lam: GAE lambda.
-        whiten_rewards: Whiten per-token rewards (without shifting the mean) before GAE.
+        whiten_rewards: Whiten per-token rewards (without shifting the mean) before GAE, as TRL: its GAE
+            then also reads the whitened padding after each response.
+        whiten_rewards_masked: With whiten_rewards, zero the whitened rewards on padding again, so that
+            padding (whose length depends on the other rows) never feeds a response's advantages.
         ratio_threshold: A micro-batch whose mean ratio exceeds this contributes no gradient (TRL's guard).
         max_grad_norm: Clip the gradient norm to this before each optimizer step; null disables it.
         kl_penalty: Per-token KL estimator in the reward: kl, abs, mse, full (whole vocabulary) or k3.
@@ -81,6 +90,9 @@ class PPOConfig:
         init_kl_coef: Initial (or fixed) KL coefficient.
         target: Target KL per sequence for the adaptive controller.
         horizon: Horizon of the adaptive controller, in samples.
+        early_stopping: Skip a step's remaining PPO epochs once the policy KL of an epoch's last minibatch
+            (mean over ranks) exceeds 1.5 x target_kl, as TRL.
+        target_kl: The KL that early_stopping guards.
     """
 
     ppo_epochs: int = 4
@@ -92,6 +104,7 @@ class PPOConfig:
     gamma: float = 1.0
     lam: float = 0.95
     whiten_rewards: bool = False
+    whiten_rewards_masked: bool = False
     ratio_threshold: float = 10.0
     max_grad_norm: float | None = None
     kl_penalty: Literal["kl", "abs", "mse", "full", "k3"] = "kl"
@@ -99,21 +112,33 @@ class PPOConfig:
     init_kl_coef: float = 0.2
     target: float = 6.0
     horizon: int = 10000
+    early_stopping: bool = False
+    target_kl: float = 1.0
 
     def __post_init__(self) -> None:
         for name in ("ppo_epochs", "mini_batch_size", "gradient_accumulation_steps", "horizon"):
             check_number(f"model.ppo.{name}", getattr(self, name), 1, integer=True)
-        for name in ("cliprange", "cliprange_value", "ratio_threshold", "target"):
+        for name in ("cliprange", "cliprange_value", "ratio_threshold", "target", "target_kl"):
             check_number(f"model.ppo.{name}", getattr(self, name), 0, open_low=True)
         for name in ("vf_coef", "init_kl_coef"):
             check_number(f"model.ppo.{name}", getattr(self, name), 0)
         for name in ("gamma", "lam"):
             check_number(f"model.ppo.{name}", getattr(self, name), 0, 1)
         check_number("model.ppo.max_grad_norm", self.max_grad_norm, 0, open_low=True, optional=True)
-        if self.mini_batch_size % self.gradient_accumulation_steps:
+
+    @property
+    def backward_batch_size(self) -> int:
+        """Rows per optimizer step (TRL's name)."""
+        return self.mini_batch_size * self.gradient_accumulation_steps
+
+    def check_batch_size(self, batch_size: int, key: str = "data.batch_size") -> None:
+        """TRL's batch arithmetic: every optimizer step sees mini_batch_size x GA rows."""
+        if batch_size % self.backward_batch_size:
             raise ConfigError(
-                f"model.ppo.mini_batch_size ({self.mini_batch_size}) must be divisible by "
-                f"model.ppo.gradient_accumulation_steps ({self.gradient_accumulation_steps})"
+                f"{key} ({batch_size}) must be divisible by model.ppo.mini_batch_size x "
+                f"model.ppo.gradient_accumulation_steps ({self.mini_batch_size} x "
+                f"{self.gradient_accumulation_steps} = {self.backward_batch_size}): one optimizer step sees "
+                "that many rows; change one of these keys"
             )
 
 
@@ -169,7 +194,7 @@ class PPOModule(LightningModule):
         ppo: PPO hyper-parameters.
         sampling: How responses are sampled.
         forward_batch_size: Rows per no-grad forward (old log-probs, values, reference); null = the whole
-            batch. The training micro-batch is `ppo.mini_batch_size / ppo.gradient_accumulation_steps`.
+            batch. The training micro-batch is `ppo.mini_batch_size` rows.
         gradient_checkpointing: Recompute the policy's activations in the backward pass: less memory,
             about a third more compute.
         disable_dropout: Turn dropout off in every model, so the first PPO ratio is exactly 1.
@@ -187,6 +212,8 @@ class PPOModule(LightningModule):
             It must share the policy's tokenizer.
         critic_learning_rate: Adam learning rate of the separate critic; null: learning_rate.
         shaping: Score shaping (missing-EOS penalty, running scaling/normalisation, clipping); off by default.
+        fp32_lm_head: Compute the LM head and the value head in float32 (MiniMax-M1, 2025: a bf16 head makes
+            training probabilities drift from sampling ones); null: on when the trainer's precision is bf16.
     """
 
     def __init__(
@@ -209,6 +236,7 @@ class PPOModule(LightningModule):
         critic: str | None = None,
         critic_learning_rate: float | None = None,
         shaping: ShapingConfig | None = None,
+        fp32_lm_head: bool | None = None,
     ) -> None:
         super().__init__()
         # numbers first, so that a bad one fails before any model is loaded
@@ -278,11 +306,8 @@ class PPOModule(LightningModule):
     def setup(self, stage: str) -> None:
         datamodule = getattr(self.trainer, "datamodule", None)
         batch_size = getattr(datamodule, "batch_size", None)
-        if stage == "fit" and batch_size is not None and batch_size % self.ppo.mini_batch_size:
-            raise ConfigError(
-                f"data.batch_size ({batch_size}) must be divisible by model.ppo.mini_batch_size "
-                f"({self.ppo.mini_batch_size}); set model.ppo.mini_batch_size to a divisor of it"
-            )
+        if stage == "fit" and batch_size is not None:
+            self.ppo.check_batch_size(batch_size)
         prompt_key = "data.max_prompt_tokens" if stage == "predict" else "data.prompt_max_tokens"
         prompt_tokens = getattr(datamodule, prompt_key.removeprefix("data."), None)
         if prompt_tokens is not None:
@@ -290,8 +315,14 @@ class PPOModule(LightningModule):
             check_fits_context(
                 self.policy.lm.config, prompt_tokens, prompt_key, response_tokens, self.hparams.policy
             )
-        micro_batch_size = self.ppo.mini_batch_size // self.ppo.gradient_accumulation_steps
-        configure_deepspeed(self.trainer.strategy, self.ppo.max_grad_norm, micro_batch_size)
+        # TRL's micro-batch is a whole minibatch: gradient accumulation stacks minibatches
+        configure_deepspeed(self.trainer.strategy, self.ppo.max_grad_norm, self.ppo.mini_batch_size)
+        fp32_head = self.hparams.fp32_lm_head
+        if fp32_head is None:
+            fp32_head = "bf16" in str(self.trainer.precision)
+        self.policy.float32_head = fp32_head
+        if self.critic is not None:
+            self.critic.float32_head = fp32_head
 
     def on_fit_start(self) -> None:
         self._place_frozen_models()
@@ -361,55 +392,79 @@ class PPOModule(LightningModule):
             rollout = self._sample(self.policy.lm, batch, lengths)
         with self._timed(timings, "time/reward"):  # 2. score prompt + response
             raw_scores, responses = self._score(rollout)
+        metrics = self._step(rollout, raw_scores, timings)  # 3.-7. one PPO iteration
+        self._log_metrics(metrics)  # 8. log (reduced across ranks)
+        self._log_samples(batch["query"], responses, raw_scores)
+        self.faults.stop_if_failing(self.trainer)
+
+    def step(
+        self, queries: list[Tensor], responses: list[Tensor], scores: list[Tensor] | Tensor
+    ) -> dict[str, float]:
+        """One PPO iteration on your own samples and rewards: the contract of TRL's `PPOTrainer.step`.
+
+        `queries` and `responses` are lists of 1-D token-id tensors (every response token counts), `scores`
+        one score per row. Runs the old-policy and reference passes, rewards, GAE, the PPO epochs and the
+        KL-controller update; returns the statistics under TRL's names, averaged over ranks. Call it from
+        a `training_step` (the module optimises manually).
+        """
+        if not len(queries) == len(responses) == len(scores):
+            raise ValueError(
+                f"step needs as many queries, responses and scores, got {len(queries)}, {len(responses)} "
+                f"and {len(scores)}"
+            )
+        self.ppo.check_batch_size(len(queries), key="the number of rows given to PPOModule.step")
+        rollout = rollout_from_token_lists(queries, responses, self.tokenizer.pad_token_id, self.device)
+        scores = torch.stack([torch.as_tensor(score, dtype=torch.float32).reshape(()) for score in scores])
+        metrics = self._step(rollout, scores.to(self.device), {})
+        self.faults.stop_if_failing(self.trainer)
+        names = list(metrics)
+        means = self.trainer.strategy.reduce(torch.stack([metrics[n].float().to(self.device) for n in names]))
+        return dict(zip(names, means.tolist(), strict=True))
+
+    def _step(self, rollout: Rollout, raw_scores: Tensor, timings: dict[str, float]) -> dict[str, Tensor]:
+        """Steps 3-7 of a PPO iteration on a scored rollout; returns this rank's statistics."""
         with self._timed(timings, "time/forward"):  # 3. old log-probs and values, reference log-probs
             old_logprobs, old_values, ref_logprobs, full = self._old_logprobs_values_ref(rollout)
         usable, fault_metrics = self.faults.check_rollout(
             self.trainer.strategy, raw_scores, old_logprobs, old_values, ref_logprobs
         )
         if not usable:  # NaN/inf rewards, log-probs or values: skip the batch (lightning_ppo.faults)
-            self._log_metrics(fault_metrics)
-            self.faults.stop_if_failing(self.trainer)
-            return
+            return fault_metrics
         kl_coef = self.kl_ctl.value
         mask = rollout.response_mask
         # 4. per-token rewards: -kl_coef * KL, plus the shaped score on each response's last token
         scores = self._shape_scores(raw_scores, rollout)  # after the NaN check: it updates running moments
         kl_inputs = full if full is not None else (old_logprobs, ref_logprobs)
-        rewards, non_score_rewards, _ = compute_rewards(
+        rewards, non_score_rewards, kls = compute_rewards(
             scores, *kl_inputs, mask, kl_coef, self.ppo.kl_penalty
         )
         experience = self._make_experience(rollout, old_logprobs, old_values, rewards)  # 5. GAE, whitening
         with self._timed(timings, "time/optimize"):  # 6. PPO epochs over shuffled minibatches
             train_stats = self._ppo_epochs(experience)
 
-        kl_per_sequence = ((old_logprobs - ref_logprobs) * mask).sum(-1)  # (B,)
-        mean_kl = self.trainer.strategy.reduce(kl_per_sequence.mean(), reduce_op="mean")
-        world_batch = len(batch["query"]) * self.trainer.world_size
+        # TRL's objective/kl: per-sequence sums of the chosen estimator (the kls compute_rewards returns)
+        mean_kl = self.trainer.strategy.reduce(kls.sum(-1).mean(), reduce_op="mean")
+        world_batch = mask.shape[0] * self.trainer.world_size
         self.kl_ctl.update(float(mean_kl), world_batch)  # 7. adapt the KL coefficient (same on every rank)
 
         all_scores = self._gather_flat(raw_scores)  # (world * B,)
-        returns_var = masked_var(experience.returns, mask)
-        metrics = {
+        prompt_mask = rollout.attention_mask[:, : rollout.response_start]
+        return {
             "env/reward_mean": all_scores.mean(),
             "env/reward_std": all_scores.std(),
             "objective/kl": mean_kl,
             "objective/kl_coef": torch.tensor(kl_coef),
             "objective/entropy": (-old_logprobs * mask).sum(-1).mean(),
             "ppo/mean_scores": scores.mean(),
-            "ppo/mean_non_score_reward": (non_score_rewards * mask).sum(-1).mean(),
-            "ppo/policy/advantages_mean": masked_mean(experience.advantages, mask),
-            "ppo/returns/mean": masked_mean(experience.returns, mask),
-            "ppo/returns/var": returns_var,
-            "ppo/val/var_explained": 1 - train_stats["ppo/val/error"] / returns_var,  # TRL's definition
-            "tokens/queries_len_mean": batch["attention_mask"].sum(-1).float().mean(),
+            "ppo/std_scores": scores.std(),
+            "ppo/mean_non_score_reward": masked_mean(non_score_rewards, mask),  # per token, as TRL
+            "ppo/learning_rate": torch.tensor(float(self.optimizers().param_groups[0]["lr"])),
+            "tokens/queries_len_mean": prompt_mask.sum(-1).float().mean(),
             "tokens/responses_len_mean": mask.sum(-1).mean(),
             **train_stats,
             **fault_metrics,
             **{name: torch.tensor(seconds) for name, seconds in timings.items()},
         }
-        self._log_metrics(metrics)  # 8. log (reduced across ranks)
-        self._log_samples(batch["query"], responses, raw_scores)
-        self.faults.stop_if_failing(self.trainer)
 
     def _log_metrics(self, metrics: dict[str, Tensor]) -> None:
         already_global = {"env/reward_mean", "env/reward_std", "objective/kl", "objective/kl_coef"}
@@ -449,7 +504,11 @@ class PPOModule(LightningModule):
         logits, values = self._forward(rollout.input_ids, rollout.attention_mask, rollout.response_start)
         with self._reference() as reference:  # never around the policy's pass: it may disable LoRA
             ref_logits, _ = response_logits(
-                reference, rollout.input_ids, rollout.attention_mask, rollout.response_start
+                reference,
+                rollout.input_ids,
+                rollout.attention_mask,
+                rollout.response_start,
+                self.policy.float32_head,
             )
         logits, ref_logits = self._tempered(logits), self._tempered(ref_logits)
         mask = rollout.response_mask
@@ -466,10 +525,15 @@ class PPOModule(LightningModule):
         self, rollout: Rollout, logprobs: Tensor, values: Tensor, rewards: Tensor
     ) -> Experience:
         mask = rollout.response_mask
-        if self.ppo.whiten_rewards:
-            rewards = masked_whiten(rewards, mask, shift_mean=False)
-        advantages, returns = compute_gae(values, rewards, mask, self.ppo.gamma, self.ppo.lam)
-        advantages = masked_whiten(advantages, mask)
+        advantages, returns = compute_advantages(
+            values,
+            rewards,
+            mask,
+            self.ppo.gamma,
+            self.ppo.lam,
+            self.ppo.whiten_rewards,
+            self.ppo.whiten_rewards_masked,
+        )
         prompt_mask = rollout.attention_mask[:, : rollout.response_start]
         return Experience(
             input_ids=rollout.input_ids,
@@ -485,35 +549,52 @@ class PPOModule(LightningModule):
         )
 
     def _ppo_epochs(self, experience: Experience) -> dict[str, Tensor]:
-        """`ppo_epochs` passes of shuffled minibatches, one optimizer step each; returns mean statistics."""
+        """`ppo_epochs` passes over shuffled backward batches, one optimizer step each; mean statistics.
+
+        As TRL 0.11: a backward batch is `gradient_accumulation_steps` minibatches of `mini_batch_size`
+        rows, each loss divided by the step count (accelerate's `backward` under `accumulate`). Statistics
+        are per minibatch, averaged over the minibatches of every epoch that ran.
+        """
         optimizer = self.optimizers()
         accumulation = self.ppo.gradient_accumulation_steps
-        micro_batch_size = self.ppo.mini_batch_size // accumulation
         batch_size = experience.input_ids.shape[0]
         stats: dict[str, list[Tensor]] = defaultdict(list)
-        for _ in range(self.ppo.ppo_epochs):
-            for minibatch in torch.randperm(batch_size).split(self.ppo.mini_batch_size):
-                minibatch_loss = torch.zeros((), device=self.device)
-                for i, micro_rows in enumerate(minibatch.split(micro_batch_size)):
-                    # DDP all-reduces the gradients once per minibatch, on its last micro-batch
-                    with no_backward_sync(self.trainer.strategy, last_micro_batch=i == accumulation - 1):
-                        loss, micro_stats = self._ppo_loss(experience.select(micro_rows))
+        epochs = 0
+        while epochs < self.ppo.ppo_epochs:
+            epochs += 1
+            for backward_rows in torch.randperm(batch_size).split(self.ppo.backward_batch_size):
+                step_loss = torch.zeros((), device=self.device)
+                minibatches = backward_rows.split(self.ppo.mini_batch_size)
+                for i, rows in enumerate(minibatches):
+                    # DDP all-reduces the gradients once per optimizer step, on its last minibatch
+                    with no_backward_sync(self.trainer.strategy, last_micro_batch=i == len(minibatches) - 1):
+                        loss, minibatch_stats = self._ppo_loss(experience.select(rows))
                         self.manual_backward(loss / accumulation)
-                    minibatch_loss += loss.detach()
-                    for name, value in micro_stats.items():
+                    step_loss += loss.detach()
+                    for name, value in minibatch_stats.items():
                         stats[name].append(value)
-                if self.faults.step_is_finite(self.trainer.strategy, minibatch_loss):  # else skip the step
+                if self.faults.step_is_finite(self.trainer.strategy, step_loss):  # else skip the step
                     if self.ppo.max_grad_norm is not None and not clips_in_engine(self.trainer.strategy):
                         self.clip_gradients(optimizer, gradient_clip_val=self.ppo.max_grad_norm)
                     optimizer.step()
                 optimizer.zero_grad()
+            if self.ppo.early_stopping and self._kl_too_high(stats["ppo/policy/policykl"][-1]):
+                break
         means = {name: torch.stack(values).float().mean() for name, values in stats.items()}
+        # TRL's definition, from the minibatch means
+        means["ppo/val/var_explained"] = 1 - means["ppo/val/error"] / means["ppo/returns/var"]
         means["ppo/skipped_minibatches"] = torch.stack(stats["ppo/skipped_minibatches"]).float().sum()
         means["ppo/skipped_optimizer_steps"] = self.faults.pop_skipped_optimizer_steps()
+        means["ppo/epochs"] = torch.tensor(float(epochs))  # fewer than ppo_epochs after an early stop
         return means
 
+    def _kl_too_high(self, policykl: Tensor) -> bool:
+        """TRL's `_early_stop`: the last minibatch's policy KL, averaged over ranks, above 1.5 x target_kl."""
+        policykl = self.trainer.strategy.reduce(policykl.detach().clone(), reduce_op="mean")
+        return bool(policykl > 1.5 * self.ppo.target_kl)  # the same decision on every rank
+
     def _ppo_loss(self, batch: Experience) -> tuple[Tensor, dict[str, Tensor]]:
-        """Clipped policy loss + vf_coef * clipped value loss on one micro-batch, with TRL's statistics."""
+        """Clipped policy loss + vf_coef * clipped value loss on one minibatch, with TRL's statistics."""
         mask = batch.response_mask
         logits, values = self._forward(batch.input_ids, batch.attention_mask, batch.response_start)
         logits = self._tempered(logits)
@@ -525,20 +606,27 @@ class PPOModule(LightningModule):
             values, batch.old_values, batch.returns, mask, self.ppo.cliprange_value
         )
         loss = pg_loss + self.ppo.vf_coef * vf_loss
-        # TRL's guard: a micro-batch whose mean ratio explodes contributes nothing (no host sync needed)
+        # TRL's guard: a minibatch whose mean ratio explodes contributes nothing (no host sync needed)
         ratio_ok = (pg_stats["ratio"] <= self.ppo.ratio_threshold).to(loss.dtype)
+        tokens = mask.sum()
+        bessel = tokens / (tokens - 1)  # TRL's unbiased masked_var, without its host sync
         stats = {
-            "ppo/loss/policy": pg_loss.detach(),
-            "ppo/loss/value": vf_loss.detach(),
-            "ppo/loss/total": loss.detach(),
+            "ppo/loss/policy": pg_loss.detach() * ratio_ok,  # TRL zeroes the losses of a skipped minibatch
+            "ppo/loss/value": vf_loss.detach() * ratio_ok,
+            "ppo/loss/total": loss.detach() * ratio_ok,
             "ppo/policy/entropy": masked_mean(entropy_from_logits(logits.detach()), mask),
             "ppo/policy/approxkl": pg_stats["approxkl"],
             "ppo/policy/policykl": pg_stats["policykl"],
             "ppo/policy/clipfrac": pg_stats["clipfrac"],
+            "ppo/policy/advantages_mean": masked_mean(batch.advantages, mask),
             "ppo/policy/ratio": pg_stats["ratio"],
+            "ppo/returns/mean": masked_mean(batch.returns, mask),
+            "ppo/returns/var": masked_var(batch.returns, mask, unbiased=False) * bessel,
             "ppo/val/vpred": vf_stats["vpred"],
             "ppo/val/error": vf_stats["error"],
             "ppo/val/clipfrac": vf_stats["clipfrac"],
+            "ppo/val/mean": masked_mean(batch.old_values, mask),
+            "ppo/val/var": masked_var(batch.old_values, mask, unbiased=False) * bessel,
             "ppo/skipped_minibatches": 1 - ratio_ok,
         }
         return loss * ratio_ok, stats

@@ -84,6 +84,26 @@ class Rollout:
         ]
 
 
+def rollout_from_token_lists(
+    queries: list[Tensor], responses: list[Tensor], pad_token_id: int, device: torch.device
+) -> Rollout:
+    """The rollout layout of given 1-D query and response token ids (TRL's `step` inputs).
+
+    Queries are left-padded, responses right-padded; every given response token counts (no EOS cut).
+    """
+    if any(q.ndim != 1 or len(q) == 0 for q in queries) or any(r.ndim != 1 or len(r) == 0 for r in responses):
+        raise ValueError("queries and responses must be non-empty 1-D tensors of token ids")
+    P, R = max(len(q) for q in queries), max(len(r) for r in responses)
+    input_ids = torch.full((len(queries), P + R), pad_token_id, dtype=torch.long)  # (B, P + R)
+    attention_mask = torch.zeros_like(input_ids)  # (B, P + R)
+    for row, (query, response) in enumerate(zip(queries, responses, strict=True)):
+        input_ids[row, P - len(query) : P] = query
+        input_ids[row, P : P + len(response)] = response
+        attention_mask[row, P - len(query) : P + len(response)] = 1
+    input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
+    return Rollout(input_ids, attention_mask, P, attention_mask[:, P:].float())
+
+
 class FiniteLogits(LogitsProcessor):
     """NaN -> 0 and +/-inf -> the dtype's extremes, in place, so sampling never crashes on bad logits.
 

@@ -64,7 +64,9 @@ def test_wrong_type_names_the_key(capsys: pytest.CaptureFixture[str]) -> None:
 
 
 def setup_with(module: PPOModule, stage: str = "fit", **datamodule: int) -> None:
-    module._trainer = SimpleNamespace(datamodule=SimpleNamespace(**datamodule), strategy=None)  # no DeepSpeed
+    module._trainer = SimpleNamespace(  # no DeepSpeed
+        datamodule=SimpleNamespace(**datamodule), strategy=None, precision="32-true"
+    )
     try:
         module.setup(stage)
     finally:
@@ -432,10 +434,6 @@ def test_every_numeric_setting_is_checked_before_any_model_loads(
             ["--model.sampling.response_min_length", "16"],
             ["model.sampling.response_min_length", "model.sampling.response_max_length"],
         ),
-        (
-            ["--model.ppo.mini_batch_size", "32", "--model.ppo.gradient_accumulation_steps", "3"],
-            ["model.ppo.mini_batch_size", "model.ppo.gradient_accumulation_steps"],
-        ),
         (["--model.ppo.lam", "1.5"], ["model.ppo.lam"]),
         (["--model.sampling.top_p", "nan"], ['"model.sampling"', '"top_p"']),
     ],
@@ -448,13 +446,27 @@ def test_settings_that_disagree_name_both_keys(
     assert code == 2 and all(key in paragraph for key in keys), paragraph
 
 
-def test_batch_size_that_mini_batch_size_does_not_divide_exits_2(
-    tiny_assets: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Path
+@pytest.mark.parametrize(
+    ("args", "named"),
+    [
+        (["--data.batch_size", "48"], ["data.batch_size (48)", "model.ppo.mini_batch_size x"]),
+        (  # TRL's arithmetic: one optimizer step sees mini_batch_size x gradient_accumulation_steps rows
+            ["--model.ppo.gradient_accumulation_steps", "3"],
+            ["data.batch_size (64)", "model.ppo.gradient_accumulation_steps (32 x 3 = 96)"],
+        ),
+    ],
+)
+def test_batch_size_that_the_backward_batch_does_not_divide_exits_2(
+    args: list[str],
+    named: list[str],
+    tiny_assets: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    tmp_path: Path,
 ) -> None:
-    args = ["--data.batch_size", "48", "--trainer.logger.init_args.save_dir", str(tmp_path)]
-    code, err = run_cli(capsys, monkeypatch, *args)
+    code, err = run_cli(capsys, monkeypatch, *args, "--trainer.logger.init_args.save_dir", str(tmp_path))
     paragraph = error_paragraph(err, loaded=True)
-    assert code == 2 and "data.batch_size (48)" in paragraph and "model.ppo.mini_batch_size (32)" in paragraph
+    assert code == 2 and all(part in paragraph for part in named), paragraph
 
 
 def test_a_dataset_with_one_usable_prompt_exits_2(

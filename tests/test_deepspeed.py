@@ -62,7 +62,7 @@ def test_layered_configs_give_a_bf16_deepspeed_strategy_that_clips(stage: int, c
     assert isinstance(strategy, PPODeepSpeedStrategy) and zero_stage(strategy) == stage
     assert trainer["precision"] == "bf16-mixed" and trainer["accelerator"] == "gpu"
 
-    # what PPOModule.setup does: model.ppo.max_grad_norm, mini_batch_size // gradient_accumulation_steps
+    # what PPOModule.setup does: model.ppo.max_grad_norm and model.ppo.mini_batch_size
     configure_deepspeed(strategy, max_grad_norm=1.0, micro_batch_size=4)
     config = format_like_lightning(strategy, trainer["precision"])
     assert (

@@ -101,9 +101,9 @@ def test_policy_weights_stay_identical_across_ranks(ddp_run):
 
 
 def test_gradients_are_all_reduced_once_per_optimizer_step(ddp_run):
-    """With 2 micro-batches per minibatch, `no_sync` skips the all-reduce of the first one."""
+    """TRL's accumulation: one step per MINI_BATCH x ACCUMULATION rows; `no_sync` on all but the last."""
     _, (rank0, rank1) = ddp_run
-    optimizer_steps = STEPS * EPOCHS * BATCH // MINI_BATCH
+    optimizer_steps = STEPS * EPOCHS * BATCH // (MINI_BATCH * ACCUMULATION)
     assert rank0["global_step"] == rank1["global_step"] == optimizer_steps
     assert rank0["allreduces"] == rank1["allreduces"] == optimizer_steps  # not ACCUMULATION times as many
 
