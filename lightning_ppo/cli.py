@@ -1,8 +1,8 @@
-"""Command line: `python -m lightning_ppo {fit,validate,test,predict} --config configs/tiny.yaml`.
+"""Command line: `python -m lightning_ppo {fit,validate,test,predict,export} --config configs/tiny.yaml`.
 
 `python -m lightning_ppo --help` lists the commands without importing torch or Lightning, so it answers at
 once; `python -m lightning_ppo fit --help` shows every `model.*`/`data.*`/`trainer.*` key through
-LightningCLI (`lightning_cli.py`). Exit codes: 0 done, 2 a configuration mistake (one paragraph, no
+LightningCLI (`commands.py`). Exit codes: 0 done, 2 a configuration mistake (one paragraph, no
 traceback), 3 a fit stopped after too many bad (NaN/inf) steps in a row, with its checkpoint saved.
 """
 
@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 from lightning_ppo.errors import config_error_in
 
 if TYPE_CHECKING:
-    from lightning_ppo.lightning_cli import PPOCLI
+    from lightning_ppo.commands import PPOCLI
 
 PROG = "python -m lightning_ppo"
 COMMANDS = {
@@ -25,6 +25,7 @@ COMMANDS = {
     "validate": "held-out reward and KL of the policy (of a checkpoint with --ckpt_path)",
     "test": "reference vs tuned policy on held-out prompts: summary and a per-prompt CSV",
     "predict": "continue the prompts of data.predict_file with the tuned policy, as JSON lines",
+    "export": "write a checkpoint's policy as a Hugging Face folder (--ckpt_path, --output_dir, --merge)",
 }
 USAGE = f"""usage: {PROG} {{{",".join(COMMANDS)}}} [--config FILE ...] [--KEY VALUE ...]
 
@@ -37,6 +38,7 @@ examples:
   {PROG} fit --config configs/tiny.yaml        offline CPU demo
   {PROG} fit --config configs/gpt2.yaml        the notebook's task on a GPU
   {PROG} test --config configs/tiny.yaml --ckpt_path runs/tiny/version_0/checkpoints/last.ckpt
+  {PROG} export --ckpt_path runs/tiny/version_0/checkpoints/last.ckpt --output_dir tuned
   {PROG} fit --help                            every key of a command, with its default
   {PROG} fit --config configs/tiny.yaml --print_config
 """
@@ -74,15 +76,15 @@ class _DropTips(logging.Filter):
 def main(args: list[str] | None = None) -> PPOCLI:
     """Run a LightningCLI command on `args` (default: the process's arguments), libraries quieted."""
     quiet_libraries()  # before the libraries it quiets are imported by the CLI's modules
-    from lightning_ppo.lightning_cli import build_cli
+    from lightning_ppo.commands import build_cli
 
-    return build_cli(args)
+    return build_cli(args, prog=PROG)
 
 
 def run(args: list[str] | None = None) -> None:
     """The console entry point: a configuration mistake prints one paragraph (no traceback) and exits 2.
 
-    A fit stopped for too many bad steps in a row exits 3 (`faults.BAD_STEPS_EXIT_CODE`), after saving its
+    A fit stopped for too many bad steps in a row exits 3 (`nan_guard.BAD_STEPS_EXIT_CODE`), after saving its
     checkpoint. Any other exception keeps its traceback: it is a bug or a fault worth reporting.
     """
     given = sys.argv[1:] if args is None else args
@@ -90,6 +92,12 @@ def run(args: list[str] | None = None) -> None:
         print(USAGE, file=sys.stdout if given else sys.stderr)
         if not given:
             raise SystemExit(CONFIG_ERROR_EXIT_CODE)
+        return
+    if given[0] == "export":
+        quiet_libraries()
+        from lightning_ppo.commands import export_command
+
+        export_command(given[1:], prog=f"{PROG} export")
         return
     try:
         cli = main(args)
@@ -103,7 +111,7 @@ def run(args: list[str] | None = None) -> None:
 
 
 def _exit_if_stopped_for_bad_steps(cli: PPOCLI) -> None:
-    from lightning_ppo.faults import BAD_STEPS_EXIT_CODE
+    from lightning_ppo.nan_guard import BAD_STEPS_EXIT_CODE
 
     stop_checkpoint = cli.model.faults.stop_checkpoint
     if stop_checkpoint is not None:  # every rank exits with the code; rank 0 says why

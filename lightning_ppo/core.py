@@ -232,14 +232,6 @@ def value_loss(
     return loss, stats
 
 
-def explained_variance(values: Tensor, returns: Tensor, mask: Tensor) -> Tensor:
-    """0-dim `1 - var(R - V) / var(R)` over masked tokens: 1 for perfect values, <= 0 for useless ones.
-
-    Biased variances: the Bessel factors cancel in the ratio, and this skips masked_var's sync.
-    """
-    return 1 - masked_var(returns - values, mask, unbiased=False) / masked_var(returns, mask, unbiased=False)
-
-
 class AdaptiveKLController:
     """KL coefficient steered towards a target KL, Ziegler et al. 2019 (arXiv:1909.08593, section 2.2).
 

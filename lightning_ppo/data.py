@@ -11,7 +11,6 @@ import numpy as np
 import torch
 from datasets import Dataset, DatasetDict, load_dataset, load_from_disk
 from lightning import LightningDataModule
-from torch import Tensor
 from torch.utils.data import DataLoader, DistributedSampler
 from transformers import PreTrainedTokenizerBase
 
@@ -58,24 +57,6 @@ class EvalSampler(DistributedSampler):
         super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=False)
 
 
-def first_of_each_index(index: Tensor) -> Tensor:
-    """Positions of the first occurrence of each value of `index` (N,), in increasing order of the values.
-
-    Naive equivalent: `[list(index).index(i) for i in sorted(set(index))]`.
-    """
-    order = torch.argsort(index, stable=True)  # (N,)
-    ordered = index[order]
-    first = torch.ones_like(ordered, dtype=torch.bool)
-    first[1:] = ordered[1:] != ordered[:-1]
-    return order[first]
-
-
-def unique_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The first row of each held-out prompt (rows hold its `index`, which is dropped), in prompt order."""
-    keep = first_of_each_index(torch.tensor([row["index"] for row in rows], dtype=torch.long))
-    return [{k: v for k, v in rows[i].items() if k != "index"} for i in keep.tolist()]
-
-
 def collate_prompts(examples: list[dict[str, Any]], pad_token_id: int) -> dict[str, Any]:
     """Stack prompts LEFT-padded, so generation continues every prompt from the same last column.
 
@@ -119,7 +100,7 @@ class PromptDataModule(LightningDataModule):
             shuffled held-out prompts as validation.
         predict_file: Prompts for `predict`: a .txt file (one per line) or .jsonl/.json records with a
             "prompt" or `text_column` field.
-        max_prompt_tokens: Predict prompts are truncated to this many tokens.
+        predict_prompt_max_tokens: Predict prompts are truncated to this many tokens.
         num_workers: DataLoader worker processes.
         seed: Seeds the held-out split, the shuffle of the held-out prompts, the prompt lengths and the
             order of the training prompts in each epoch.
@@ -141,7 +122,7 @@ class PromptDataModule(LightningDataModule):
         val_size: int = 128,
         test_size: int = 16,
         predict_file: str | None = None,
-        max_prompt_tokens: int = 64,
+        predict_prompt_max_tokens: int = 64,
         num_workers: int = 0,
         seed: int = 0,
     ) -> None:
@@ -154,7 +135,7 @@ class PromptDataModule(LightningDataModule):
             ("batch_size", batch_size, 1),
             ("val_size", val_size, 1),
             ("test_size", test_size, 1),
-            ("max_prompt_tokens", max_prompt_tokens, 1),
+            ("predict_prompt_max_tokens", predict_prompt_max_tokens, 1),
             ("num_workers", num_workers, 0),
             ("seed", seed, 0),  # numpy's generators refuse negative seeds
         ]:
@@ -180,7 +161,7 @@ class PromptDataModule(LightningDataModule):
         self.val_size = val_size
         self.test_size = test_size
         self.predict_file = predict_file
-        self.max_prompt_tokens = max_prompt_tokens
+        self.predict_prompt_max_tokens = predict_prompt_max_tokens
         self.num_workers = num_workers
         self.seed = seed
         self.tokenizer: PreTrainedTokenizerBase | None = None
@@ -304,7 +285,7 @@ class PromptDataModule(LightningDataModule):
         )
 
     def _predict_prompts(self) -> Dataset:
-        """Prompts from `predict_file`, truncated to `max_prompt_tokens`."""
+        """Prompts from `predict_file`, truncated to `predict_prompt_max_tokens`."""
         if self.predict_file is None:
             raise ConfigError(
                 "data.predict_file is not set: give a .txt (one prompt per line) or .jsonl file"
@@ -321,7 +302,7 @@ class PromptDataModule(LightningDataModule):
                 f"data.predict_file {str(path)!r} needs a 'prompt' or {self.text_column!r} field; "
                 f"it has {records.column_names}"
             )
-        lengths = np.full(len(records), self.max_prompt_tokens)
+        lengths = np.full(len(records), self.predict_prompt_max_tokens)
         return numbered(self._tokenize(records, column, lengths))
 
     def _check_enough_train_prompts(self, num_texts: int) -> None:

@@ -1,6 +1,6 @@
 """Export the tuned policy as a Hugging Face folder (model + tokenizer), with the value head beside it.
 
-    python -m lightning_ppo.export --ckpt_path runs/tiny/version_0/checkpoints/last.ckpt --output_dir tuned
+    python -m lightning_ppo export --ckpt_path runs/tiny/version_0/checkpoints/last.ckpt --output_dir tuned
 
 The folder loads with `AutoModelForCausalLM.from_pretrained(DIR)` and `pipeline("text-generation", DIR)`;
 `value_head.safetensors` (+ `value_head.json`) hold the linear value head on the last hidden state. A LoRA
@@ -11,7 +11,6 @@ Every `fit` also ends by exporting to `<log_dir>/export/`.
 
 from __future__ import annotations
 
-import argparse
 import io
 import json
 from pathlib import Path
@@ -57,20 +56,14 @@ def load_value_head(folder: str | Path) -> torch.nn.Linear:
     return head
 
 
-def export_checkpoint(ckpt_path: str | Path, output_dir: str | Path, merge: bool = False) -> Path:
-    """Rebuild the module from the checkpoint's hyper-parameters, load its weights, and export it.
-
-    A DeepSpeed checkpoint folder (ZeRO-2 or 3) is consolidated into full weights first.
-    """
-    from lightning_ppo.module import PPOModule  # the module installs ExportOnFitEnd: import it late
-
-    source: str | Path | io.BytesIO = ckpt_path
-    if Path(ckpt_path).is_dir():
-        source = io.BytesIO()
-        torch.save(consolidate_zero_checkpoint(ckpt_path), source)
-        source.seek(0)
-    module = PPOModule.load_from_checkpoint(source, map_location="cpu", weights_only=False)
-    return export_policy(module, output_dir, merge=merge)
+def checkpoint_source(ckpt_path: str | Path) -> str | Path | io.BytesIO:
+    """What `load_from_checkpoint` can read: the file, or a DeepSpeed folder (ZeRO-2/3) consolidated."""
+    if not Path(ckpt_path).is_dir():
+        return ckpt_path
+    source = io.BytesIO()
+    torch.save(consolidate_zero_checkpoint(ckpt_path), source)
+    source.seek(0)
+    return source
 
 
 class ExportOnFitEnd(Callback):
@@ -82,28 +75,3 @@ class ExportOnFitEnd(Callback):
             if trainer.is_global_zero:
                 folder = export_policy(pl_module, Path(log_dir or trainer.default_root_dir) / "export")
                 rank_zero_info(f"Exported the tuned policy to {folder}")
-
-
-def main(args: list[str] | None = None) -> Path:
-    parser = argparse.ArgumentParser(
-        prog="python -m lightning_ppo.export",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    parser.add_argument(
-        "--ckpt_path", required=True, help="a checkpoint written by `fit` (last.ckpt; a DeepSpeed folder too)"
-    )
-    parser.add_argument("--output_dir", required=True, help="folder to write the Hugging Face model into")
-    parser.add_argument(
-        "--merge", action="store_true", help="LoRA: also write the merged model to DIR/merged"
-    )
-    parsed = parser.parse_args(args)
-    if not Path(parsed.ckpt_path).exists():
-        parser.error(f"--ckpt_path {parsed.ckpt_path!r} does not exist")
-    folder = export_checkpoint(parsed.ckpt_path, parsed.output_dir, merge=parsed.merge)
-    print(f"Exported the policy of {parsed.ckpt_path} to {folder}")
-    return folder
-
-
-if __name__ == "__main__":
-    main()

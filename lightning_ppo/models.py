@@ -1,18 +1,29 @@
-"""The policy with its value head, the frozen reference, and how they are loaded."""
+"""The models PPO reads: the policy with its value head, an optional separate critic, the frozen reference."""
 
 from __future__ import annotations
 
 import copy
+import inspect
 from collections.abc import Iterator
 from contextlib import contextmanager
 
 import torch
 from peft import PeftModel
 from torch import Tensor, nn
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import (
+    AutoModel,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
 from transformers.activations import GELUTanh, NewGELUActivation
 
+from lightning_ppo.errors import ConfigError
 from lightning_ppo.loading import load_from_source
+from lightning_ppo.lora import adapter_disabled
+
+REWARD_MODEL = "reward_model"  # `model.critic` value meaning "start from model.reward_model"
 
 
 def load_tokenizer(source: str, key: str = "model.policy") -> PreTrainedTokenizerBase:
@@ -60,17 +71,19 @@ def freeze(model: nn.Module) -> nn.Module:
 
 
 @contextmanager
-def eval_mode(model: nn.Module) -> Iterator[None]:
-    """Eval mode for the no-grad passes, then back to the model's mode.
+def eval_mode(*models: nn.Module) -> Iterator[None]:
+    """Eval mode for the no-grad passes, then each model back to its mode.
 
     Besides dropout, this keeps generation's KV cache on under gradient checkpointing.
     """
-    was_training = model.training
-    model.eval()
+    was_training = [model.training for model in models]
+    for model in models:
+        model.eval()
     try:
         yield
     finally:
-        model.train(was_training)
+        for model, mode in zip(models, was_training, strict=True):
+            model.train(mode)
 
 
 def make_reference(policy: PreTrainedModel) -> PreTrainedModel:
@@ -120,18 +133,29 @@ def response_logits(
     return (float32_linear(head, hidden) if float32_head else head(hidden)), hidden
 
 
-class PolicyWithValueHead(nn.Module):
-    """A causal LM with a scalar value head on its last hidden state (TRL's ValueHead, no dropout).
+class ValueHead(nn.Linear):
+    """A scalar value for each hidden state (TRL's ValueHead without dropout): (B, R, H) -> (B, R) float32."""
 
-    The value head reads the same hidden states as the LM head, so one forward pass gives the
-    log-probs and the values (the "shared trunk" critic of the notebook). Without `value_head` (a
-    separate critic gives the values) it returns no values.
+    def __init__(self, hidden_size: int) -> None:
+        super().__init__(hidden_size, 1)
+
+    def forward(self, hidden: Tensor, float32: bool = False) -> Tensor:
+        if float32:
+            return float32_linear(self, hidden).squeeze(-1)
+        return super().forward(hidden.to(self.weight.dtype)).squeeze(-1).float()
+
+
+class PolicyWithValueHead(nn.Module):
+    """A causal LM with a value head on its last hidden state (the notebook's shared-trunk critic).
+
+    One forward pass gives the response logits and the values. Without `value_head` (a separate critic
+    gives the values, or a critic-free estimator needs none) it returns no values.
     """
 
     def __init__(self, lm: PreTrainedModel, value_head: bool = True) -> None:
         super().__init__()
         self.lm = lm
-        self.v_head = nn.Linear(lm.config.get_text_config().hidden_size, 1) if value_head else None
+        self.v_head = ValueHead(lm.config.get_text_config().hidden_size) if value_head else None
         self.float32_head = False  # compute the LM head and the value head in float32 (model.fp32_lm_head)
 
     def forward(
@@ -141,13 +165,87 @@ class PolicyWithValueHead(nn.Module):
         logits, hidden = response_logits(
             self.lm, input_ids, attention_mask, response_start, self.float32_head
         )
-        if self.v_head is None:
-            return logits, None
-        if self.float32_head:
-            return logits, float32_linear(self.v_head, hidden).squeeze(-1)
-        values = self.v_head(hidden.to(self.v_head.weight.dtype)).squeeze(-1).float()
+        values = None if self.v_head is None else self.v_head(hidden, self.float32_head)
         return logits, values
 
-    @torch.no_grad()
-    def generate(self, **kwargs) -> Tensor:
-        return self.lm.generate(**kwargs)
+
+class ValueModel(nn.Module):
+    """A separate critic: a backbone (`AutoModel`, any LM head dropped) + a value head per response token.
+
+    Newer TRL PPO and "The N+ implementation details of RLHF with PPO" (Huang et al. 2024) train the value
+    function as its own model, initialised from the reward model. It reads the policy's token ids.
+    """
+
+    def __init__(self, source: str, key: str = "model.critic") -> None:
+        super().__init__()
+        self.backbone = load_from_source(AutoModel.from_pretrained, source, key, "model")
+        self.v_head = ValueHead(self.backbone.config.get_text_config().hidden_size)
+        self._takes_positions = "position_ids" in inspect.signature(self.backbone.forward).parameters
+        self.float32_head = False  # the head in float32 (model.fp32_lm_head)
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor, response_start: int) -> Tensor:
+        """Values (B, R) float32 of the states before each response token, as the policy's value head."""
+        extra = {"position_ids": position_ids_from_mask(attention_mask)} if self._takes_positions else {}
+        hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask, **extra).last_hidden_state
+        return self.v_head(hidden[:, response_start - 1 : -1], self.float32_head)  # from (B, R, H)
+
+
+def build_critic(source: str, reward_source: str, policy_tokenizer: PreTrainedTokenizerBase) -> ValueModel:
+    """The critic `model.critic` names ("reward_model": `model.reward_model`); refuses another vocabulary."""
+    from_reward = source == REWARD_MODEL
+    resolved, key = (reward_source, "model.reward_model") if from_reward else (source, "model.critic")
+    if load_tokenizer(resolved, key).get_vocab() != policy_tokenizer.get_vocab():
+        raise ConfigError(
+            f"model.critic={source!r} ({resolved}) has a different tokenizer from model.policy: a critic "
+            "gives one value per policy token, so it must read the policy's token ids. Use a critic "
+            "built on the policy's tokenizer (e.g. model.critic set to model.policy), or leave "
+            "model.critic null for the value head on the policy."
+        )
+    return ValueModel(resolved, key)
+
+
+class PPOModels:
+    """What one PPO iteration reads, for the plain functions of `experience` and `update`.
+
+    The trainable policy (with its value head), an optional separate critic, and the frozen reference (a
+    copy, or None with LoRA: the policy with its adapter disabled). Log-prob passes divide the logits by
+    the sampling temperature, so the log-probs belong to the distribution that was sampled.
+    """
+
+    def __init__(
+        self,
+        policy: PolicyWithValueHead,
+        critic: ValueModel | None,
+        reference: nn.Module | None,
+        temperature: float,
+    ) -> None:
+        self.policy, self.critic, self.reference, self.temperature = policy, critic, reference, temperature
+
+    def logits_and_values(
+        self, input_ids: Tensor, attention_mask: Tensor, response_start: int
+    ) -> tuple[Tensor, Tensor | None]:
+        """Tempered response logits (B, R, V) and values (B, R): the policy's value head or the critic's."""
+        logits, values = self.policy(input_ids, attention_mask, response_start)
+        if self.critic is not None:
+            values = self.critic(input_ids, attention_mask, response_start)
+        return self.tempered(logits), values
+
+    def reference_logits(self, input_ids: Tensor, attention_mask: Tensor, response_start: int) -> Tensor:
+        """Tempered response logits (B, R, V) of the frozen starting policy."""
+        with self.reference_lm() as reference:  # never around the policy's pass: it may disable LoRA
+            logits, _ = response_logits(
+                reference, input_ids, attention_mask, response_start, self.policy.float32_head
+            )
+        return self.tempered(logits)
+
+    @contextmanager
+    def reference_lm(self) -> Iterator[nn.Module]:
+        """The frozen starting LM: the reference copy, or the LoRA policy with its adapter switched off."""
+        if self.reference is not None:
+            yield self.reference
+            return
+        with adapter_disabled(self.policy.lm) as lm:
+            yield lm
+
+    def tempered(self, logits: Tensor) -> Tensor:
+        return logits if self.temperature == 1.0 else logits / self.temperature

@@ -58,8 +58,8 @@ class CPUDeepSpeedStrategy(PPODeepSpeedStrategy):
     """
 
     def setup_environment(self) -> None:
-        assert self.parallel_devices is not None
-        self.parallel_devices = [torch.device("cpu", index) for index in range(len(self.parallel_devices))]
+        devices = self.parallel_devices or []  # Lightning's accelerator connector has set them by now
+        self.parallel_devices = [torch.device("cpu", index) for index in range(len(devices))]
         _skip_shared_memory_comm_build()
         super(DeepSpeedStrategy, self).setup_environment()  # DDPStrategy's: DeepSpeedStrategy's is CUDA-only
 

@@ -7,9 +7,11 @@ from collections.abc import Callable
 
 import torch
 from torch import Tensor, nn
-from transformers import AutoModelForSequenceClassification, AutoTokenizer
+from transformers import AutoModelForSequenceClassification, AutoTokenizer, PreTrainedTokenizerBase
 
-from lightning_ppo.loading import ConfigError, load_from_source
+from lightning_ppo.errors import ConfigError
+from lightning_ppo.loading import load_from_source
+from lightning_ppo.rollout import Rollout, decode_rows
 
 
 class RewardModel(nn.Module):
@@ -20,6 +22,16 @@ class RewardModel(nn.Module):
 
     def forward(self, texts: list[str], queries: list[str], responses: list[str]) -> Tensor:
         raise NotImplementedError
+
+
+def score_rollout(
+    reward: RewardModel, tokenizer: PreTrainedTokenizerBase, rollout: Rollout
+) -> tuple[Tensor, list[str]]:
+    """Scores (B,) float32 of each prompt + response as text, and the decoded responses."""
+    texts = decode_rows(tokenizer, rollout.input_ids, rollout.attention_mask)
+    queries = decode_rows(tokenizer, rollout.query_ids, rollout.attention_mask[:, : rollout.response_start])
+    responses = decode_rows(tokenizer, rollout.response_ids, rollout.response_mask)
+    return reward(texts, queries, responses).to(rollout.input_ids.device), responses
 
 
 class ClassifierReward(RewardModel):

@@ -6,7 +6,13 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor
-from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList, PreTrainedModel
+from transformers import (
+    GenerationConfig,
+    LogitsProcessor,
+    LogitsProcessorList,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
 
 from lightning_ppo.errors import ConfigError, check_number
 
@@ -102,6 +108,12 @@ def rollout_from_token_lists(
         attention_mask[row, P - len(query) : P + len(response)] = 1
     input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
     return Rollout(input_ids, attention_mask, P, attention_mask[:, P:].float())
+
+
+def decode_rows(tokenizer: PreTrainedTokenizerBase, ids: Tensor, mask: Tensor) -> list[str]:
+    """The text of each row's kept tokens (mask 1), special tokens dropped. (B, L) -> B strings."""
+    rows = [row[keep] for row, keep in zip(ids, mask.bool(), strict=True)]
+    return tokenizer.batch_decode(rows, skip_special_tokens=True)
 
 
 class FiniteLogits(LogitsProcessor):

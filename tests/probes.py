@@ -17,6 +17,8 @@ from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DistributedSampler
 
+import lightning_ppo.module as module_file
+from lightning_ppo import update
 from lightning_ppo.core import logprobs_from_logits
 
 
@@ -52,29 +54,30 @@ class RankProbe(Callback):
         self.record["world_size"] = trainer.world_size
         if isinstance(trainer.model, DistributedDataParallel):
             trainer.model.register_comm_hook(None, self._counting_allreduce)
-        score, ppo_loss = pl_module._score, pl_module._ppo_loss
+        score, ppo_loss = module_file.score_rollout, update.ppo_loss
 
-        def recording_score(rollout):
-            scores, responses = score(rollout)
+        def recording_score(reward, tokenizer, rollout):
+            scores, responses = score(reward, tokenizer, rollout)
             key = "train_scores" if trainer.training else "val_scores"
             self.record[key].append(scores.tolist())
             if trainer.training:
                 self.record["response_lengths"].append(rollout.response_mask.sum(-1).tolist())
             return scores, responses
 
-        def recording_ppo_loss(batch):
+        def recording_ppo_loss(models, batch, config):
             if not self._first_loss_done:  # before any optimizer step of this PPO step
                 self._first_loss_done = True
                 with torch.no_grad():
                     logits, _ = pl_module.policy(batch.input_ids, batch.attention_mask, batch.response_start)
-                    logprobs = logprobs_from_logits(pl_module._tempered(logits), batch.response_ids)
+                    logprobs = logprobs_from_logits(models.tempered(logits), batch.response_ids)
                 gap = ((logprobs - batch.old_logprobs) * batch.response_mask).abs().max()
                 self.record["first_minibatch_gap"].append(float(gap))
                 self.record["logit_dtypes"].append(str(logits.dtype))
                 self.record["logprob_dtypes"].append(str(logprobs.dtype))
-            return ppo_loss(batch)
+            return ppo_loss(models, batch, config)
 
-        pl_module._score, pl_module._ppo_loss = recording_score, recording_ppo_loss
+        module_file.score_rollout, update.ppo_loss = recording_score, recording_ppo_loss
+        self._originals = score, ppo_loss  # put back at the end of fit (some tests fit in-process)
 
     # no annotations: DDP refuses a hook whose `bucket` annotation is not the class dist.GradBucket itself
     def _counting_allreduce(self, state, bucket):
@@ -88,6 +91,7 @@ class RankProbe(Callback):
         self.record["kl_coef"].append(float(pl_module.kl_ctl.value))
 
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        module_file.score_rollout, update.ppo_loss = self._originals
         self.record["end_hash"] = weights_hash(pl_module.policy)
         self.record["global_step"] = trainer.global_step
         sampler = trainer.train_dataloader.sampler

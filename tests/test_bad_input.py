@@ -19,10 +19,10 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer, PreT
 
 from lightning_ppo import cli
 from lightning_ppo.data import PromptDataModule
-from lightning_ppo.loading import ConfigError
+from lightning_ppo.errors import ConfigError
 from lightning_ppo.models import load_causal_lm, load_tokenizer
 from lightning_ppo.module import PPOModule
-from lightning_ppo.rewards import ClassifierReward
+from lightning_ppo.rewards import ClassifierReward, score_rollout
 from lightning_ppo.rollout import SamplingConfig, sample_responses
 from lightning_ppo.tiny import MAX_POSITIONS
 
@@ -88,8 +88,8 @@ def test_lengths_beyond_the_policy_context(module: PPOModule) -> None:
     message = str(error.value)
     assert "data.prompt_max_tokens" in message and "model.sampling.response_max_length" in message
     assert f"{MAX_POSITIONS} positions" in message
-    with pytest.raises(ConfigError, match=r"data\.max_prompt_tokens"):
-        setup_with(module, "predict", max_prompt_tokens=MAX_POSITIONS)
+    with pytest.raises(ConfigError, match=r"data\.predict_prompt_max_tokens"):
+        setup_with(module, "predict", predict_prompt_max_tokens=MAX_POSITIONS)
 
 
 def test_unknown_reward_label_lists_the_labels(tiny_assets: Path) -> None:
@@ -181,7 +181,7 @@ def test_reward_with_another_tokenizer_scores_the_decoded_text(module: PPOModule
         pad_token_id=module.tokenizer.pad_token_id,
         eos_token_id=module.tokenizer.eos_token_id,
     )
-    scores, _ = module._score(rollout)
+    scores, _ = score_rollout(module.reward, module.tokenizer, rollout)
 
     texts = [
         module.tokenizer.decode(ids[mask.bool()], skip_special_tokens=True)
@@ -348,7 +348,7 @@ NUMERIC_KEYS = {
     "data.eval_batch_size": False,
     "data.val_size": False,
     "data.test_size": False,
-    "data.max_prompt_tokens": False,
+    "data.predict_prompt_max_tokens": False,
     "data.num_workers": True,
     "data.seed": True,
     "model.reward_batch_size": False,

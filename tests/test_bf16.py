@@ -39,8 +39,9 @@ def test_bf16_mixed_fit_on_cpu(tiny_assets: Path, tmp_path: Path):
     assert len(logged["env/reward_mean"]) == STEPS
     assert all(math.isfinite(v) for values in logged.values() for v in values)
 
-    assert record["logit_dtypes"] == ["torch.float32"] * STEPS  # fp32_lm_head is on by default under bf16
-    assert record["logprob_dtypes"] == ["torch.float32"] * STEPS
+    # autocast is on, and model.fp32_lm_head (on by default under bf16) computes the head in float32...
+    assert record["logit_dtypes"] == ["torch.float32"] * STEPS
+    assert record["logprob_dtypes"] == ["torch.float32"] * STEPS  # ...and log-probs are still float32
     # The first minibatch recomputes the rollout's log-probs on fewer rows with less padding. On CPU the
     # extra padding only adds exact zeros (measured gap: 0.0 on every step); on GPU other shapes may pick
     # other kernels and round differently, so the bound is bf16's epsilon (2^-7), not 0.

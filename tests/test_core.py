@@ -490,22 +490,6 @@ def test_value_loss_without_change_is_half_the_error(mask: torch.Tensor) -> None
     assert stats["clipfrac"] == 0
 
 
-def test_explained_variance_matches_loop(mask: torch.Tensor) -> None:
-    returns = padded(torch.randn(mask.shape, dtype=torch.float64) * 2, mask)
-    values = padded(returns + torch.randn(mask.shape, dtype=torch.float64), mask, fill=-PAD)
-    residuals = [float(returns[b, t]) - float(values[b, t]) for b, n in enumerate(LENGTHS) for t in range(n)]
-    expected = 1 - naive_var(residuals, unbiased=True) / naive_var(real_entries(returns, mask), unbiased=True)
-    out = core.explained_variance(values, returns, mask)
-    assert out.ndim == 0
-    assert_close(out, scalar(expected))
-
-
-def test_explained_variance_is_one_for_perfect_values(mask: torch.Tensor) -> None:
-    returns = torch.randn(mask.shape, dtype=torch.float64)
-    values = padded(returns, mask, fill=-PAD)
-    assert_close(core.explained_variance(values, padded(returns, mask), mask), scalar(1.0))
-
-
 # ---------------------------------------------------------------- KL controllers
 
 

@@ -9,8 +9,7 @@ import torch
 from transformers import AutoModel
 
 from lightning_ppo.cli import main
-from lightning_ppo.critic import ValueModel, build_critic
-from lightning_ppo.models import load_tokenizer
+from lightning_ppo.models import ValueModel, build_critic, load_tokenizer
 from lightning_ppo.module import PPOModule
 from tests.test_cli import TINY, scalars
 
@@ -23,7 +22,7 @@ def test_the_critic_gives_the_values_and_has_its_own_learning_rate(tiny_assets: 
     encoded = module.tokenizer(["the movie was great", "this film"], return_tensors="pt", padding=True)
     args = (encoded.input_ids, encoded.attention_mask, 2)
     with torch.no_grad():
-        _, values = module._forward(*args)
+        _, values = module.models.logits_and_values(*args)
         torch.testing.assert_close(values, module.critic(*args))
     assert values.shape == (2, encoded.input_ids.shape[1] - 2)
     groups = module.configure_optimizers().param_groups

@@ -182,7 +182,7 @@ def test_train_loader_drops_the_last_partial_batch(tmp_path: Path, tokenizer_dir
 def test_predict_prompts_from_txt(tmp_path: Path, tokenizer_dir: str) -> None:
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("the movie was\n\nthis film is about the war and the family of the hero\nit\n")
-    module = make_module("unused", tokenizer_dir, predict_file=str(prompts), max_prompt_tokens=6)
+    module = make_module("unused", tokenizer_dir, predict_file=str(prompts), predict_prompt_max_tokens=6)
     module.setup("predict")
     batch = next(iter(module.predict_dataloader()))
     assert batch["query"] == ["the movie was", "this film is about the war", "it"]

@@ -20,8 +20,8 @@ from safetensors.torch import load_file
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from transformers import AutoModelForCausalLM
 
+from lightning_ppo.commands import export_command
 from lightning_ppo.export import load_value_head
-from lightning_ppo.export import main as export_main
 
 ROOT = Path(__file__).parents[1]
 TINY = str(ROOT / "configs" / "tiny.yaml")
@@ -141,7 +141,7 @@ def test_test_runs_on_the_checkpoint_with_its_weights(runs):
 
 
 def test_the_export_command_consolidates_a_checkpoint_folder(runs, tmp_path: Path):
-    folder = export_main(
+    folder = export_command(
         ["--ckpt_path", str(runs["whole"] / "checkpoints" / "last.ckpt"), "--output_dir", str(tmp_path)]
     )
     exported, expected = policy_weights(folder), policy_weights(runs["whole"] / "export")

@@ -9,8 +9,10 @@ import torch
 
 from lightning_ppo.core import logprobs_from_logits
 from lightning_ppo.data import collate_prompts
+from lightning_ppo.experience import make_experience, rollout_passes
 from lightning_ppo.module import PPOModule
 from lightning_ppo.rollout import Rollout, draw_response_lengths
+from lightning_ppo.update import ppo_loss
 
 
 @pytest.fixture(scope="module")
@@ -19,19 +21,19 @@ def module(tiny_assets: Path) -> PPOModule:
     return PPOModule(policy="tiny:policy", reward_model="tiny:reward")
 
 
-def make_experience(module: PPOModule):
+def experience_of_a_rollout(module: PPOModule):
     prompts = ["the movie", "a", "this film was really", "the plot and the actor were", "an"]
     examples = [{"input_ids": module.tokenizer(p).input_ids, "query": p} for p in prompts]
     batch = collate_prompts(examples, module.tokenizer.pad_token_id)
     lengths = draw_response_lengths(len(prompts), module.sampling, module.device)
     rollout = module._sample(module.policy.lm, batch, lengths)
-    logprobs, values, _, _ = module._old_logprobs_values_ref(rollout)
-    return module._make_experience(rollout, logprobs, values, rewards=torch.randn_like(logprobs))
+    passes = rollout_passes(module.models, rollout)
+    return make_experience(rollout, passes, torch.randn_like(passes.logprobs), module.ppo)
 
 
 def test_select_trims_padding_and_keeps_log_probs(module: PPOModule):
     torch.manual_seed(1)
-    experience = make_experience(module)
+    experience = experience_of_a_rollout(module)
     rows = torch.tensor([1, 4])  # the two one-token prompts: every other row's padding can go
     minibatch = experience.select(rows)
     assert minibatch.input_ids.shape[1] < experience.input_ids.shape[1]
@@ -51,17 +53,14 @@ def test_select_trims_padding_and_keeps_log_probs(module: PPOModule):
 
 def test_forward_micro_batches_change_no_number(module: PPOModule):
     torch.manual_seed(2)
-    experience = make_experience(module)
+    experience = experience_of_a_rollout(module)
     rollout = Rollout(
         experience.input_ids, experience.attention_mask, experience.response_start, experience.response_mask
     )
-    whole = module._old_logprobs_values_ref(rollout)[:3]
-    module.hparams.forward_batch_size = 2
-    try:
-        chunked = module._old_logprobs_values_ref(rollout)[:3]
-    finally:
-        module.hparams.forward_batch_size = None
-    for a, b in zip(whole, chunked, strict=True):
+    whole = rollout_passes(module.models, rollout)
+    chunked = rollout_passes(module.models, rollout, chunk=2)
+    for a, b in [(whole.logprobs, chunked.logprobs), (whole.values, chunked.values),
+                 (whole.ref_logprobs, chunked.ref_logprobs)]:  # fmt: skip
         torch.testing.assert_close(a, b, atol=1e-6, rtol=0)
 
 
@@ -75,8 +74,9 @@ def test_gradient_checkpointing_gives_the_same_gradients(tiny_assets: Path):
         assert module.policy.lm.is_gradient_checkpointing is checkpointing
         module.train()
         torch.manual_seed(3)
-        experience = make_experience(module)
-        loss, _ = module._ppo_loss(experience.select(torch.arange(experience.input_ids.shape[0])))
+        experience = experience_of_a_rollout(module)
+        rows = torch.arange(experience.input_ids.shape[0])
+        loss, _ = ppo_loss(module.models, experience.select(rows), module.ppo)
         loss.backward()
         grads.append([p.grad.clone() for p in module.policy.parameters()])
     for a, b in zip(*grads, strict=True):

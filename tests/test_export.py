@@ -10,8 +10,8 @@ from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer, pipeline
 
 from lightning_ppo.cli import main
+from lightning_ppo.commands import export_command
 from lightning_ppo.export import export_policy, load_value_head
-from lightning_ppo.export import main as export_main
 from lightning_ppo.lora import LoraOptions
 from lightning_ppo.module import PPOModule
 
@@ -69,7 +69,7 @@ def test_fit_ends_with_an_export_of_the_tuned_policy(fitted, tiny_assets: Path):
 def test_the_export_command_rebuilds_the_policy_from_a_checkpoint(fitted, tmp_path: Path):
     cli, log_dir = fitted
     assert torch.load(log_dir / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 24
-    folder = export_main(
+    folder = export_command(
         ["--ckpt_path", str(log_dir / "checkpoints" / "last.ckpt"), "--output_dir", str(tmp_path / "out")]
     )
     assert_matches_module(folder, cli.model)
@@ -77,7 +77,7 @@ def test_the_export_command_rebuilds_the_policy_from_a_checkpoint(fitted, tmp_pa
 
 def test_the_export_command_names_a_missing_checkpoint(tmp_path: Path, capsys: pytest.CaptureFixture[str]):
     with pytest.raises(SystemExit):
-        export_main(["--ckpt_path", str(tmp_path / "nope.ckpt"), "--output_dir", str(tmp_path / "out")])
+        export_command(["--ckpt_path", str(tmp_path / "nope.ckpt"), "--output_dir", str(tmp_path / "out")])
     assert "--ckpt_path" in capsys.readouterr().err
 
 

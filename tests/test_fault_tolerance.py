@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from lightning_ppo.fault_tolerance import AtomicCheckpointIO
+from lightning_ppo.checkpointing import AtomicCheckpointIO
 
 ROOT = Path(__file__).parents[1]
 OPT_STEPS_PER_PPO_STEP = 8  # 4 PPO epochs x (16 / 8) minibatches

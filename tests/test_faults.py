@@ -17,11 +17,12 @@ from lightning.pytorch.loggers import Logger
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from transformers import GenerationConfig
 
-import lightning_ppo.module as module_file
+import lightning_ppo.experience as experience_file
+from lightning_ppo import update
 from lightning_ppo.cli import main, run
 from lightning_ppo.data import PromptDataModule
-from lightning_ppo.faults import BAD_STEPS_EXIT_CODE, STOP_CHECKPOINT
 from lightning_ppo.module import PPOConfig, PPOModule
+from lightning_ppo.nan_guard import BAD_STEPS_EXIT_CODE, STOP_CHECKPOINT
 from lightning_ppo.rollout import SamplingConfig, sample_responses
 
 TINY = str(Path(__file__).parents[1] / "configs" / "tiny.yaml")
@@ -173,16 +174,26 @@ def test_ratio_above_threshold_zeroes_the_minibatch_and_is_counted(tiny_assets: 
 
 
 class NaNLossModule(PPOModule):
-    """Its loss is NaN on the micro-batch calls listed in `nan_calls` (all when None)."""
+    """Its loss is NaN on the minibatch calls listed in `nan_calls` (all when None)."""
 
     nan_calls: set[int] | None = None
     calls = 0
 
-    def _ppo_loss(self, batch):
-        loss, stats = super()._ppo_loss(batch)
-        bad = self.nan_calls is None or self.calls in self.nan_calls
-        self.calls += 1
-        return (loss * float("nan") if bad else loss), stats
+    def on_train_start(self) -> None:
+        ppo_loss = update.ppo_loss
+
+        def nan_loss(models, batch, config):
+            loss, stats = ppo_loss(models, batch, config)
+            bad = self.nan_calls is None or self.calls in self.nan_calls
+            self.calls += 1
+            return (loss * float("nan") if bad else loss), stats
+
+        update.ppo_loss = nan_loss  # put back when training ends
+
+    def on_train_end(self) -> None:
+        update.ppo_loss = self._original_ppo_loss
+
+    _original_ppo_loss = staticmethod(update.ppo_loss)
 
 
 def adam_steps(module: PPOModule) -> list[int]:
@@ -207,7 +218,7 @@ def test_consecutive_bad_steps_stop_the_run_with_a_checkpoint(
 ) -> None:
     module = make_module(NaNLossModule, max_consecutive_bad_steps=3)
     before = policy_state(module)
-    with caplog.at_level(logging.ERROR, logger="lightning_ppo.faults"):
+    with caplog.at_level(logging.ERROR, logger="lightning_ppo.nan_guard"):
         trainer, logger = fit(module, tmp_path, steps=3)
     assert trainer.should_stop
     assert logger.metrics["ppo/skipped_optimizer_steps"] == [float(OPTIMIZER_STEPS_PER_PPO_STEP)]  # 1 step
@@ -240,14 +251,14 @@ def test_score_lands_on_eos_and_nothing_after_it(
 
     module.policy.lm.generate = fixed_generate
     seen = {}
-    compute_rewards = module_file.compute_rewards
+    compute_rewards = experience_file.compute_rewards
 
     def recording_compute_rewards(scores, logprobs, ref_logprobs, mask, *args):
         out = compute_rewards(scores, logprobs, ref_logprobs, mask, *args)
         seen.update(scores=scores, mask=mask, rewards=out[0], non_score=out[1])
         return out
 
-    monkeypatch.setattr(module_file, "compute_rewards", recording_compute_rewards)
+    monkeypatch.setattr(experience_file, "compute_rewards", recording_compute_rewards)
     fit(module, tmp_path, steps=1)
 
     mask, rewards, score_part = seen["mask"], seen["rewards"], seen["rewards"] - seen["non_score"]

@@ -34,7 +34,7 @@ def test_reference_is_the_base_model_with_the_adapter_off(tiny_assets: Path):
     base = freeze(load_causal_lm("tiny:policy"))  # frozen as the full-fine-tuning reference is
     with torch.no_grad():
         expected, expected_hidden = response_logits(base, input_ids, mask, 2)
-        with module._reference() as reference:
+        with module.models.reference_lm() as reference:
             ref_logits, ref_hidden = response_logits(reference, input_ids, mask, 2)
         policy_logits, _ = module.policy(input_ids, mask, 2)
     torch.testing.assert_close(ref_hidden, expected_hidden, rtol=0, atol=0)

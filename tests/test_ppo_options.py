@@ -7,12 +7,14 @@ from pathlib import Path
 import pytest
 import torch
 
-import lightning_ppo.module as module_lib
+import lightning_ppo.experience as experience_lib
 from lightning_ppo.cli import main
 from lightning_ppo.core import logprobs_from_logits
+from lightning_ppo.experience import make_experience, rollout_passes
 from lightning_ppo.models import response_logits
 from lightning_ppo.module import PPOModule
 from lightning_ppo.rollout import SamplingConfig
+from lightning_ppo.update import ppo_loss
 from tests.test_cli import TINY, scalars
 
 
@@ -26,7 +28,8 @@ def test_temperature_divides_the_logits_of_old_ref_and_training_passes(tiny_asse
     encoded = module.tokenizer(["the movie was", "this film is"], return_tensors="pt", padding=True)
     batch = {"input_ids": encoded.input_ids, "attention_mask": encoded.attention_mask}
     rollout = module._sample(module.policy.lm, batch, torch.tensor([5, 6]))
-    old, values, ref, _ = module._old_logprobs_values_ref(rollout)
+    passes = rollout_passes(module.models, rollout)
+    old, ref = passes.logprobs, passes.ref_logprobs
 
     args = (rollout.input_ids, rollout.attention_mask, rollout.response_start)
     with torch.no_grad():
@@ -41,8 +44,8 @@ def test_temperature_divides_the_logits_of_old_ref_and_training_passes(tiny_asse
     # the training pass tempers too: on unchanged weights its ratio to the rollout's log-probs is exactly 1
     rewards = torch.zeros_like(mask)
     rewards[:, 0] = torch.tensor([1.0, -1.0])
-    experience = module._make_experience(rollout, old, values, rewards)
-    _, stats = module._ppo_loss(experience.select(torch.arange(2)))
+    experience = make_experience(rollout, passes, rewards, module.ppo)
+    _, stats = ppo_loss(module.models, experience.select(torch.arange(2)), module.ppo)
     assert stats["ppo/policy/ratio"] == 1.0 and stats["ppo/policy/approxkl"] == 0.0
 
 
@@ -61,14 +64,14 @@ def test_k3_reaches_the_rewards_and_the_adaptive_controller_follows_its_formula(
     tiny_assets: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ):
     calls = []
-    original = module_lib.compute_rewards
+    original = experience_lib.compute_rewards
 
     def spy(scores, logprobs, ref_logprobs, mask, kl_coef, kind):
         result = original(scores, logprobs, ref_logprobs, mask, kl_coef, kind)
         calls.append((logprobs, ref_logprobs, mask, kl_coef, kind, result[1]))
         return result
 
-    monkeypatch.setattr(module_lib, "compute_rewards", spy)
+    monkeypatch.setattr(experience_lib, "compute_rewards", spy)
     cli = _fit(tmp_path, 3, "--model.ppo.kl_penalty", "k3")
     logprobs, ref_logprobs, mask, kl_coef, kind, non_score = calls[-1]
     assert kind == "k3"

@@ -12,6 +12,7 @@ import torch
 
 from lightning_ppo.core import compute_rewards, logprobs_from_logits
 from lightning_ppo.data import collate_prompts
+from lightning_ppo.experience import make_experience, rollout_passes
 from lightning_ppo.module import PPOConfig, PPOModule
 from lightning_ppo.rollout import draw_response_lengths
 
@@ -38,10 +39,12 @@ def first_minibatch_logprob_gap(disable_dropout: bool) -> float:
     )
     lengths = draw_response_lengths(BATCH, module.sampling, module.device)
     rollout = module._sample(module.policy.lm, batch, lengths)
-    old_logprobs, old_values, ref_logprobs, _ = module._old_logprobs_values_ref(rollout)
+    passes = rollout_passes(module.models, rollout)
     scores = torch.zeros(BATCH)
-    rewards, _, _ = compute_rewards(scores, old_logprobs, ref_logprobs, rollout.response_mask, 0.1, "kl")
-    experience = module._make_experience(rollout, old_logprobs, old_values, rewards)
+    rewards, _, _ = compute_rewards(
+        scores, passes.logprobs, passes.ref_logprobs, rollout.response_mask, 0.1, "kl"
+    )
+    experience = make_experience(rollout, passes, rewards, module.ppo)
 
     module.train()  # as in training_step: the policy is in train mode for the PPO epochs
     minibatch = experience.select(torch.randperm(BATCH)[:MINI_BATCH])

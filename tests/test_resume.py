@@ -9,8 +9,8 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch.utils.data import Dataset
 
+from lightning_ppo.checkpointing import AtomicCheckpointIO
 from lightning_ppo.cli import main
-from lightning_ppo.fault_tolerance import AtomicCheckpointIO
 from lightning_ppo.resumable import resumable_loader
 
 TINY = str(Path(__file__).parents[1] / "configs" / "tiny.yaml")

@@ -1,4 +1,4 @@
-"""The LightningCLI behind `python -m lightning_ppo {fit,validate,test,predict}`: keys, links, callbacks.
+"""The commands behind `python -m lightning_ppo`: LightningCLI's fit/validate/test/predict, and export.
 
 LightningCLI turns the typed arguments of `PPOModule` and `PromptDataModule` into `model.*` and `data.*`
 keys; `--print_config` shows every key with its default. Imported only once a command runs (see `cli.py`).
@@ -6,17 +6,18 @@ keys; `--print_config` shows every key with its default. Imported only once a co
 
 from __future__ import annotations
 
+import argparse
 import sys
 import warnings
+from pathlib import Path
 from typing import NoReturn
 
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
-from lightning_ppo.callbacks import PPOProgressBar
 from lightning_ppo.data import PromptDataModule
+from lightning_ppo.export import ExportOnFitEnd, checkpoint_source, export_policy
 from lightning_ppo.module import PPOModule
-
-PROG = "python -m lightning_ppo"
+from lightning_ppo.progress_bar import PPOProgressBar
 
 
 class OneParagraphParser(LightningArgumentParser):
@@ -40,7 +41,7 @@ class PPOCLI(LightningCLI):
         PromptDataModule(**config.data.as_dict())
 
 
-def build_cli(args: list[str] | None = None) -> PPOCLI:
+def build_cli(args: list[str] | None, prog: str) -> PPOCLI:
     """Parse `args` (default: the process's arguments), build the classes and run the command."""
     # the reference and reward model are in eval mode on purpose
     warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode")
@@ -51,9 +52,32 @@ def build_cli(args: list[str] | None = None) -> PPOCLI:
         PromptDataModule,
         args=args,
         parser_class=OneParagraphParser,
-        parser_kwargs={"prog": PROG},
+        parser_kwargs={"prog": prog},
         seed_everything_default=0,
-        trainer_defaults={"callbacks": [PPOProgressBar()]},
+        trainer_defaults={"callbacks": [PPOProgressBar(), ExportOnFitEnd()]},
         # a requeued SLURM job reuses its log directory: the saved config may be overwritten
         save_config_kwargs={"overwrite": True},
     )
+
+
+def export_command(args: list[str], prog: str = "python -m lightning_ppo export") -> Path:
+    """`python -m lightning_ppo export`: rebuild the module from a checkpoint and export its policy."""
+    parser = argparse.ArgumentParser(
+        prog=prog,
+        description="Write the tuned policy of a checkpoint as a Hugging Face folder.",
+    )
+    parser.add_argument(
+        "--ckpt_path", required=True, help="a checkpoint written by `fit` (last.ckpt; a DeepSpeed folder too)"
+    )
+    parser.add_argument("--output_dir", required=True, help="folder to write the Hugging Face model into")
+    parser.add_argument(
+        "--merge", action="store_true", help="LoRA: also write the merged model to DIR/merged"
+    )
+    parsed = parser.parse_args(args)
+    if not Path(parsed.ckpt_path).exists():
+        parser.error(f"--ckpt_path {parsed.ckpt_path!r} does not exist")
+    source = checkpoint_source(parsed.ckpt_path)
+    module = PPOModule.load_from_checkpoint(source, map_location="cpu", weights_only=False)
+    folder = export_policy(module, parsed.output_dir, merge=parsed.merge)
+    print(f"Exported the policy of {parsed.ckpt_path} to {folder}")
+    return folder

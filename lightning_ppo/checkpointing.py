@@ -22,6 +22,22 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities import rank_zero_info
 
+from lightning_ppo.compat import cluster_environment
+from lightning_ppo.errors import ConfigError
+
+# The layout of what `PPOModule` adds to a checkpoint. 1: before lightning-ppo 0.2 (no version key);
+# 2: the same keys, now versioned. A checkpoint of a later layout is refused with its version named.
+CHECKPOINT_VERSION = 2
+
+
+def check_checkpoint_version(version: int) -> None:
+    """Refuse a checkpoint written in a layout this version of lightning-ppo cannot read."""
+    if version > CHECKPOINT_VERSION:
+        raise ConfigError(
+            f"--ckpt_path: the checkpoint has lightning-ppo checkpoint version {version}, but this "
+            f"lightning-ppo reads versions 1 to {CHECKPOINT_VERSION}: upgrade lightning-ppo to load it"
+        )
+
 
 class AtomicCheckpointIO(TorchCheckpointIO):
     """Writes each checkpoint to a temporary file in the same folder, fsyncs it, then renames it in place.
@@ -129,7 +145,7 @@ class FaultTolerance(Callback):
     def _hold_signals(self, trainer: Trainer) -> None:
         if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
             self._held_handlers[signal.SIGINT] = signal.default_int_handler
-        environment = trainer._accelerator_connector.cluster_environment
+        environment = cluster_environment(trainer)
         if isinstance(environment, SLURMEnvironment) and environment.auto_requeue:
             requeue = environment.requeue_signal
             self._held_handlers[requeue] = signal.getsignal(requeue)  # Lightning's save-and-requeue
@@ -174,7 +190,7 @@ class FaultTolerance(Callback):
             # claimed as its own (also in the saved state), ModelCheckpoint later overwrites this file
             # instead of writing `last-v1.ckpt` beside it
             checkpoint.last_model_path = os.path.join(checkpoint.dirpath, name)
-            trainer.save_checkpoint(checkpoint.last_model_path)
+            trainer.save_checkpoint(checkpoint.last_model_path, weights_only=False)
 
     def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         # Lightning has put back the handlers from before the fit already, unless it left ours

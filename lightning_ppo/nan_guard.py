@@ -8,7 +8,7 @@ What happens to each fault (the metric that counts it, per PPO step):
 - A reward model that returns NaN/inf: the batch is skipped (`env/nan_rewards` counts the bad scores). A
   made-up score (say 0) would teach the policy something false; skipping costs one batch.
 - A micro-batch whose mean ratio exceeds `model.ppo.ratio_threshold`: its loss is zeroed in
-  `PPOModule._ppo_loss` (TRL's guard, `ppo/skipped_minibatches`).
+  `update.ppo_loss` (TRL's guard, `ppo/skipped_minibatches`).
 - A NaN/inf loss: that optimizer step is skipped, so neither the weights nor Adam's moments move
   (`ppo/skipped_optimizer_steps`).
 After `model.max_consecutive_bad_steps` bad batches or optimizer steps in a row the run stops, saves
@@ -86,7 +86,8 @@ class FaultGuard:
         if not self.should_stop:
             return
         path = checkpoint_dir(trainer) / STOP_CHECKPOINT
-        trainer.save_checkpoint(path)  # every rank calls it: strategies that shard state need them all
+        # every rank calls it: strategies that shard state need them all
+        trainer.save_checkpoint(path, weights_only=False)
         self.stop_checkpoint = path
         trainer.should_stop = True  # the fit loop ends after this batch
         if trainer.is_global_zero:

@@ -1,0 +1,85 @@
+"""PPO's hyper-parameters (`model.ppo.*`), checked when they are set: TRL 0.11's legacy defaults."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from lightning_ppo.errors import ConfigError, check_number
+
+
+@dataclass
+class PPOConfig:
+    """PPO hyper-parameters. Defaults are TRL 0.11's legacy `PPOConfig`, as the notebook used.
+
+    Args:
+        ppo_epochs: Optimisation passes over each rollout batch.
+        mini_batch_size: Rows per forward/backward pass in the PPO epochs (TRL's minibatch).
+        gradient_accumulation_steps: Minibatches whose gradients add up to one optimizer step, as in TRL:
+            a step sees mini_batch_size x gradient_accumulation_steps rows, which must divide data.batch_size.
+        cliprange: PPO ratio clip epsilon.
+        cliprange_value: Value clip epsilon around the rollout's values.
+        vf_coef: Weight of the value loss in the total loss.
+        gamma: Discount factor for GAE.
+        lam: GAE lambda.
+        whiten_rewards: Whiten per-token rewards (without shifting the mean) before GAE, as TRL: its GAE
+            then also reads the whitened padding after each response.
+        whiten_rewards_masked: With whiten_rewards, zero the whitened rewards on padding again, so that
+            padding (whose length depends on the other rows) never feeds a response's advantages.
+        ratio_threshold: A micro-batch whose mean ratio exceeds this contributes no gradient (TRL's guard).
+        max_grad_norm: Clip the gradient norm to this before each optimizer step; null disables it.
+        kl_penalty: Per-token KL estimator in the reward: kl, abs, mse, full (whole vocabulary) or k3.
+        adap_kl_ctrl: Adapt the KL coefficient towards `target` (Ziegler et al. 2019); false keeps it fixed.
+        init_kl_coef: Initial (or fixed) KL coefficient.
+        target: Target KL per sequence for the adaptive controller.
+        horizon: Horizon of the adaptive controller, in samples.
+        early_stopping: Skip a step's remaining PPO epochs once the policy KL of an epoch's last minibatch
+            (mean over ranks) exceeds 1.5 x target_kl, as TRL.
+        target_kl: The KL that early_stopping guards.
+    """
+
+    ppo_epochs: int = 4
+    mini_batch_size: int = 128
+    gradient_accumulation_steps: int = 1
+    cliprange: float = 0.2
+    cliprange_value: float = 0.2
+    vf_coef: float = 0.1
+    gamma: float = 1.0
+    lam: float = 0.95
+    whiten_rewards: bool = False
+    whiten_rewards_masked: bool = False
+    ratio_threshold: float = 10.0
+    max_grad_norm: float | None = None
+    kl_penalty: Literal["kl", "abs", "mse", "full", "k3"] = "kl"
+    adap_kl_ctrl: bool = True
+    init_kl_coef: float = 0.2
+    target: float = 6.0
+    horizon: int = 10000
+    early_stopping: bool = False
+    target_kl: float = 1.0
+
+    def __post_init__(self) -> None:
+        for name in ("ppo_epochs", "mini_batch_size", "gradient_accumulation_steps", "horizon"):
+            check_number(f"model.ppo.{name}", getattr(self, name), 1, integer=True)
+        for name in ("cliprange", "cliprange_value", "ratio_threshold", "target", "target_kl"):
+            check_number(f"model.ppo.{name}", getattr(self, name), 0, open_low=True)
+        for name in ("vf_coef", "init_kl_coef"):
+            check_number(f"model.ppo.{name}", getattr(self, name), 0)
+        for name in ("gamma", "lam"):
+            check_number(f"model.ppo.{name}", getattr(self, name), 0, 1)
+        check_number("model.ppo.max_grad_norm", self.max_grad_norm, 0, open_low=True, optional=True)
+
+    @property
+    def backward_batch_size(self) -> int:
+        """Rows per optimizer step (TRL's name)."""
+        return self.mini_batch_size * self.gradient_accumulation_steps
+
+    def check_batch_size(self, batch_size: int, key: str = "data.batch_size") -> None:
+        """TRL's batch arithmetic: every optimizer step sees mini_batch_size x GA rows."""
+        if batch_size % self.backward_batch_size:
+            raise ConfigError(
+                f"{key} ({batch_size}) must be divisible by model.ppo.mini_batch_size x "
+                f"model.ppo.gradient_accumulation_steps ({self.mini_batch_size} x "
+                f"{self.gradient_accumulation_steps} = {self.backward_batch_size}): one optimizer step sees "
+                "that many rows; change one of these keys"
+            )

@@ -1,0 +1,174 @@
+"""Experience for the PPO epochs: the no-grad passes over a scored rollout, per-token rewards, advantages.
+
+Plain functions over explicit models and tensors (steps 3-5 of a PPO iteration, TRL 0.11's order):
+`rollout_passes` (old log-probs and values, reference log-probs), then `make_experience` (per-token
+rewards `-kl_coef * kl` plus the score on the last token, GAE advantages and returns).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+import torch
+from torch import Tensor
+
+from lightning_ppo.config import PPOConfig
+from lightning_ppo.core import compute_advantages, compute_rewards, logprobs_from_logits, masked_mean
+from lightning_ppo.models import PPOModels, eval_mode
+from lightning_ppo.rollout import Rollout
+
+
+@dataclass
+class Experience:
+    """A rollout with everything the PPO epochs need. Row-indexable for minibatches."""
+
+    input_ids: Tensor  # (B, P + R) left-padded prompt then right-padded response
+    attention_mask: Tensor  # (B, P + R)
+    response_start: int  # P
+    response_mask: Tensor  # (B, R) float32, 1 on response tokens that count
+    old_logprobs: Tensor  # (B, R) float32 log pi_old(a_t | s_t)
+    old_values: Tensor  # (B, R) float32 V_old(s_t)
+    advantages: Tensor  # (B, R) float32, whitened
+    returns: Tensor  # (B, R) float32
+    prompt_pad: Tensor  # (B,) long, on CPU: left padding of each prompt
+    response_len: Tensor  # (B,) long, on CPU: real response tokens of each row
+
+    def select(self, rows: Tensor) -> Experience:
+        """The given rows, padded only to the longest prompt and response among them."""
+        left = int(self.prompt_pad[rows].min())
+        right = int(self.response_len[rows].max())
+        on_device = rows.to(self.input_ids.device)
+        end = self.response_start + right
+        per_token = {
+            f.name: getattr(self, f.name)[on_device, :right]
+            for f in fields(self)
+            if f.name in ("response_mask", "old_logprobs", "old_values", "advantages", "returns")
+        }
+        return Experience(
+            input_ids=self.input_ids[on_device, left:end],
+            attention_mask=self.attention_mask[on_device, left:end],
+            response_start=self.response_start - left,
+            prompt_pad=self.prompt_pad[rows] - left,
+            response_len=self.response_len[rows],
+            **per_token,
+        )
+
+    @property
+    def response_ids(self) -> Tensor:  # (B, R)
+        return self.input_ids[:, self.response_start :]
+
+
+@dataclass
+class RolloutPasses:
+    """The no-grad passes over a rollout, masked to its response tokens."""
+
+    logprobs: Tensor  # (B, R) float32 log pi_old(a_t | s_t)
+    values: Tensor  # (B, R) float32 V_old(s_t)
+    ref_logprobs: Tensor  # (B, R) float32 log pi_ref(a_t | s_t)
+    full: tuple[Tensor, Tensor] | None  # (B, R, V) both log-distributions, for kl_penalty "full" only
+
+
+@dataclass
+class Rewards:
+    """Per-token rewards of a rollout and the KL they hold."""
+
+    rewards: Tensor  # (B, R) -kl_coef * kl, plus the score on each response's last token
+    non_score_rewards: Tensor  # (B, R) -kl_coef * kl
+    kls: Tensor  # (B, R) the chosen KL estimator per token (TRL's `kls`)
+
+
+def rollout_passes(
+    models: PPOModels, rollout: Rollout, chunk: int | None = None, full_kl: bool = False
+) -> RolloutPasses:
+    """One no-grad forward of the policy (log-probs and values) and one of the reference, in eval mode.
+
+    `chunk` rows per forward (None: the whole batch); `full_kl` also keeps both full log-distributions.
+    """
+    chunk = chunk or rollout.input_ids.shape[0]
+    trainable = [m for m in (models.policy, models.critic) if m is not None]
+    with torch.no_grad(), eval_mode(*trainable):
+        parts = [_passes(models, part, full_kl) for part in rollout.split(chunk)]
+    return RolloutPasses(
+        logprobs=torch.cat([p.logprobs for p in parts]),
+        values=torch.cat([p.values for p in parts]),
+        ref_logprobs=torch.cat([p.ref_logprobs for p in parts]),
+        full=_cat_pairs([p.full for p in parts]) if full_kl else None,
+    )
+
+
+def _passes(models: PPOModels, rollout: Rollout, full_kl: bool) -> RolloutPasses:
+    ids, attention, start = rollout.input_ids, rollout.attention_mask, rollout.response_start
+    logits, values = models.logits_and_values(ids, attention, start)  # (B, R, V), (B, R)
+    ref_logits = models.reference_logits(ids, attention, start)  # (B, R, V)
+    mask = rollout.response_mask
+    if values is None:  # no value model: nothing to bootstrap from
+        values = torch.zeros_like(mask)
+    full = None
+    if full_kl:
+        full = (torch.log_softmax(logits.float(), -1), torch.log_softmax(ref_logits.float(), -1))
+    return RolloutPasses(
+        logprobs=logprobs_from_logits(logits, rollout.response_ids) * mask,
+        values=values * mask,
+        ref_logprobs=logprobs_from_logits(ref_logits, rollout.response_ids) * mask,
+        full=full,
+    )
+
+
+def _cat_pairs(pairs: list[tuple[Tensor, Tensor] | None]) -> tuple[Tensor, Tensor]:
+    return torch.cat([p[0] for p in pairs]), torch.cat([p[1] for p in pairs])
+
+
+def per_token_rewards(
+    scores: Tensor, passes: RolloutPasses, mask: Tensor, kl_coef: float, config: PPOConfig
+) -> Rewards:
+    """`-kl_coef * kl` on every response token, plus each (shaped) score (B,) on its last token."""
+    kl_inputs = passes.full if passes.full is not None else (passes.logprobs, passes.ref_logprobs)
+    rewards, non_score_rewards, kls = compute_rewards(scores, *kl_inputs, mask, kl_coef, config.kl_penalty)
+    return Rewards(rewards, non_score_rewards, kls)
+
+
+def make_experience(
+    rollout: Rollout, passes: RolloutPasses, rewards: Tensor, config: PPOConfig
+) -> Experience:
+    """GAE advantages (whitened) and returns from the per-token rewards (B, R), packed for the epochs."""
+    mask = rollout.response_mask
+    advantages, returns = compute_advantages(
+        passes.values,
+        rewards,
+        mask,
+        config.gamma,
+        config.lam,
+        config.whiten_rewards,
+        config.whiten_rewards_masked,
+    )
+    prompt_mask = rollout.attention_mask[:, : rollout.response_start]
+    return Experience(
+        input_ids=rollout.input_ids,
+        attention_mask=rollout.attention_mask,
+        response_start=rollout.response_start,
+        response_mask=mask,
+        old_logprobs=passes.logprobs,
+        old_values=passes.values,
+        advantages=advantages.detach(),
+        returns=returns.detach(),
+        prompt_pad=(rollout.response_start - prompt_mask.sum(-1)).cpu(),
+        response_len=mask.sum(-1).long().cpu(),
+    )
+
+
+def rollout_statistics(
+    rollout: Rollout, passes: RolloutPasses, rewards: Rewards, scores: Tensor, all_raw_scores: Tensor
+) -> dict[str, Tensor]:
+    """TRL's statistics of a rollout: rewards over every rank's raw scores, the rest of this rank's rows."""
+    mask = rollout.response_mask
+    prompt_mask = rollout.attention_mask[:, : rollout.response_start]
+    return {
+        "env/reward_mean": all_raw_scores.mean(),
+        "env/reward_std": all_raw_scores.std(),
+        "objective/entropy": (-passes.logprobs * mask).sum(-1).mean(),
+        "ppo/mean_scores": scores.mean(),
+        "ppo/std_scores": scores.std(),
+        "ppo/mean_non_score_reward": masked_mean(rewards.non_score_rewards, mask),  # per token, as TRL
+        "tokens/queries_len_mean": prompt_mask.sum(-1).float().mean(),
+        "tokens/responses_len_mean": mask.sum(-1).mean(),
+    }

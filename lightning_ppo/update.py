@@ -1,0 +1,114 @@
+"""The PPO epochs (step 6 of a PPO iteration): shuffled minibatches, the clipped losses, one optimizer step
+per backward batch, TRL's skipped minibatches and early stop.
+
+Plain functions over explicit models, an `Experience`, and `TrainerHooks`: how the update reaches the
+optimizer and the other ranks (backward, DDP's no-sync, a checked optimizer step, a mean over ranks).
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Callable
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from lightning_ppo.config import PPOConfig
+from lightning_ppo.core import (
+    entropy_from_logits,
+    logprobs_from_logits,
+    masked_mean,
+    masked_var,
+    policy_loss,
+    value_loss,
+)
+from lightning_ppo.experience import Experience
+from lightning_ppo.models import PPOModels
+
+
+@dataclass
+class TrainerHooks:
+    """What the PPO epochs ask of the trainer; the module builds it from Lightning's manual optimisation."""
+
+    backward: Callable[[Tensor], None]  # `manual_backward`
+    no_sync: Callable[[bool], AbstractContextManager]  # skip DDP's all-reduce unless on the last minibatch
+    optimizer_step: Callable[[Tensor], None]  # given the step's summed loss: check, clip, step, zero_grad
+    mean_over_ranks: Callable[[Tensor], Tensor]
+
+
+def ppo_epochs(
+    models: PPOModels, experience: Experience, config: PPOConfig, hooks: TrainerHooks
+) -> dict[str, Tensor]:
+    """`ppo_epochs` passes over shuffled backward batches, one optimizer step each; mean statistics.
+
+    As TRL 0.11: a backward batch is `gradient_accumulation_steps` minibatches of `mini_batch_size` rows,
+    each loss divided by the step count (accelerate's `backward` under `accumulate`). Statistics are per
+    minibatch, averaged over the minibatches of every epoch that ran.
+    """
+    batch_size = experience.input_ids.shape[0]
+    stats: dict[str, list[Tensor]] = defaultdict(list)
+    epochs = 0
+    while epochs < config.ppo_epochs:
+        epochs += 1
+        for backward_rows in torch.randperm(batch_size).split(config.backward_batch_size):
+            step_loss = torch.zeros((), device=experience.input_ids.device)
+            minibatches = backward_rows.split(config.mini_batch_size)
+            for i, rows in enumerate(minibatches):
+                # DDP all-reduces the gradients once per optimizer step, on its last minibatch
+                with hooks.no_sync(i == len(minibatches) - 1):
+                    loss, minibatch_stats = ppo_loss(models, experience.select(rows), config)
+                    hooks.backward(loss / config.gradient_accumulation_steps)
+                step_loss += loss.detach()
+                for name, value in minibatch_stats.items():
+                    stats[name].append(value)
+            hooks.optimizer_step(step_loss)
+        if config.early_stopping and kl_too_high(stats["ppo/policy/policykl"][-1], config, hooks):
+            break
+    means = {name: torch.stack(values).float().mean() for name, values in stats.items()}
+    # TRL's definition, from the minibatch means
+    means["ppo/val/var_explained"] = 1 - means["ppo/val/error"] / means["ppo/returns/var"]
+    means["ppo/skipped_minibatches"] = torch.stack(stats["ppo/skipped_minibatches"]).float().sum()
+    means["ppo/epochs"] = torch.tensor(float(epochs))  # fewer than ppo_epochs after an early stop
+    return means
+
+
+def kl_too_high(policykl: Tensor, config: PPOConfig, hooks: TrainerHooks) -> bool:
+    """TRL's `_early_stop`: the last minibatch's policy KL, averaged over ranks, above 1.5 x target_kl."""
+    policykl = hooks.mean_over_ranks(policykl.detach().clone())
+    return bool(policykl > 1.5 * config.target_kl)  # the same decision on every rank
+
+
+def ppo_loss(models: PPOModels, batch: Experience, config: PPOConfig) -> tuple[Tensor, dict[str, Tensor]]:
+    """Clipped policy loss + vf_coef * clipped value loss on one minibatch, with TRL's statistics."""
+    mask = batch.response_mask
+    logits, values = models.logits_and_values(batch.input_ids, batch.attention_mask, batch.response_start)
+    logprobs = logprobs_from_logits(logits, batch.response_ids)
+    pg_loss, pg_stats = policy_loss(logprobs, batch.old_logprobs, batch.advantages, mask, config.cliprange)
+    vf_loss, vf_stats = value_loss(values, batch.old_values, batch.returns, mask, config.cliprange_value)
+    loss = pg_loss + config.vf_coef * vf_loss
+    # TRL's guard: a minibatch whose mean ratio explodes contributes nothing (no host sync needed)
+    ratio_ok = (pg_stats["ratio"] <= config.ratio_threshold).to(loss.dtype)
+    tokens = mask.sum()
+    bessel = tokens / (tokens - 1)  # TRL's unbiased masked_var, without its host sync
+    stats = {
+        "ppo/loss/policy": pg_loss.detach() * ratio_ok,  # TRL zeroes the losses of a skipped minibatch
+        "ppo/loss/value": vf_loss.detach() * ratio_ok,
+        "ppo/loss/total": loss.detach() * ratio_ok,
+        "ppo/policy/entropy": masked_mean(entropy_from_logits(logits.detach()), mask),
+        "ppo/policy/approxkl": pg_stats["approxkl"],
+        "ppo/policy/policykl": pg_stats["policykl"],
+        "ppo/policy/clipfrac": pg_stats["clipfrac"],
+        "ppo/policy/advantages_mean": masked_mean(batch.advantages, mask),
+        "ppo/policy/ratio": pg_stats["ratio"],
+        "ppo/returns/mean": masked_mean(batch.returns, mask),
+        "ppo/returns/var": masked_var(batch.returns, mask, unbiased=False) * bessel,
+        "ppo/val/vpred": vf_stats["vpred"],
+        "ppo/val/error": vf_stats["error"],
+        "ppo/val/clipfrac": vf_stats["clipfrac"],
+        "ppo/val/mean": masked_mean(batch.old_values, mask),
+        "ppo/val/var": masked_var(batch.old_values, mask, unbiased=False) * bessel,
+        "ppo/skipped_minibatches": 1 - ratio_ok,
+    }
+    return loss * ratio_ok, stats

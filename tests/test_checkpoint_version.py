@@ -1,0 +1,46 @@
+"""Checkpoints name their layout version: version 1 (before the key existed) loads, a later one is refused."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from lightning_ppo.checkpointing import CHECKPOINT_VERSION
+from lightning_ppo.config import PPOConfig
+from lightning_ppo.errors import ConfigError
+from lightning_ppo.module import PPOModule
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tiny_assets: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """What `on_save_checkpoint` adds to a plain state dict of a freshly built module."""
+    module = PPOModule(policy="tiny:policy", reward_model="tiny:reward", ppo=PPOConfig(mini_batch_size=8))
+    checkpoint = {"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams)}
+    module.on_save_checkpoint(checkpoint)
+    path = tmp_path_factory.mktemp("ckpt") / "module.ckpt"
+    torch.save(checkpoint, path)
+    return torch.load(path, weights_only=False)
+
+
+def test_a_checkpoint_records_its_layout_version(checkpoint: dict) -> None:
+    assert checkpoint["lightning_ppo_version"] == CHECKPOINT_VERSION == 2
+
+
+def test_a_checkpoint_from_before_the_version_key_loads(checkpoint: dict, tmp_path: Path) -> None:
+    old = {k: v for k, v in checkpoint.items() if k != "lightning_ppo_version"}
+    old["hyper_parameters"]["ppo"] = PPOConfig(mini_batch_size=8)
+    for name in ("early_stopping", "target_kl", "whiten_rewards_masked"):  # fields added since version 1
+        old["hyper_parameters"]["ppo"].__dict__.pop(name)
+    torch.save(old, tmp_path / "old.ckpt")
+    module = PPOModule.load_from_checkpoint(tmp_path / "old.ckpt", weights_only=False)
+    assert module.ppo.mini_batch_size == 8 and module.ppo.early_stopping is False  # the class default
+    state = module.state_dict()
+    assert all(torch.equal(state[k], v) for k, v in checkpoint["state_dict"].items())
+
+
+def test_a_checkpoint_of_a_later_layout_is_refused_with_its_version(checkpoint: dict, tmp_path: Path) -> None:
+    torch.save({**checkpoint, "lightning_ppo_version": CHECKPOINT_VERSION + 1}, tmp_path / "new.ckpt")
+    with pytest.raises(ConfigError, match=rf"version {CHECKPOINT_VERSION + 1}.*upgrade lightning-ppo"):
+        PPOModule.load_from_checkpoint(tmp_path / "new.ckpt", weights_only=False)
