@@ -42,6 +42,7 @@ class RewardComparison:
     difference_low: float  # 95% percentile-bootstrap interval of difference_mean
     difference_high: float
     difference_sd: float  # sample standard deviation of tuned - reference over the prompts
+    dropped: int = 0  # prompts left out because either reward was NaN/inf
 
     @property
     def contains_zero(self) -> bool:
@@ -66,8 +67,9 @@ class RewardComparison:
 
     def summary_text(self) -> str:
         """A few plain sentences: the means and medians, the paired difference, and whether it is noise."""
+        left_out = f" ({self.dropped} more left out: a non-finite reward)" if self.dropped else ""
         lines = [
-            f"Reward on {self.n} held-out prompts, reference -> tuned: "
+            f"Reward on {self.n} held-out prompts{left_out}, reference -> tuned: "
             f"mean {self.reference_mean:.3f} -> {self.tuned_mean:.3f}, "
             f"median {self.reference_median:.3f} -> {self.tuned_median:.3f}.",
             f"Paired difference (tuned - reference, same prompts): {self.interval_text()}.",
@@ -97,14 +99,14 @@ def compare_rewards(
     """Summarise per-prompt rewards of the reference and the tuned policy, (n,) each, same prompts in order.
 
     The interval is `core.paired_bootstrap_ci` at 95%; medians interpolate as `Tensor.quantile(0.5)`.
+    Prompts where either reward is NaN/inf are left out and counted.
     """
-    reference, tuned = reference.detach().double().cpu().flatten(), tuned.detach().double().cpu().flatten()
-    if reference.shape != tuned.shape:
-        raise ValueError(f"paired rewards need the same prompts, got {reference.numel()} and {tuned.numel()}")
+    reference, tuned, dropped = finite_pairs(reference, tuned)
     if reference.numel() < 2:
         raise ConfigError(
-            f"data.test_size: the test report needs at least 2 held-out prompts, got {reference.numel()}; "
-            "raise data.test_size (see 'Reading the test report' in the README)."
+            f"data.test_size: the test report needs at least 2 held-out prompts with finite rewards, got "
+            f"{reference.numel()} ({dropped} non-finite); raise data.test_size, or check model.reward if "
+            "rewards were NaN/inf (see 'Reading the test report' in the README)."
         )
     interval = paired_bootstrap_ci(tuned, reference, n_resamples=n_resamples, seed=seed)
     return RewardComparison(
@@ -117,7 +119,17 @@ def compare_rewards(
         difference_low=interval.low,
         difference_high=interval.high,
         difference_sd=float((tuned - reference).std()),
+        dropped=dropped,
     )
+
+
+def finite_pairs(reference: Tensor, tuned: Tensor) -> tuple[Tensor, Tensor, int]:
+    """The paired rewards as float64 on the CPU, (n,) each, without prompts where either is NaN/inf."""
+    reference, tuned = reference.detach().double().cpu().flatten(), tuned.detach().double().cpu().flatten()
+    if reference.shape != tuned.shape:
+        raise ValueError(f"paired rewards need the same prompts, got {reference.numel()} and {tuned.numel()}")
+    keep = reference.isfinite() & tuned.isfinite()  # (n,) bool
+    return reference[keep], tuned[keep], int((~keep).sum())
 
 
 def reward_histogram(reference: Tensor, tuned: Tensor, comparison: RewardComparison) -> Figure:
@@ -127,12 +139,11 @@ def reward_histogram(reference: Tensor, tuned: Tensor, comparison: RewardCompari
     """
     import numpy as np
     from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.colors import to_rgba
     from matplotlib.figure import Figure
 
-    values = {
-        "reference": reference.detach().double().cpu().flatten().numpy(),
-        "tuned": tuned.detach().double().cpu().flatten().numpy(),
-    }
+    reference, tuned, _ = finite_pairs(reference, tuned)
+    values = {"reference": reference.numpy(), "tuned": tuned.numpy()}
     pooled = np.concatenate(list(values.values()))
     bins = np.histogram_bin_edges(pooled, bins="auto")
     if len(bins) > _MAX_BINS + 1:  # "auto" follows the Freedman-Diaconis width, which outliers can shrink
@@ -146,11 +157,21 @@ def reward_histogram(reference: Tensor, tuned: Tensor, comparison: RewardCompari
     }
     for name, rewards in values.items():
         color = _COLORS[name]
-        axes.hist(rewards, bins=bins, color=color, alpha=0.45, label=name)
-        axes.hist(rewards, bins=bins, color=color, histtype="step", linewidth=1.2)
+        counts, _ = np.histogram(rewards, bins=bins)
+        axes.stairs(
+            counts,
+            bins,
+            fill=True,
+            facecolor=to_rgba(color, 0.45),
+            edgecolor=color,
+            linewidth=1.2,
+            label=name,
+        )
         mean, median = centres[name]
-        axes.axvline(mean, color=color, linestyle="-", linewidth=2, label=f"{name} mean {mean:.2f}")
-        axes.axvline(median, color=color, linestyle="--", linewidth=2, label=f"{name} median {median:.2f}")
+        axes.axvline(mean, color=color, linestyle="-", linewidth=2, zorder=3, label=f"{name} mean {mean:.2f}")
+        axes.axvline(
+            median, color=color, linestyle="--", linewidth=2, zorder=3, label=f"{name} median {median:.2f}"
+        )
     axes.set_xlabel("reward (reward model score)")
     axes.set_ylabel("held-out prompts")
     axes.set_title(
