@@ -1,5 +1,5 @@
 """Held-out evaluation: per-prompt rewards and KL of validation and test, gathered once per prompt across
-ranks; the test table (CSV) and summary; the predictions file.
+ranks; the test report (CSV, picture, paired difference with its interval); the predictions file.
 
 Ranks evaluate equal, padded shares of the held-out prompts (`data.EvalSampler`), so a prompt may come
 back twice: every value travels with its prompt's `index`, and the first of each index is kept.
@@ -15,11 +15,13 @@ from typing import Any
 import torch
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import BasePredictionWriter
+from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 from torchmetrics.aggregation import CatMetric
 
 from lightning_ppo.parallel import gather_rows
+from lightning_ppo.report import RewardComparison, log_reward_figure, reward_histogram, save_figure
 
 
 class HeldOutResults:
@@ -87,34 +89,27 @@ def test_rows(
     ]
 
 
-def test_summary(results: dict[str, Tensor]) -> dict[str, Tensor]:
-    """The `test/*` scalars from the gathered per-prompt rewards and KL."""
-    return {
-        "test/reward_ref_mean": results["reward_ref"].mean(),
-        "test/reward_ref_median": results["reward_ref"].quantile(0.5),
-        "test/reward_policy_mean": results["reward"].mean(),
-        "test/reward_policy_median": results["reward"].quantile(0.5),
-        "test/kl": results["kl"].mean(),
-    }
-
-
-def write_test_table(trainer: Trainer, rows: list[dict[str, Any]], summary: dict[str, Tensor]) -> None:
-    """Gather every rank's rows and, on rank 0, write `<log_dir>/test_samples.csv` and say what changed."""
+def write_test_report(
+    trainer: Trainer, rows: list[dict[str, Any]], results: dict[str, Tensor], comparison: RewardComparison
+) -> None:
+    """Gather every rank's rows; on rank 0 write `test_samples.csv` and `test_rewards.png` to the log dir,
+    send the picture to TensorBoard, and say what changed (`report.RewardComparison.summary_text`)."""
     rows = unique_rows(gather_rows(rows))
-    path = Path(trainer.log_dir or ".") / "test_samples.csv"  # log_dir is a collective: every rank asks
+    log_dir = Path(trainer.log_dir or ".")  # a collective: every rank asks
     if not trainer.is_global_zero:
         return
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w", newline="") as handle:
+    log_dir.mkdir(parents=True, exist_ok=True)
+    with (log_dir / "test_samples.csv").open("w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
-    rank_zero_info(
-        f"Reward of the reference -> tuned policy on {len(rows)} held-out prompts: "
-        f"mean {summary['test/reward_ref_mean']:.3f} -> {summary['test/reward_policy_mean']:.3f}, "
-        f"median {summary['test/reward_ref_median']:.3f} -> {summary['test/reward_policy_median']:.3f}. "
-        f"Per-prompt table: {path}"
-    )
+    written = f"Per-prompt table: {log_dir / 'test_samples.csv'}"
+    figure = reward_histogram(results["reward_ref"], results["reward"], comparison)
+    save_figure(figure, log_dir / "test_rewards.png")
+    for logger in trainer.loggers:
+        if isinstance(logger, TensorBoardLogger):
+            log_reward_figure(logger.experiment, figure, trainer.global_step)
+    rank_zero_info(f"{comparison.summary_text()}\n{written}; picture: {log_dir / 'test_rewards.png'}")
 
 
 class JsonlPredictionWriter(BasePredictionWriter):

@@ -27,8 +27,7 @@ from lightning_ppo.evaluation import (
     HeldOutResults,
     JsonlPredictionWriter,
     test_rows,
-    test_summary,
-    write_test_table,
+    write_test_report,
 )
 from lightning_ppo.experience import (
     make_experience,
@@ -56,6 +55,7 @@ from lightning_ppo.parallel import (
     gathered_for_generation,
     no_backward_sync,
 )
+from lightning_ppo.report import compare_rewards, log_training_histograms
 from lightning_ppo.rewards import ClassifierReward, RewardModel, score_rollout
 from lightning_ppo.rollout import (
     Rollout,
@@ -86,8 +86,8 @@ class PPOModule(LightningModule):
         gradient_checkpointing: Recompute the policy's activations in the backward pass: less memory,
             about a third more compute.
         disable_dropout: Turn dropout off in every model, so the first PPO ratio is exactly 1.
-        log_samples_every_n_steps: Every N PPO steps, write a table of sample texts with their rewards to
-            TensorBoard; 0 disables it.
+        log_samples_every_n_steps: Every N PPO steps, write to TensorBoard a table of sample texts with their
+            rewards and histograms of the per-sequence rewards and KL; 0 disables it.
         num_log_samples: Rows in that table.
         max_consecutive_bad_steps: Stop the run, with a checkpoint, after this many PPO batches or optimizer
             steps in a row were skipped for NaN/inf values (see `lightning_ppo.nan_guard`).
@@ -166,6 +166,7 @@ class PPOModule(LightningModule):
             self.kl_ctl = FixedKLController(self.ppo.init_kl_coef)
         self.faults = FaultGuard(max_consecutive_bad_steps)
         self.held_out = HeldOutResults()
+        self._sequence_kls = torch.zeros(0)  # (B,) the last PPO step's per-sequence KL
         self.test_rows: list[dict[str, Any]] = []
 
     @property
@@ -302,7 +303,7 @@ class PPOModule(LightningModule):
             scores, responses = score_rollout(self.reward, self.tokenizer, rollout)
         metrics = self._step(rollout, scores, timer)  # 3.-7. one PPO iteration
         self._log_metrics(metrics)  # 8. log (reduced across ranks)
-        self._log_samples(batch["query"], responses, scores)
+        self._log_samples(batch["query"], responses, scores, self._sequence_kls)
         self.faults.stop_if_failing(self.trainer)
 
     def step(
@@ -332,6 +333,7 @@ class PPOModule(LightningModule):
     def _step(self, rollout: Rollout, raw_scores: Tensor, timer: PhaseTimer) -> dict[str, Tensor]:
         """Steps 3-7 of a PPO iteration on a scored rollout; returns this rank's statistics."""
         strategy, mask = self.trainer.strategy, rollout.response_mask
+        self._sequence_kls = torch.zeros(0)  # stays empty when the batch is skipped
         full_kl = self.ppo.kl_penalty == "full"
         with timer("forward"):  # 3. old log-probs and values, reference log-probs
             passes = rollout_passes(self.models, rollout, self.hparams.forward_batch_size, full_kl)
@@ -348,7 +350,8 @@ class PPOModule(LightningModule):
         with timer("optimize"):  # 6. PPO epochs over shuffled minibatches
             train_stats = ppo_epochs(self.models, experience, self.ppo, self.hooks)
         # TRL's objective/kl: per-sequence sums of the chosen estimator (the kls compute_rewards returns)
-        mean_kl = strategy.reduce(rewards.kls.sum(-1).mean(), reduce_op="mean")
+        self._sequence_kls = rewards.kls.sum(-1)  # (B,) for the histograms of `_log_samples`
+        mean_kl = strategy.reduce(self._sequence_kls.mean(), reduce_op="mean")
         self.kl_ctl.update(float(mean_kl), mask.shape[0] * self.trainer.world_size)  # 7. same on every rank
 
         lr = float(self.optimizers().param_groups[0]["lr"])
@@ -433,10 +436,11 @@ class PPOModule(LightningModule):
         self.test_rows += test_rows(batch, ref_responses, responses, ref_scores, scores)
 
     def on_test_epoch_end(self) -> None:
-        summary = test_summary(self.held_out.compute())
-        self.log_dict(summary, rank_zero_only=True)
+        results = self.held_out.compute()
+        comparison = compare_rewards(results["reward_ref"], results["reward"])  # the same on every rank
+        self.log_dict({**comparison.scalars(), "test/kl": float(results["kl"].mean())}, rank_zero_only=True)
         rows, self.test_rows = self.test_rows, []
-        write_test_table(self.trainer, rows, summary)
+        write_test_report(self.trainer, rows, results, comparison)
 
     def predict_step(self, batch: dict[str, Any], batch_idx: int) -> list[dict[str, Any]]:
         """Continue each prompt with the tuned policy for `response_max_length` tokens, and score it."""
@@ -467,11 +471,17 @@ class PPOModule(LightningModule):
                 batch_size=batch_size,
             )
 
-    def _log_samples(self, queries: list[str], responses: list[str], scores: Tensor) -> None:
+    def _log_samples(self, queries: list[str], responses: list[str], scores: Tensor, kls: Tensor) -> None:
+        """Every `log_samples_every_n_steps`: a table of samples, and histograms of every rank's
+        per-sequence rewards and KL (gathered on every rank: a collective)."""
         every, step = self.hparams.log_samples_every_n_steps, logging_step(self.trainer)
-        if not every or step % every or not self.trainer.is_global_zero:
+        if not every or step % every or not len(kls):  # a skipped (NaN) batch has no KL
+            return
+        all_scores, all_kls = self._gather_flat(scores), self._gather_flat(kls)
+        if not self.trainer.is_global_zero:
             return
         table = samples_table(queries, responses, scores, self.hparams.num_log_samples)
         for logger in self.loggers:
             if isinstance(logger, TensorBoardLogger):
                 logger.experiment.add_text("samples", table, global_step=step)
+                log_training_histograms(logger.experiment, step, all_scores, all_kls)
