@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import lightning
 import pytest
 import torch
 
@@ -17,7 +18,11 @@ from lightning_ppo.module import PPOModule
 def checkpoint(tiny_assets: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
     """What `on_save_checkpoint` adds to a plain state dict of a freshly built module."""
     module = PPOModule(policy="tiny:policy", reward_model="tiny:reward", ppo=PPOConfig(mini_batch_size=8))
-    checkpoint = {"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams)}
+    checkpoint = {
+        "state_dict": module.state_dict(),
+        "hyper_parameters": dict(module.hparams),
+        "pytorch-lightning_version": lightning.__version__,
+    }
     module.on_save_checkpoint(checkpoint)
     path = tmp_path_factory.mktemp("ckpt") / "module.ckpt"
     torch.save(checkpoint, path)
