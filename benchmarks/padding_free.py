@@ -1,0 +1,243 @@
+"""Padding-free PPO steps: decode and step time with each switch on and off, in one run on this machine.
+
+    python -m benchmarks.padding_free                    # tiny and the 4-layer GPT-2 shape, ~5 minutes
+    python -m benchmarks.padding_free --gpt2-124m        # also the GPT-2 (124M) shape: several minutes more
+    python -m benchmarks.padding_free --models small --rollout-only --calls 1 2 3 4 6 8
+
+For each model, at the same batch of prompts and drawn lengths:
+1. rollout only: seconds of `PPOModule._sample` and decoded positions (useful vs computed) for each
+   `model.sampling.max_generate_calls` in `--calls` (1 is one `generate` per batch, the old behaviour);
+2. whole PPO steps through `Trainer.fit` (`limit_train_batches`), one fresh process per variant so that
+   each peak RSS is its own: the module's logged `time/*` phases, the step's wall time, decode waste.
+A variant is a name and the `PPOModule` keyword arguments it changes (`VARIANTS`): add the update-side
+switches there. Models: `tiny` (offline tiny assets), `small` (4 layers, 192 wide, 4,096-token
+vocabulary) and `gpt2-124m` (12 layers, 768 wide, 50,257 tokens); GPT-2 shapes have random weights and a
+word-level tokenizer, saved to a temp folder and loaded by path.
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing
+import platform
+import resource
+import statistics
+import tempfile
+import time
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from lightning.pytorch import Callback, Trainer
+from transformers import GPT2Config, GPT2LMHeadModel
+
+from lightning_ppo.data import PromptDataModule
+from lightning_ppo.module import PPOConfig, PPOModule
+from lightning_ppo.rollout import Rollout, SamplingConfig, draw_response_lengths
+from lightning_ppo.tiny import NEGATIVE_WORDS, NEUTRAL_WORDS, POSITIVE_WORDS, make_policy_tokenizer
+
+SHAPES = {"small": dict(n_layer=4, n_embd=192, n_head=4, vocab=4096), "gpt2-124m": dict(vocab=50257)}
+
+# name -> PPOModule keyword arguments; "baseline" is the old behaviour of every switch.
+VARIANTS: dict[str, dict[str, Any]] = {
+    "baseline": dict(sampling=SamplingConfig(max_generate_calls=1)),
+    "grouped decode": dict(sampling=SamplingConfig()),
+}
+
+PHASES = ("time/rollout", "time/reward", "time/forward", "time/optimize")
+
+
+def build_gpt2_shaped(directory: Path, vocab: int, **config: int) -> str:
+    """A GPT-2-shaped policy (random weights) with a word-level tokenizer of `vocab` entries."""
+    words = [*POSITIVE_WORDS, *NEGATIVE_WORDS, *NEUTRAL_WORDS]
+    words += [f"w{i}" for i in range((vocab - 2) // 2 - len(words))]  # each word twice: bare and "Ġ"-led
+    tokenizer = make_policy_tokenizer(words)
+    GPT2LMHeadModel(
+        GPT2Config(vocab_size=len(tokenizer), bos_token_id=0, eos_token_id=0, **config)
+    ).save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return str(directory)
+
+
+class CountingModule(PPOModule):
+    """The trainer's module, recording each training rollout's decoded and useful positions."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.decode_counts: list[tuple[int, int]] = []
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        self._in_training_step = True
+        try:
+            super().training_step(batch, batch_idx)
+        finally:
+            self._in_training_step = False
+
+    def _sample(self, model: torch.nn.Module, batch: dict[str, Any], lengths: torch.Tensor) -> Rollout:
+        rollout = super()._sample(model, batch, lengths)
+        if getattr(self, "_in_training_step", False):
+            self.decode_counts.append((rollout.decoded_positions, rollout.useful_positions))
+        return rollout
+
+
+class StepTimes(Callback):
+    """Wall time of each PPO step next to the module's logged `time/*` phases and decode counts."""
+
+    def __init__(self) -> None:
+        self.steps: list[dict[str, float]] = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self._start = time.perf_counter()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        wall = time.perf_counter() - self._start
+        record = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("time/")}
+        record["step"] = wall
+        record["decoded"], record["useful"] = pl_module.decode_counts[-1]
+        self.steps.append(record)
+
+
+def run_variant(policy: str, batch_size: int, steps: int, warmup: int, module_kwargs: dict[str, Any]) -> dict:
+    """`warmup + steps` PPO steps through `Trainer.fit` in this fresh process; step records, peak RSS."""
+    torch.manual_seed(0)
+    module = CountingModule(
+        policy=policy,
+        reward_model="tiny:reward",
+        ppo=PPOConfig(mini_batch_size=batch_size),
+        log_samples_every_n_steps=0,
+        **module_kwargs,
+    )
+    data = PromptDataModule(dataset="tiny:reviews", tokenizer=policy, batch_size=batch_size)
+    timer = StepTimes()
+    with tempfile.TemporaryDirectory() as root:
+        trainer = Trainer(
+            default_root_dir=root,
+            accelerator="cpu",
+            devices=1,
+            max_epochs=1,
+            limit_train_batches=warmup + steps,
+            limit_val_batches=0,
+            num_sanity_val_steps=0,
+            logger=False,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            callbacks=[timer],
+        )
+        trainer.fit(module, datamodule=data)
+    return {
+        "steps": timer.steps[warmup:],
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10,
+    }
+
+
+def rollout_sweep(
+    policy: str, batch_size: int, calls: list[int], repeats: int
+) -> dict[int, dict[str, float]]:
+    """Median seconds and decode counts of one rollout per `max_generate_calls`, the settings taking turns."""
+    torch.manual_seed(0)
+    module = PPOModule(policy=policy, reward_model="tiny:reward", log_samples_every_n_steps=0)
+    data = PromptDataModule(dataset="tiny:reviews", tokenizer=policy, batch_size=batch_size)
+    data.setup("fit")
+    batch = next(iter(data.train_dataloader()))
+    lengths = draw_response_lengths(batch_size, module.sampling, module.device)
+    default = module.sampling
+    seconds: dict[int, list[float]] = {k: [] for k in calls}
+    counts: dict[int, tuple[int, int]] = {}
+    for round_ in range(repeats + 1):  # round 0 warms up
+        for k in calls:
+            module.sampling = replace(default, max_generate_calls=k)
+            start = time.perf_counter()
+            rollout = module._sample(module.policy.lm, batch, lengths)
+            if round_:
+                seconds[k].append(time.perf_counter() - start)
+            counts[k] = (rollout.decoded_positions, rollout.useful_positions)
+    module.sampling = default
+    return {
+        k: {"s": statistics.median(seconds[k]), "decoded": counts[k][0], "useful": counts[k][1]}
+        for k in calls
+    }
+
+
+def median(records: list[dict[str, float]], key: str) -> float:
+    return statistics.median(r[key] for r in records)
+
+
+def report_model(name: str, policy: str, args: argparse.Namespace, steps: int) -> None:
+    sweep = rollout_sweep(policy, args.batch_size, args.calls, args.rollout_repeats)
+    base = sweep[min(args.calls)]
+    print(f"\n== {name}: batch {args.batch_size}, {steps} measured steps after {args.warmup} warm-up")
+    print("rollout only (median s; decoded positions: useful / computed, waste)")
+    for k, r in sweep.items():
+        waste = 1 - r["useful"] / r["decoded"]
+        print(f"  max_generate_calls={k}  {r['s']:7.3f} s  x{base['s'] / r['s']:4.2f}  "
+              f"{r['useful']:5d} / {r['decoded']:5d}  waste {waste:5.1%}")  # fmt: skip
+    if args.rollout_only:
+        return
+    context = multiprocessing.get_context("spawn")
+    results = {}
+    for variant, kwargs in VARIANTS.items():
+        with ProcessPoolExecutor(1, mp_context=context) as pool:  # fresh process: its own peak RSS
+            results[variant] = pool.submit(
+                run_variant, policy, args.batch_size, steps, args.warmup, kwargs
+            ).result()
+    print("whole PPO step through Trainer.fit (median s)")
+    print(f"  {'':16s}" + "".join(f"{v:>16s}" for v in results))
+    for key in (*PHASES, "time/other", "step"):
+        row = []
+        for result in results.values():
+            records = result["steps"]
+            for r in records:
+                r["time/other"] = r["step"] - sum(r.get(p, 0.0) for p in PHASES)
+            row.append(median(records, key))
+        print(f"  {key:16s}" + "".join(f"{t:16.3f}" for t in row))
+    wastes = [
+        1 - sum(r["useful"] for r in res["steps"]) / sum(r["decoded"] for r in res["steps"])
+        for res in results.values()
+    ]
+    print(f"  {'decode waste':16s}" + "".join(f"{w:16.1%}" for w in wastes))
+    print(f"  {'peak RSS MiB':16s}" + "".join(f"{res['peak_rss_mb']:16.0f}" for res in results.values()))
+    first = median(results["baseline"]["steps"], "step")
+    print(
+        f"  {'speed-up':16s}"
+        + "".join(f"{first / median(res['steps'], 'step'):15.2f}x" for res in results.values())
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--models", nargs="+", choices=("tiny", "small", "gpt2-124m"), default=["tiny", "small"]
+    )
+    parser.add_argument("--gpt2-124m", action="store_true", help="add the GPT-2 (124M) shape (slow)")
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--steps", type=int, default=3, help="measured PPO steps per variant (after warm-up)")
+    parser.add_argument("--gpt2-steps", type=int, default=1, help="measured PPO steps for the 124M shape")
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument(
+        "--calls", type=int, nargs="+", default=[1, 2, 3, 4, 6], help="max_generate_calls swept"
+    )
+    parser.add_argument("--rollout-repeats", type=int, default=3)
+    parser.add_argument("--rollout-only", action="store_true", help="skip the whole-step variants")
+    args = parser.parse_args()
+    models = [*args.models, *(["gpt2-124m"] if args.gpt2_124m and "gpt2-124m" not in args.models else [])]
+    print(
+        f"machine: {platform.machine()}, {torch.get_num_threads()} torch threads, torch {torch.__version__}"
+    )
+    with tempfile.TemporaryDirectory() as scratch:
+        for name in models:
+            start = time.perf_counter()
+            policy = (
+                "tiny:policy" if name == "tiny" else build_gpt2_shaped(Path(scratch) / name, **SHAPES[name])
+            )
+            report_model(name, policy, args, args.gpt2_steps if name == "gpt2-124m" else args.steps)
+            print(f"  ({time.perf_counter() - start:.0f} s for this model)")
+    print(f"\nthis process's peak RSS: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10:.0f} MiB")
+
+
+if __name__ == "__main__":
+    main()
