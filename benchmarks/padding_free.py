@@ -43,7 +43,7 @@ SHAPES = {"small": dict(n_layer=4, n_embd=192, n_head=4, vocab=4096), "gpt2-124m
 # name -> PPOModule keyword arguments; "baseline" is the old behaviour of every switch.
 VARIANTS: dict[str, dict[str, Any]] = {
     "baseline": dict(sampling=SamplingConfig(max_generate_calls=1)),
-    "grouped decode": dict(sampling=SamplingConfig()),
+    "grouped decode": dict(sampling=SamplingConfig(max_generate_calls=4)),
 }
 
 PHASES = ("time/rollout", "time/reward", "time/forward", "time/optimize")

@@ -34,10 +34,11 @@ class SamplingConfig:
         cache_implementation: Key/value cache of `generate`: null (dynamic) or "static" (preallocated;
             on CUDA, transformers then compiles the decoding step with torch.compile).
         max_generate_calls: Most `generate` calls per batch (per `batch_size` chunk). Rows are grouped by
-            drawn length so that a call decodes no row far past its length; 1 decodes every row to the
-            batch's longest length (about 37% wasted positions at lengths 4-15, 10% with 4 calls). Each
-            call re-runs the prefill and per-token overhead, so on CPU a tiny model is fastest with 1
-            (benchmarks/padding_free.py). Under ZeRO-3 it is 1.
+            drawn length so that a call decodes no row far past its length; 1 (the default, one call as
+            before) decodes every row to the batch's longest length (about 37% wasted positions at lengths
+            4-15, about 9% with 4 calls). Each call re-runs the prefill and per-token overhead: on this CPU
+            the tiny model was fastest with 1, a 4-layer 192-wide model even to slightly faster with 3-4
+            (benchmarks/padding_free.py, measured under load: not yet a default). Under ZeRO-3 it is 1.
     """
 
     response_min_length: int = 4
@@ -47,7 +48,7 @@ class SamplingConfig:
     top_p: float = 1.0
     batch_size: int | None = None
     cache_implementation: str | None = None
-    max_generate_calls: int = 4
+    max_generate_calls: int = 1
 
     def __post_init__(self) -> None:
         check_number("model.sampling.response_min_length", self.response_min_length, 1, integer=True)
