@@ -30,9 +30,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from lightning.pytorch import Callback, Trainer
 from transformers import GPT2Config, GPT2LMHeadModel
 
+from benchmarks.step_time import StepTimes, fit_steps
 from lightning_ppo.data import PromptDataModule
 from lightning_ppo.module import PPOConfig, PPOModule
 from lightning_ppo.rollout import Rollout, SamplingConfig, draw_response_lengths
@@ -82,21 +82,12 @@ class CountingModule(PPOModule):
         return rollout
 
 
-class StepTimes(Callback):
-    """Wall time of each PPO step next to the module's logged `time/*` phases and decode counts."""
-
-    def __init__(self) -> None:
-        self.steps: list[dict[str, float]] = []
-
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        self._start = time.perf_counter()
+class DecodeCountingTimes(StepTimes):
+    """`step_time.StepTimes` records, plus the decoded and useful positions of the step's rollout."""
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        wall = time.perf_counter() - self._start
-        record = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("time/")}
-        record["step"] = wall
-        record["decoded"], record["useful"] = pl_module.decode_counts[-1]
-        self.steps.append(record)
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        self.steps[-1]["decoded"], self.steps[-1]["useful"] = pl_module.decode_counts[-1]
 
 
 def run_variant(policy: str, batch_size: int, steps: int, warmup: int, module_kwargs: dict[str, Any]) -> dict:
@@ -110,25 +101,10 @@ def run_variant(policy: str, batch_size: int, steps: int, warmup: int, module_kw
         **module_kwargs,
     )
     data = PromptDataModule(dataset="tiny:reviews", tokenizer=policy, batch_size=batch_size)
-    timer = StepTimes()
     with tempfile.TemporaryDirectory() as root:
-        trainer = Trainer(
-            default_root_dir=root,
-            accelerator="cpu",
-            devices=1,
-            max_epochs=1,
-            limit_train_batches=warmup + steps,
-            limit_val_batches=0,
-            num_sanity_val_steps=0,
-            logger=False,
-            enable_checkpointing=False,
-            enable_progress_bar=False,
-            enable_model_summary=False,
-            callbacks=[timer],
-        )
-        trainer.fit(module, datamodule=data)
+        records = fit_steps(module, data, steps, warmup, root, timer=DecodeCountingTimes())
     return {
-        "steps": timer.steps[warmup:],
+        "steps": records,
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10,
     }
 

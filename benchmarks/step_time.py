@@ -140,9 +140,16 @@ class StepTimes(Callback):
 
 
 def fit_steps(
-    module: PPOModule, data: PromptDataModule, steps: int, warmup: int, root: str, profile: bool = False
+    module: PPOModule,
+    data: PromptDataModule,
+    steps: int,
+    warmup: int,
+    root: str,
+    profile: bool = False,
+    timer: StepTimes | None = None,
 ) -> list[dict[str, float]]:
-    timer = StepTimes()
+    """`warmup + steps` PPO steps through `Trainer.fit`; the records of the steps after the warm-up."""
+    timer = timer or StepTimes()
     callbacks = [timer, ProfileOneStep(warmup)] if profile else [timer]
     trainer = Trainer(
         default_root_dir=root,
