@@ -36,6 +36,13 @@ class PPOConfig:
         early_stopping: Skip a step's remaining PPO epochs once the policy KL of an epoch's last minibatch
             (mean over ranks) exceeds 1.5 x target_kl, as TRL.
         target_kl: The KL that early_stopping guards.
+        packing: Run each forward without padding gaps: rows laid out prompt-then-response from column 0
+            and grouped into length buckets (`lightning_ppo.packing`). Same losses and statistics as one
+            padded forward, within float32 rounding. False: one forward over the padded minibatch (before
+            0.3; about a third of its positions are padding at the notebook's lengths).
+        length_buckets: With packing, the most forwards a minibatch (or a no-grad pass) is cut into, rows
+            grouped by length to minimise padding; each forward has a fixed cost, so more is not always
+            faster.
     """
 
     ppo_epochs: int = 4
@@ -57,9 +64,18 @@ class PPOConfig:
     horizon: int = 10000
     early_stopping: bool = False
     target_kl: float = 1.0
+    packing: bool = True
+    length_buckets: int = 4
 
     def __post_init__(self) -> None:
-        for name in ("ppo_epochs", "mini_batch_size", "gradient_accumulation_steps", "horizon"):
+        positive = (
+            "ppo_epochs",
+            "mini_batch_size",
+            "gradient_accumulation_steps",
+            "horizon",
+            "length_buckets",
+        )
+        for name in positive:
             check_number(f"model.ppo.{name}", getattr(self, name), 1, integer=True)
         for name in ("cliprange", "cliprange_value", "ratio_threshold", "target", "target_kl"):
             check_number(f"model.ppo.{name}", getattr(self, name), 0, open_low=True)

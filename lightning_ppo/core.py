@@ -400,33 +400,6 @@ def reinforce_pp_advantages(
     return _zero_outside(advantages.to(rewards.dtype), mask)  # (B, R)
 
 
-def length_micro_batches(
-    lengths: Tensor, max_tokens: int | None = None, max_rows: int | None = None
-) -> list[Tensor]:
-    """Row indices of a minibatch cut into micro-batches of similar length, longest first.
-
-    `lengths` (N,) are each row's real prompt + response tokens. Rows are sorted by length and cut
-    greedily so a micro-batch padded to its longest row holds at most `max_tokens` tokens and `max_rows`
-    rows (a row longer than `max_tokens` goes alone). Naive equivalent: walk rows by decreasing length,
-    start a new micro-batch whenever adding the row would break a budget.
-    """
-    if max_tokens is None and max_rows is None:
-        raise ValueError("length_micro_batches needs a budget: max_tokens, max_rows or both")
-    order = torch.argsort(lengths, descending=True, stable=True)  # (N,)
-    sorted_lengths = lengths[order].tolist()
-    micro_batches, start = [], 0
-    for end in range(len(sorted_lengths)):
-        rows = end - start + 1
-        over_tokens = max_tokens is not None and rows * sorted_lengths[start] > max_tokens
-        over_rows = max_rows is not None and rows > max_rows
-        if end > start and (over_tokens or over_rows):
-            micro_batches.append(order[start:end])
-            start = end
-    if len(order):
-        micro_batches.append(order[start:])
-    return micro_batches
-
-
 def padded_tokens(lengths: Tensor, micro_batches: list[Tensor]) -> tuple[int, int]:
     """(useful, computed) tokens when each micro-batch is padded to its longest row: padding waste."""
     useful = sum(int(lengths[rows].sum()) for rows in micro_batches)
@@ -434,54 +407,41 @@ def padded_tokens(lengths: Tensor, micro_batches: list[Tensor]) -> tuple[int, in
     return useful, computed
 
 
-def micro_batch_weights(
-    mask: Tensor, micro_batches: list[Tensor], dtype: torch.dtype = torch.float32
-) -> Tensor:
-    """(M,) weights `masked tokens of micro-batch / masked tokens of the minibatch`, summing to 1.
+def length_buckets(lengths: Tensor, max_buckets: int) -> tuple[list[Tensor], int, int]:
+    """Rows grouped into at most `max_buckets` buckets minimising the positions computed when each bucket
+    is padded to its longest row: a batched forward per bucket, or a `generate` call per bucket.
 
-    `sum_m weights[m] * masked_mean(loss[rows_m], mask[rows_m])` is the minibatch's `masked_mean(loss,
-    mask)` exactly (up to rounding), so splitting a minibatch changes no gradient. A weight-0 micro-batch
-    has no real token (its masked mean is nan): skip it.
+    A bucket costs rows x its longest length. Optimal buckets are runs of the rows sorted by length (a row
+    never gains from joining a bucket with a longer maximum than a shorter row's), so a dynamic programme
+    over the m distinct lengths finds them in O(m^2 * max_buckets); ties go to fewer buckets. Returns (row
+    indices per bucket, shortest first; computed positions; useful positions = sum of lengths).
     """
-    counts = torch.stack([mask[rows].to(torch.float64).sum() for rows in micro_batches])  # (M,)
-    return (counts / mask.to(torch.float64).sum()).to(dtype)  # counted exactly, then cast for the loss
-
-
-def generation_groups(lengths: Tensor, max_calls: int) -> tuple[list[Tensor], int, int]:
-    """Rows grouped into at most `max_calls` `generate` calls minimising decoded positions.
-
-    A call decodes each of its rows to the call's longest drawn length, so it costs rows x max length.
-    Optimal groups are runs of the rows sorted by length (a row never gains from joining a group with a
-    longer maximum than a shorter row's), so a dynamic programme over the m distinct lengths finds them
-    in O(m^2 * max_calls); ties go to fewer calls. Returns (row indices per call, shortest first;
-    decoded positions; useful positions = sum of lengths).
-    """
-    if max_calls < 1:
-        raise ValueError(f"generation_groups needs max_calls >= 1, got {max_calls}")
+    if max_buckets < 1:
+        raise ValueError(f"length_buckets needs max_buckets >= 1, got {max_buckets}")
     values, counts = torch.unique(lengths, return_counts=True)  # (m,) ascending, (m,)
     values, counts = values.tolist(), counts.tolist()
     m = len(values)
     rows_before = [0]
     for count in counts:
         rows_before.append(rows_before[-1] + count)
-    # best[g][j]: cheapest cover of the j shortest distinct lengths with g calls; cut[g][j]: its last start.
-    best = [[0] + [math.inf] * m] + [[math.inf] * (m + 1) for _ in range(max_calls)]
-    cut = [[0] * (m + 1) for _ in range(max_calls + 1)]
-    for g in range(1, max_calls + 1):
+    # best[g][j]: cheapest cover of the j shortest distinct lengths with g buckets; cut[g][j]: its last start.
+    best = [[0] + [math.inf] * m] + [[math.inf] * (m + 1) for _ in range(max_buckets)]
+    cut = [[0] * (m + 1) for _ in range(max_buckets + 1)]
+    for g in range(1, max_buckets + 1):
         for j in range(1, m + 1):
             for i in range(j):
                 cost = best[g - 1][i] + (rows_before[j] - rows_before[i]) * values[j - 1]
                 if cost < best[g][j]:
                     best[g][j], cut[g][j] = cost, i
-    calls = min(range(max_calls + 1), key=lambda g: (best[g][m], g))
+    buckets = min(range(max_buckets + 1), key=lambda g: (best[g][m], g))
     bounds, j = [], m
-    for g in range(calls, 0, -1):
+    for g in range(buckets, 0, -1):
         bounds.append((cut[g][j], j))
         j = cut[g][j]
     groups = [
         torch.nonzero((lengths >= values[i]) & (lengths <= values[j - 1])).squeeze(1) for i, j in bounds[::-1]
     ]
-    return groups, int(best[calls][m]), int(lengths.sum())
+    return groups, int(best[buckets][m]), int(lengths.sum())
 
 
 # Bootstrap indices are drawn in chunks of about this many (32 MiB of int64) to bound memory.

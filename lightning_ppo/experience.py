@@ -15,6 +15,7 @@ from torch import Tensor
 from lightning_ppo.config import PPOConfig
 from lightning_ppo.core import compute_advantages, compute_rewards, logprobs_from_logits, masked_mean
 from lightning_ppo.models import PPOModels, eval_mode
+from lightning_ppo.packing import PackedRows, RowLengths, bucketed, pad_responses
 from lightning_ppo.rollout import Rollout
 
 
@@ -57,6 +58,10 @@ class Experience:
     def response_ids(self) -> Tensor:  # (B, R)
         return self.input_ids[:, self.response_start :]
 
+    @property
+    def lengths(self) -> RowLengths:
+        return RowLengths(self.prompt_pad, self.response_len)
+
 
 @dataclass
 class RolloutPasses:
@@ -78,44 +83,60 @@ class Rewards:
 
 
 def rollout_passes(
-    models: PPOModels, rollout: Rollout, chunk: int | None = None, full_kl: bool = False
+    models: PPOModels,
+    rollout: Rollout,
+    chunk: int | None = None,
+    full_kl: bool = False,
+    length_buckets: int | None = None,
 ) -> RolloutPasses:
     """One no-grad forward of the policy (log-probs and values) and one of the reference, in eval mode.
 
     `chunk` rows per forward (None: the whole batch); `full_kl` also keeps both full log-distributions.
+    `length_buckets`: packed forwards in that many length buckets (`packing.bucketed`), each cut to
+    `chunk` rows; None: the rollout's padded layout.
     """
-    chunk = chunk or rollout.input_ids.shape[0]
     trainable = [m for m in (models.policy, models.critic) if m is not None]
     with torch.no_grad(), eval_mode(*trainable):
-        parts = [_passes(models, part, full_kl) for part in rollout.split(chunk)]
-    return RolloutPasses(
-        logprobs=torch.cat([p.logprobs for p in parts]),
-        values=torch.cat([p.values for p in parts]),
-        ref_logprobs=torch.cat([p.ref_logprobs for p in parts]),
-        full=_cat_pairs([p.full for p in parts]) if full_kl else None,
-    )
-
-
-def _passes(models: PPOModels, rollout: Rollout, full_kl: bool) -> RolloutPasses:
-    ids, attention, start = rollout.input_ids, rollout.attention_mask, rollout.response_start
-    logits, values = models.logits_and_values(ids, attention, start)  # (B, R, V), (B, R)
-    ref_logits = models.reference_logits(ids, attention, start)  # (B, R, V)
+        if length_buckets is None:
+            parts = [
+                _passes(models, part, full_kl) for part in rollout.split(chunk or rollout.input_ids.shape[0])
+            ]
+            outputs = [torch.cat(column) for column in zip(*parts, strict=True)]
+        else:
+            lengths = RowLengths.of(rollout.attention_mask, rollout.response_start, rollout.response_mask)
+            outputs, _ = bucketed(
+                lambda rows: _passes(models, rows, full_kl),
+                rollout.input_ids,
+                rollout.response_start,
+                lengths,
+                torch.arange(rollout.input_ids.shape[0]),
+                length_buckets,
+                chunk,
+            )
     mask = rollout.response_mask
-    if values is None:  # no value model: nothing to bootstrap from
-        values = torch.zeros_like(mask)
-    full = None
-    if full_kl:
-        full = (torch.log_softmax(logits.float(), -1), torch.log_softmax(ref_logits.float(), -1))
+    outputs = [pad_responses(output, mask.shape[1]) for output in outputs]  # trailing all-masked columns
     return RolloutPasses(
-        logprobs=logprobs_from_logits(logits, rollout.response_ids) * mask,
-        values=values * mask,
-        ref_logprobs=logprobs_from_logits(ref_logits, rollout.response_ids) * mask,
-        full=full,
+        logprobs=outputs[0] * mask,
+        values=outputs[1] * mask,
+        ref_logprobs=outputs[2] * mask,
+        full=(outputs[3], outputs[4]) if full_kl else None,
     )
 
 
-def _cat_pairs(pairs: list[tuple[Tensor, Tensor] | None]) -> tuple[Tensor, Tensor]:
-    return torch.cat([p[0] for p in pairs]), torch.cat([p[1] for p in pairs])
+def _passes(models: PPOModels, rows: Rollout | PackedRows, full_kl: bool) -> tuple[Tensor, ...]:
+    """Log-probs, values (zeros without a value model) and reference log-probs of the response tokens,
+    (B, R) each, then with `full_kl` both log-distributions (B, R, V); not masked."""
+    args = (rows.input_ids, rows.attention_mask, rows.response_start, rows.response_ids.shape[1])
+    logits, values = models.logits_and_values(*args)  # (B, R, V), (B, R)
+    ref_logits = models.reference_logits(*args)  # (B, R, V)
+    outputs = (
+        logprobs_from_logits(logits, rows.response_ids),
+        torch.zeros(rows.response_ids.shape, device=logits.device) if values is None else values,
+        logprobs_from_logits(ref_logits, rows.response_ids),
+    )
+    if full_kl:
+        outputs += (torch.log_softmax(logits.float(), -1), torch.log_softmax(ref_logits.float(), -1))
+    return outputs
 
 
 def per_token_rewards(

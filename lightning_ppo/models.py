@@ -106,20 +106,40 @@ def float32_linear(layer: nn.Linear, x: Tensor) -> Tensor:
         return nn.functional.linear(x.float(), layer.weight.float(), bias)
 
 
+def response_states(
+    hidden: Tensor, response_start: int | Tensor, response_width: int | None = None
+) -> Tensor:
+    """The hidden state before each response token: (B, L, H) -> (B, R, H).
+
+    `response_start` is the column of the first response token: one int for the rollout layout (the
+    response runs to the last column; `response_width` defaults to it), or a (B,) tensor for packed rows
+    (`lightning_ppo.packing`), whose `response_width` R must be given.
+    """
+    if isinstance(response_start, int):
+        end = hidden.shape[1] - 1 if response_width is None else response_start - 1 + response_width
+        return hidden[:, response_start - 1 : end]
+    if response_width is None:
+        raise ValueError("response_states needs response_width with per-row response starts")
+    offsets = torch.arange(response_width, device=hidden.device)  # (R,)
+    columns = (response_start[:, None] - 1 + offsets).clamp(max=hidden.shape[1] - 1)  # (B, R)
+    return hidden.gather(1, columns[..., None].expand(-1, -1, hidden.shape[-1]))  # (B, R, H)
+
+
 def response_logits(
     lm: PreTrainedModel,
     input_ids: Tensor,
     attention_mask: Tensor,
-    response_start: int,
+    response_start: int | Tensor,
     float32_head: bool = False,
+    response_width: int | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Logits that predict the response tokens, and the hidden states they came from.
 
     Only the R response positions go through the LM head, never the prompt's (B, P, V) logits.
-    `input_ids` is (B, P + R) with the response starting at column `response_start` = P.
-    Returns logits (B, R, V) and hidden states (B, R, H). A LoRA `PeftModel` runs its own (adapted)
-    layers: its wrapped LM's backbone holds the injected adapters. `float32_head` computes the LM head
-    in float32 (float32 logits).
+    `input_ids` is (B, P + R) with the response starting at column `response_start` = P, or packed rows
+    with per-row starts (see `response_states`). Returns logits (B, R, V) and hidden states (B, R, H).
+    A LoRA `PeftModel` runs its own (adapted) layers: its wrapped LM's backbone holds the injected
+    adapters. `float32_head` computes the LM head in float32 (float32 logits).
     """
     backbone = (lm.get_base_model() if isinstance(lm, PeftModel) else lm).base_model
     hidden = backbone(
@@ -127,8 +147,8 @@ def response_logits(
         attention_mask=attention_mask,
         position_ids=position_ids_from_mask(attention_mask),
         use_cache=False,
-    ).last_hidden_state  # (B, P + R, H)
-    hidden = hidden[:, response_start - 1 : -1]  # (B, R, H) the state before each response token
+    ).last_hidden_state  # (B, L, H)
+    hidden = response_states(hidden, response_start, response_width)  # (B, R, H)
     head = lm.get_output_embeddings()
     return (float32_linear(head, hidden) if float32_head else head(hidden)), hidden
 
@@ -159,11 +179,15 @@ class PolicyWithValueHead(nn.Module):
         self.float32_head = False  # compute the LM head and the value head in float32 (model.fp32_lm_head)
 
     def forward(
-        self, input_ids: Tensor, attention_mask: Tensor, response_start: int
+        self,
+        input_ids: Tensor,
+        attention_mask: Tensor,
+        response_start: int | Tensor,
+        response_width: int | None = None,
     ) -> tuple[Tensor, Tensor | None]:
         """Response logits (B, R, V) and values (B, R) float32, or None without a value head."""
         logits, hidden = response_logits(
-            self.lm, input_ids, attention_mask, response_start, self.float32_head
+            self.lm, input_ids, attention_mask, response_start, self.float32_head, response_width
         )
         values = None if self.v_head is None else self.v_head(hidden, self.float32_head)
         return logits, values
@@ -183,11 +207,18 @@ class ValueModel(nn.Module):
         self._takes_positions = "position_ids" in inspect.signature(self.backbone.forward).parameters
         self.float32_head = False  # the head in float32 (model.fp32_lm_head)
 
-    def forward(self, input_ids: Tensor, attention_mask: Tensor, response_start: int) -> Tensor:
+    def forward(
+        self,
+        input_ids: Tensor,
+        attention_mask: Tensor,
+        response_start: int | Tensor,
+        response_width: int | None = None,
+    ) -> Tensor:
         """Values (B, R) float32 of the states before each response token, as the policy's value head."""
         extra = {"position_ids": position_ids_from_mask(attention_mask)} if self._takes_positions else {}
         hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask, **extra).last_hidden_state
-        return self.v_head(hidden[:, response_start - 1 : -1], self.float32_head)  # from (B, R, H)
+        states = response_states(hidden, response_start, response_width)  # (B, R, H)
+        return self.v_head(states, self.float32_head)
 
 
 def build_critic(source: str, reward_source: str, policy_tokenizer: PreTrainedTokenizerBase) -> ValueModel:
@@ -222,19 +253,31 @@ class PPOModels:
         self.policy, self.critic, self.reference, self.temperature = policy, critic, reference, temperature
 
     def logits_and_values(
-        self, input_ids: Tensor, attention_mask: Tensor, response_start: int
+        self,
+        input_ids: Tensor,
+        attention_mask: Tensor,
+        response_start: int | Tensor,
+        response_width: int | None = None,
     ) -> tuple[Tensor, Tensor | None]:
-        """Tempered response logits (B, R, V) and values (B, R): the policy's value head or the critic's."""
-        logits, values = self.policy(input_ids, attention_mask, response_start)
+        """Tempered response logits (B, R, V) and values (B, R): the policy's value head or the critic's.
+
+        `response_start` and `response_width` as in `response_states`."""
+        logits, values = self.policy(input_ids, attention_mask, response_start, response_width)
         if self.critic is not None:
-            values = self.critic(input_ids, attention_mask, response_start)
+            values = self.critic(input_ids, attention_mask, response_start, response_width)
         return self.tempered(logits), values
 
-    def reference_logits(self, input_ids: Tensor, attention_mask: Tensor, response_start: int) -> Tensor:
+    def reference_logits(
+        self,
+        input_ids: Tensor,
+        attention_mask: Tensor,
+        response_start: int | Tensor,
+        response_width: int | None = None,
+    ) -> Tensor:
         """Tempered response logits (B, R, V) of the frozen starting policy."""
         with self.reference_lm() as reference:  # never around the policy's pass: it may disable LoRA
             logits, _ = response_logits(
-                reference, input_ids, attention_mask, response_start, self.policy.float32_head
+                reference, input_ids, attention_mask, response_start, self.policy.float32_head, response_width
             )
         return self.tempered(logits)
 

@@ -30,6 +30,7 @@ from lightning_ppo.evaluation import (
     write_test_report,
 )
 from lightning_ppo.experience import (
+    RolloutPasses,
     make_experience,
     per_token_rewards,
     rollout_passes,
@@ -47,7 +48,7 @@ from lightning_ppo.models import (
     load_tokenizer,
     make_reference,
 )
-from lightning_ppo.monitoring import PhaseTimer, samples_table
+from lightning_ppo.monitoring import PhaseTimer, StepClock, samples_table
 from lightning_ppo.nan_guard import FaultGuard
 from lightning_ppo.parallel import (
     clips_in_engine,
@@ -168,6 +169,7 @@ class PPOModule(LightningModule):
         self.held_out = HeldOutResults()
         self._sequence_kls = torch.zeros(0)  # (B,) the last PPO step's per-sequence KL
         self.test_rows: list[dict[str, Any]] = []
+        self._clock = StepClock()
 
     @property
     def ref_policy(self) -> torch.nn.Module | None:
@@ -238,8 +240,14 @@ class PPOModule(LightningModule):
             # same response lengths and sampling noise. (A resumed run then restores each rank's own state.)
             torch.manual_seed(torch.initial_seed() + self.trainer.global_rank)
 
+    def on_train_start(self) -> None:
+        self._clock.restart()
+
     def on_validation_start(self) -> None:
         self._place_frozen_models()
+
+    def on_validation_end(self) -> None:
+        self._clock.restart()  # evaluation is not part of the next training step
 
     def on_test_start(self) -> None:
         self._place_frozen_models()
@@ -302,6 +310,11 @@ class PPOModule(LightningModule):
         with timer("reward"):  # 2. score prompt + response
             scores, responses = score_rollout(self.reward, self.tokenizer, rollout)
         metrics = self._step(rollout, scores, timer)  # 3.-7. one PPO iteration
+        if rollout.decoded_positions:
+            metrics["tokens/decode_waste"] = torch.tensor(
+                1 - rollout.useful_positions / rollout.decoded_positions
+            )
+        metrics.update(self._clock.lap(timer))
         self._log_metrics(metrics)  # 8. log (reduced across ranks)
         self._log_samples(batch["query"], responses, scores, self._sequence_kls)
         self.faults.stop_if_failing(self.trainer)
@@ -336,7 +349,7 @@ class PPOModule(LightningModule):
         self._sequence_kls = torch.zeros(0)  # stays empty when the batch is skipped
         full_kl = self.ppo.kl_penalty == "full"
         with timer("forward"):  # 3. old log-probs and values, reference log-probs
-            passes = rollout_passes(self.models, rollout, self.hparams.forward_batch_size, full_kl)
+            passes = self._rollout_passes(rollout, full_kl)
         usable, fault_metrics = self.faults.check_rollout(
             strategy, raw_scores, passes.logprobs, passes.values, passes.ref_logprobs
         )
@@ -403,9 +416,13 @@ class PPOModule(LightningModule):
         """Every rank's values of `x`, flattened into one (world * N,) tensor."""
         return self.all_gather(x).reshape(-1)
 
+    def _rollout_passes(self, rollout: Rollout, full_kl: bool = False) -> RolloutPasses:
+        buckets = self.ppo.length_buckets if self.ppo.packing else None
+        return rollout_passes(self.models, rollout, self.hparams.forward_batch_size, full_kl, buckets)
+
     def _sequence_kl(self, rollout: Rollout) -> Tensor:
         """Sampled KL(policy || reference) of each response, summed over its tokens. (B,)"""
-        passes = rollout_passes(self.models, rollout, self.hparams.forward_batch_size)
+        passes = self._rollout_passes(rollout)
         return (passes.logprobs - passes.ref_logprobs).sum(-1)
 
     # ----------------------------------------------------------------------------------------------

@@ -36,6 +36,29 @@ class PhaseTimer:
             torch.cuda.synchronize(self.device)
 
 
+class StepClock:
+    """Wall time from one logged PPO step to the next, so that the `time/*` scalars add up.
+
+    `time/step` is the interval between two steps' logging points, which tile the training time;
+    `time/other` is what no phase timed: Lightning's hooks and callbacks (checkpoints, progress bar),
+    data loading, logging, and the unphased arithmetic of the step. Validation is not charged to a step.
+    """
+
+    def __init__(self) -> None:
+        self.last = time.perf_counter()
+
+    def restart(self) -> None:
+        self.last = time.perf_counter()
+
+    def lap(self, phases: PhaseTimer) -> dict[str, Tensor]:
+        now = time.perf_counter()
+        step, self.last = now - self.last, now
+        return {
+            "time/step": torch.tensor(step),
+            "time/other": torch.tensor(step - sum(phases.seconds.values())),
+        }
+
+
 def samples_table(queries: list[str], responses: list[str], scores: Tensor, rows: int) -> str:
     """A markdown table of the first `rows` samples (TensorBoard's text plugin renders it)."""
     lines = [

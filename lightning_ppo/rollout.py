@@ -15,7 +15,7 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
-from lightning_ppo.core import generation_groups
+from lightning_ppo.core import length_buckets
 from lightning_ppo.errors import ConfigError, check_number
 
 
@@ -173,7 +173,7 @@ def sample_responses(
     """Sample a response for every left-padded prompt, `config.batch_size` prompts per chunk.
 
     Each chunk's rows are grouped by drawn length into at most `config.max_generate_calls` `generate`
-    calls (`core.generation_groups`); a call generates up to its longest drawn length and each row is then
+    calls (`core.length_buckets`); a call generates up to its longest drawn length and each row is then
     cut to its own length, which is the same distribution as stopping it there (sampling is
     autoregressive and rows are independent). Rows come back in their original order.
     `synced_gpus` keeps every rank stepping until all are done, for weights sharded across ranks (ZeRO-3).
@@ -187,7 +187,7 @@ def sample_responses(
     for ids, mask, chunk_lengths in zip(
         input_ids.split(chunk), attention_mask.split(chunk), lengths.split(chunk), strict=True
     ):
-        groups, _, _ = generation_groups(chunk_lengths, max_calls)
+        groups, _, _ = length_buckets(chunk_lengths, max_calls)
         sampled = [
             _sample_call(model, ids[rows], mask[rows], chunk_lengths[rows], config, pad_token_id,
                          eos_token_id, synced_gpus)

@@ -17,8 +17,7 @@ from torch import Tensor
 
 from lightning_ppo.config import PPOConfig
 from lightning_ppo.core import (
-    entropy_from_logits,
-    logprobs_from_logits,
+    logprobs_and_entropy,
     masked_mean,
     masked_var,
     policy_loss,
@@ -26,6 +25,7 @@ from lightning_ppo.core import (
 )
 from lightning_ppo.experience import Experience
 from lightning_ppo.models import PPOModels
+from lightning_ppo.packing import PackedRows, bucketed
 
 
 @dataclass
@@ -81,10 +81,15 @@ def kl_too_high(policykl: Tensor, config: PPOConfig, hooks: TrainerHooks) -> boo
 
 
 def ppo_loss(models: PPOModels, batch: Experience, config: PPOConfig) -> tuple[Tensor, dict[str, Tensor]]:
-    """Clipped policy loss + vf_coef * clipped value loss on one minibatch, with TRL's statistics."""
+    """Clipped policy loss + vf_coef * clipped value loss on one minibatch, with TRL's statistics.
+
+    With `config.packing`, the forward runs in length buckets without padding gaps (`packing.bucketed`);
+    the per-token log-probs and values come back in the minibatch's layout, so the losses and statistics
+    below are the same masked means over the same tokens as one padded forward.
+    """
     mask = batch.response_mask
-    logits, values = models.logits_and_values(batch.input_ids, batch.attention_mask, batch.response_start)
-    logprobs = logprobs_from_logits(logits, batch.response_ids)
+    logprobs, entropy, values, computed = _forward(models, batch, config)
+    useful = int(batch.lengths.totals(batch.response_start).sum())
     pg_loss, pg_stats = policy_loss(logprobs, batch.old_logprobs, batch.advantages, mask, config.cliprange)
     vf_loss, vf_stats = value_loss(values, batch.old_values, batch.returns, mask, config.cliprange_value)
     loss = pg_loss + config.vf_coef * vf_loss
@@ -96,7 +101,7 @@ def ppo_loss(models: PPOModels, batch: Experience, config: PPOConfig) -> tuple[T
         "ppo/loss/policy": pg_loss.detach() * ratio_ok,  # TRL zeroes the losses of a skipped minibatch
         "ppo/loss/value": vf_loss.detach() * ratio_ok,
         "ppo/loss/total": loss.detach() * ratio_ok,
-        "ppo/policy/entropy": masked_mean(entropy_from_logits(logits.detach()), mask),
+        "ppo/policy/entropy": masked_mean(entropy, mask),
         "ppo/policy/approxkl": pg_stats["approxkl"],
         "ppo/policy/policykl": pg_stats["policykl"],
         "ppo/policy/clipfrac": pg_stats["clipfrac"],
@@ -110,5 +115,28 @@ def ppo_loss(models: PPOModels, batch: Experience, config: PPOConfig) -> tuple[T
         "ppo/val/mean": masked_mean(batch.old_values, mask),
         "ppo/val/var": masked_var(batch.old_values, mask, unbiased=False) * bessel,
         "ppo/skipped_minibatches": 1 - ratio_ok,
+        "tokens/update_waste": torch.tensor(1 - useful / computed, device=mask.device),
     }
     return loss * ratio_ok, stats
+
+
+def _forward(models: PPOModels, batch: Experience, config: PPOConfig) -> tuple[Tensor, Tensor, Tensor, int]:
+    """Log-probs (with gradient), entropies and values, (B, R) each, and the token positions computed."""
+    if not config.packing:  # one forward over the minibatch's padded layout
+        logits, values = models.logits_and_values(batch.input_ids, batch.attention_mask, batch.response_start)
+        logprobs, entropy = logprobs_and_entropy(logits, batch.response_ids)
+        return logprobs, entropy, values, batch.input_ids.numel()
+
+    def forward(rows: PackedRows) -> tuple[Tensor, ...]:
+        logits, values = models.logits_and_values(
+            rows.input_ids, rows.attention_mask, rows.response_start, rows.response_ids.shape[1]
+        )
+        outputs = logprobs_and_entropy(logits, rows.response_ids)
+        return outputs if values is None else (*outputs, values)
+
+    all_rows = torch.arange(batch.input_ids.shape[0])
+    outputs, computed = bucketed(
+        forward, batch.input_ids, batch.response_start, batch.lengths, all_rows, config.length_buckets
+    )
+    values = outputs[2] if len(outputs) > 2 else None  # no value model: no values
+    return outputs[0], outputs[1], values, computed

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import time
 from pathlib import Path
 
 import pytest
@@ -35,6 +36,7 @@ def scalars(log_dir: Path) -> dict[str, list[float]]:
 def fitted(tiny_assets: Path, tmp_path_factory: pytest.TempPathFactory):
     """One tiny PPO run of PPO_STEPS steps, shared by the tests below."""
     root = tmp_path_factory.mktemp("fit")
+    start = time.perf_counter()
     cli = run_cli(
         "fit",
         "--config", TINY,
@@ -43,6 +45,7 @@ def fitted(tiny_assets: Path, tmp_path_factory: pytest.TempPathFactory):
         "--trainer.val_check_interval", "8",
         "--trainer.logger.init_args.save_dir", str(root),
     )  # fmt: skip
+    cli.fit_seconds = time.perf_counter() - start  # for the time/* accounting test
     return cli, Path(cli.trainer.log_dir)
 
 
@@ -57,13 +60,26 @@ def test_fit_writes_checkpoint_config_and_the_expected_metrics(fitted):
         "ppo/policy/entropy", "ppo/policy/approxkl", "ppo/policy/policykl", "ppo/policy/clipfrac",
         "ppo/policy/advantages_mean", "ppo/returns/mean", "ppo/returns/var", "ppo/val/vpred", "ppo/val/error",
         "ppo/val/clipfrac", "ppo/val/var_explained", "tokens/queries_len_mean", "tokens/responses_len_mean",
-        "time/rollout", "time/reward", "time/forward", "time/optimize", "val/reward_mean", "val/kl",
+        "time/rollout", "time/reward", "time/forward", "time/optimize", "time/other", "time/step",
+        "tokens/decode_waste", "tokens/update_waste", "val/reward_mean", "val/kl",
     }  # fmt: skip
     assert expected <= set(logged), expected - set(logged)
     assert len(logged["env/reward_mean"]) == PPO_STEPS  # one point per PPO step
     assert len(logged["val/reward_mean"]) == 2  # every 8 steps
     # 4 PPO epochs x (64 / 32) minibatches = 8 optimizer steps per PPO step
     assert cli.trainer.global_step == PPO_STEPS * 8
+
+
+def test_the_phases_add_up_to_the_steps_and_the_steps_to_the_fit(fitted):
+    cli, log_dir = fitted
+    logged = scalars(log_dir)
+    phases = ("time/rollout", "time/reward", "time/forward", "time/optimize", "time/other")
+    for step in range(PPO_STEPS):
+        assert logged["time/other"][step] >= 0
+        total = sum(logged[phase][step] for phase in phases)
+        assert total == pytest.approx(logged["time/step"][step], abs=1e-5)
+    # the steps tile the training time: together no longer than the whole fit (which also loads models)
+    assert 0.5 * cli.fit_seconds < sum(logged["time/step"]) < cli.fit_seconds
 
 
 def test_fit_raises_the_reward_and_moves_only_the_policy(fitted, tiny_assets: Path):

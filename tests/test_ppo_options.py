@@ -41,12 +41,14 @@ def test_temperature_divides_the_logits_of_old_ref_and_training_passes(tiny_asse
     torch.testing.assert_close(ref, logprobs_from_logits(ref_logits / temperature, ids) * mask)
     assert not torch.allclose(old, logprobs_from_logits(policy_logits, ids) * mask)
 
-    # the training pass tempers too: on unchanged weights its ratio to the rollout's log-probs is exactly 1
+    # the training pass tempers too: on unchanged weights its ratio to the rollout's log-probs is 1 (up to
+    # float32 rounding: packed forwards group the rows differently in the no-grad pass and the update)
     rewards = torch.zeros_like(mask)
     rewards[:, 0] = torch.tensor([1.0, -1.0])
     experience = make_experience(rollout, passes, rewards, module.ppo)
     _, stats = ppo_loss(module.models, experience.select(torch.arange(2)), module.ppo)
-    assert stats["ppo/policy/ratio"] == 1.0 and stats["ppo/policy/approxkl"] == 0.0
+    torch.testing.assert_close(stats["ppo/policy/ratio"], torch.tensor(1.0), atol=1e-6, rtol=0)  # float32 noise
+    assert stats["ppo/policy/approxkl"] < 1e-12
 
 
 def _fit(tmp_path: Path, steps: int, *overrides: str):

@@ -1,0 +1,104 @@
+"""Forward passes without padding compute: rows regrouped by length, each group laid out without gaps.
+
+A rollout's layout (left-padded prompt, response from column P, right padding) pads every row to the
+longest prompt plus the longest response of the batch: about a third of a PPO forward at the notebook's
+lengths. Here rows are bucketed by their real length (`core.length_buckets`) and each bucket is laid out
+prompt-then-response from column 0, right-padded to the bucket's longest row, so the padding left is the
+spread of lengths within a bucket. Per-token outputs come back in the rollout's (N, R) response layout and
+row order, so losses and statistics are computed exactly as on the padded batch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from lightning_ppo.core import length_buckets
+
+
+@dataclass
+class PackedRows:
+    """Some rows of a rollout, prompt then response from column 0, right-padded to the longest row."""
+
+    input_ids: Tensor  # (b, L) L = longest prompt + response among the rows
+    attention_mask: Tensor  # (b, L) 1 on the real tokens, a prefix of each row
+    response_start: Tensor  # (b,) long: column of each row's first response token (its prompt length)
+    response_ids: Tensor  # (b, R) R = longest response among the rows, right-padded
+
+    @property
+    def computed_tokens(self) -> int:
+        return self.input_ids.numel()
+
+
+@dataclass
+class RowLengths:
+    """Where each row's real tokens sit in the rollout layout: columns [prompt_pad, P + response_len)."""
+
+    prompt_pad: Tensor  # (N,) long, on CPU: left padding before the prompt
+    response_len: Tensor  # (N,) long, on CPU: response tokens that count
+
+    @classmethod
+    def of(cls, attention_mask: Tensor, response_start: int, response_mask: Tensor) -> RowLengths:
+        prompt_tokens = attention_mask[:, :response_start].sum(-1)
+        return cls((response_start - prompt_tokens).cpu(), response_mask.sum(-1).long().cpu())
+
+    def totals(self, response_start: int) -> Tensor:
+        """(N,) real prompt + response tokens of each row."""
+        return response_start - self.prompt_pad + self.response_len
+
+
+def pack_rows(input_ids: Tensor, response_start: int, lengths: RowLengths, rows: Tensor) -> PackedRows:
+    """The given rows of a rollout-layout batch (`input_ids` (N, P + R)), each shifted left past its
+    prompt padding. A row's real tokens must be contiguous (they are: the left-padded prompt runs into
+    the response, and only tokens after the response's end are masked)."""
+    pad, response_len = lengths.prompt_pad[rows], lengths.response_len[rows]  # (b,), (b,)
+    total = response_start - pad + response_len  # (b,)
+    width, response_width = int(total.max()), int(response_len.max())
+    device = input_ids.device
+    columns = (pad[:, None] + torch.arange(width)).clamp(max=input_ids.shape[1] - 1)  # (b, L)
+    on_device = rows.to(device)
+    return PackedRows(
+        input_ids=input_ids[on_device].gather(1, columns.to(device)),
+        attention_mask=(torch.arange(width)[None, :] < total[:, None]).long().to(device),
+        response_start=(response_start - pad).to(device),
+        response_ids=input_ids[on_device, response_start : response_start + response_width],
+    )
+
+
+def bucketed(
+    forward: Callable[[PackedRows], tuple[Tensor, ...]],
+    input_ids: Tensor,
+    response_start: int,
+    lengths: RowLengths,
+    rows: Tensor,
+    max_buckets: int,
+    max_rows: int | None = None,
+) -> tuple[tuple[Tensor, ...], int]:
+    """`forward` on the rows in at most `max_buckets` length buckets (each cut to `max_rows` rows);
+    its per-token outputs (b, R_bucket) stitched back to (len(rows), R) in the order of `rows`.
+
+    R is the longest response among `rows`; positions past a row's response are 0. Also returns the
+    number of token positions computed (padding included).
+    """
+    totals = lengths.totals(response_start)[rows]  # (n,)
+    buckets, _, _ = length_buckets(totals, max_buckets)
+    if max_rows is not None:
+        buckets = [part for bucket in buckets for part in bucket.split(max_rows)]
+    width = int(lengths.response_len[rows].max())
+    parts, computed = [], 0
+    for bucket in buckets:
+        packed = pack_rows(input_ids, response_start, lengths, rows[bucket])
+        parts.append([pad_responses(out, width) for out in forward(packed)])
+        computed += packed.computed_tokens
+    order = torch.argsort(torch.cat(buckets)).to(input_ids.device)  # (n,) bucket-major -> original order
+    outputs = tuple(torch.cat(column)[order] for column in zip(*parts, strict=True))
+    return outputs, computed
+
+
+def pad_responses(x: Tensor, width: int) -> Tensor:
+    """Per-token outputs (b, r, ...) right-padded with zeros to (b, width, ...)."""
+    pad = [0, 0] * (x.ndim - 2) + [0, width - x.shape[1]]
+    return torch.nn.functional.pad(x, pad)
