@@ -40,10 +40,11 @@ from lightning_ppo.tiny import NEGATIVE_WORDS, NEUTRAL_WORDS, POSITIVE_WORDS, ma
 
 SHAPES = {"small": dict(n_layer=4, n_embd=192, n_head=4, vocab=4096), "gpt2-124m": dict(vocab=50257)}
 
-# name -> PPOModule keyword arguments; "baseline" is the old behaviour of every switch.
+# name -> PPOModule keyword arguments ("ppo": PPOConfig fields); "baseline" is the old behaviour of every
+# switch.
 VARIANTS: dict[str, dict[str, Any]] = {
-    "baseline": dict(sampling=SamplingConfig(max_generate_calls=1)),
-    "grouped decode": dict(sampling=SamplingConfig(max_generate_calls=4)),
+    "baseline": dict(sampling=SamplingConfig(max_generate_calls=1), ppo=dict(packing=False)),
+    "packed": dict(sampling=SamplingConfig(max_generate_calls=1), ppo=dict(packing=True)),
 }
 
 PHASES = ("time/rollout", "time/reward", "time/forward", "time/optimize")
@@ -93,10 +94,11 @@ class DecodeCountingTimes(StepTimes):
 def run_variant(policy: str, batch_size: int, steps: int, warmup: int, module_kwargs: dict[str, Any]) -> dict:
     """`warmup + steps` PPO steps through `Trainer.fit` in this fresh process; step records, peak RSS."""
     torch.manual_seed(0)
+    module_kwargs = dict(module_kwargs)
     module = CountingModule(
         policy=policy,
         reward_model="tiny:reward",
-        ppo=PPOConfig(mini_batch_size=batch_size),
+        ppo=PPOConfig(mini_batch_size=batch_size, **module_kwargs.pop("ppo", {})),
         log_samples_every_n_steps=0,
         **module_kwargs,
     )
