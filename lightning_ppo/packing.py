@@ -83,10 +83,7 @@ def bucketed(
     R is the longest response among `rows`; positions past a row's response are 0. Also returns the
     number of token positions computed (padding included).
     """
-    totals = lengths.totals(response_start)[rows]  # (n,)
-    buckets, _, _ = length_buckets(totals, max_buckets)
-    if max_rows is not None:
-        buckets = [part for bucket in buckets for part in bucket.split(max_rows)]
+    buckets = plan_buckets(lengths.totals(response_start)[rows], max_buckets, max_rows)
     width = int(lengths.response_len[rows].max())
     parts, computed = [], 0
     for bucket in buckets:
@@ -96,6 +93,26 @@ def bucketed(
     order = torch.argsort(torch.cat(buckets)).to(input_ids.device)  # (n,) bucket-major -> original order
     outputs = tuple(torch.cat(column)[order] for column in zip(*parts, strict=True))
     return outputs, computed
+
+
+def plan_buckets(totals: Tensor, max_buckets: int, max_rows: int | None = None) -> list[Tensor]:
+    """Row indices of each forward: `min(max_buckets, rows)` length buckets per chunk of `max_rows` rows.
+
+    The number of forwards depends only on the number of rows, never on the lengths, so every rank runs
+    as many (ZeRO-3 gathers the sharded weights in each forward: unequal counts would hang). Rows sorted
+    by length are cut into equal chunks of at most `max_rows`; each chunk takes `core.length_buckets`'
+    optimal buckets, the largest split in two while there are fewer than `max_buckets`.
+    """
+    order = torch.argsort(totals, stable=True)  # (n,)
+    chunks = 1 if max_rows is None else -(-len(order) // max_rows)
+    buckets = []
+    for chunk in order.tensor_split(chunks):
+        parts = [chunk[bucket] for bucket in length_buckets(totals[chunk], max_buckets)[0]]
+        while len(parts) < min(max_buckets, len(chunk)):
+            largest = max(range(len(parts)), key=lambda i: len(parts[i]))
+            parts[largest : largest + 1] = list(parts[largest].tensor_split(2))
+        buckets += parts
+    return buckets
 
 
 def pad_responses(x: Tensor, width: int) -> Tensor:

@@ -14,7 +14,7 @@ from lightning_ppo.core import length_buckets, padded_tokens
 from lightning_ppo.data import collate_prompts
 from lightning_ppo.experience import make_experience, rollout_passes
 from lightning_ppo.module import PPOModule
-from lightning_ppo.packing import RowLengths, bucketed, pack_rows
+from lightning_ppo.packing import RowLengths, bucketed, pack_rows, plan_buckets
 from lightning_ppo.rollout import Rollout, draw_response_lengths
 from lightning_ppo.update import TrainerHooks, ppo_epochs, ppo_loss
 
@@ -165,3 +165,15 @@ def test_packed_no_grad_passes_equal_the_padded_ones(module: PPOModule, buckets:
     mask = rollout.response_mask.bool()
     for a, b in zip(packed.full, padded.full, strict=True):  # (B, R, V) log-distributions on real tokens
         torch.testing.assert_close(a[mask], b[mask], atol=2e-5, rtol=0)
+
+
+@pytest.mark.parametrize(("max_buckets", "max_rows"), [(4, None), (3, 5), (6, 4)])
+def test_the_number_of_forwards_depends_only_on_the_number_of_rows(max_buckets: int, max_rows: int | None):
+    generator = torch.Generator().manual_seed(max_buckets)
+    counts = set()
+    for totals in [torch.full((13,), 9), torch.randint(4, 20, (13,), generator=generator), torch.arange(13)]:
+        buckets = plan_buckets(totals, max_buckets, max_rows)
+        assert sorted(torch.cat(buckets).tolist()) == list(range(13))  # every row once
+        assert max_rows is None or max(len(b) for b in buckets) <= max_rows
+        counts.add(len(buckets))
+    assert len(counts) == 1  # the same on every rank, whatever lengths it drew (ZeRO-3)

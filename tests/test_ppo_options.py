@@ -47,7 +47,9 @@ def test_temperature_divides_the_logits_of_old_ref_and_training_passes(tiny_asse
     rewards[:, 0] = torch.tensor([1.0, -1.0])
     experience = make_experience(rollout, passes, rewards, module.ppo)
     _, stats = ppo_loss(module.models, experience.select(torch.arange(2)), module.ppo)
-    torch.testing.assert_close(stats["ppo/policy/ratio"], torch.tensor(1.0), atol=1e-6, rtol=0)  # float32 noise
+    torch.testing.assert_close(
+        stats["ppo/policy/ratio"], torch.tensor(1.0), atol=1e-6, rtol=0
+    )  # float32 noise
     assert stats["ppo/policy/approxkl"] < 1e-12
 
 
