@@ -447,43 +447,6 @@ def micro_batch_weights(
     return (counts / mask.to(torch.float64).sum()).to(dtype)  # counted exactly, then cast for the loss
 
 
-def generation_groups(lengths: Tensor, max_calls: int) -> tuple[list[Tensor], int, int]:
-    """Rows grouped into at most `max_calls` `generate` calls minimising decoded positions.
-
-    A call decodes each of its rows to the call's longest drawn length, so it costs rows x max length.
-    Optimal groups are runs of the rows sorted by length (a row never gains from joining a group with a
-    longer maximum than a shorter row's), so a dynamic programme over the m distinct lengths finds them
-    in O(m^2 * max_calls); ties go to fewer calls. Returns (row indices per call, shortest first;
-    decoded positions; useful positions = sum of lengths).
-    """
-    if max_calls < 1:
-        raise ValueError(f"generation_groups needs max_calls >= 1, got {max_calls}")
-    values, counts = torch.unique(lengths, return_counts=True)  # (m,) ascending, (m,)
-    values, counts = values.tolist(), counts.tolist()
-    m = len(values)
-    rows_before = [0]
-    for count in counts:
-        rows_before.append(rows_before[-1] + count)
-    # best[g][j]: cheapest cover of the j shortest distinct lengths with g calls; cut[g][j]: its last start.
-    best = [[0] + [math.inf] * m] + [[math.inf] * (m + 1) for _ in range(max_calls)]
-    cut = [[0] * (m + 1) for _ in range(max_calls + 1)]
-    for g in range(1, max_calls + 1):
-        for j in range(1, m + 1):
-            for i in range(j):
-                cost = best[g - 1][i] + (rows_before[j] - rows_before[i]) * values[j - 1]
-                if cost < best[g][j]:
-                    best[g][j], cut[g][j] = cost, i
-    calls = min(range(max_calls + 1), key=lambda g: (best[g][m], g))
-    bounds, j = [], m
-    for g in range(calls, 0, -1):
-        bounds.append((cut[g][j], j))
-        j = cut[g][j]
-    groups = [
-        torch.nonzero((lengths >= values[i]) & (lengths <= values[j - 1])).squeeze(1) for i, j in bounds[::-1]
-    ]
-    return groups, int(best[calls][m]), int(lengths.sum())
-
-
 # Bootstrap indices are drawn in chunks of about this many (32 MiB of int64) to bound memory.
 _BOOTSTRAP_CHUNK_DRAWS = 2**22
 

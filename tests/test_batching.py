@@ -1,6 +1,4 @@
-"""Tier 1: length-bucketed micro-batches (exact loss weights) and the length-grouped generate plan."""
-
-import itertools
+"""Tier 1: length-bucketed micro-batches (exact loss weights)."""
 
 import pytest
 import torch
@@ -77,38 +75,3 @@ def test_weighted_micro_batch_means_equal_the_minibatch_masked_mean_and_its_grad
         total = total + loss.detach()
     assert_close(total, full.detach())
     assert_close(weight_split.grad, weight_full.grad)
-
-
-def brute_force_decoded(lengths: list[int], max_calls: int) -> int:
-    best = None
-    for assignment in itertools.product(range(max_calls), repeat=len(lengths)):
-        cost = 0
-        for call in range(max_calls):
-            members = [n for n, a in zip(lengths, assignment, strict=True) if a == call]
-            cost += len(members) * max(members, default=0)
-        best = cost if best is None else min(best, cost)
-    return best
-
-
-@pytest.mark.parametrize("max_calls", [1, 2, 3])
-def test_generation_groups_are_optimal_against_brute_force(max_calls: int) -> None:
-    generator = torch.Generator().manual_seed(max_calls)
-    for _ in range(12):
-        lengths = torch.randint(4, 16, (7,), generator=generator)  # (B,)
-        groups, decoded, useful = core.generation_groups(lengths, max_calls)
-        assert decoded == brute_force_decoded(lengths.tolist(), max_calls)
-        assert useful == int(lengths.sum())
-        assert len(groups) <= max_calls
-        assert sorted(torch.cat(groups).tolist()) == list(range(7))
-        assert decoded == core.padded_tokens(lengths, groups)[1]
-
-
-def test_generation_groups_use_no_more_calls_than_distinct_lengths() -> None:
-    lengths = torch.tensor([4, 9, 4, 15, 9, 9])
-    groups, decoded, useful = core.generation_groups(lengths, max_calls=5)
-    assert [g.tolist() for g in groups] == [[0, 2], [1, 4, 5], [3]]
-    assert decoded == useful == 50
-    one, decoded_one, _ = core.generation_groups(lengths, max_calls=1)
-    assert [g.tolist() for g in one] == [list(range(6))] and decoded_one == 6 * 15
-    with pytest.raises(ValueError, match="max_calls >= 1"):
-        core.generation_groups(lengths, 0)
