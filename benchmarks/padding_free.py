@@ -2,11 +2,11 @@
 
     python -m benchmarks.padding_free                    # tiny and the 4-layer GPT-2 shape, ~5 minutes
     python -m benchmarks.padding_free --gpt2-124m        # also the GPT-2 (124M) shape: several minutes more
-    python -m benchmarks.padding_free --models small --rollout-only --calls 1 2 3 4 6 8
+    python -m benchmarks.padding_free --models tiny small --rollout-only   # the rollout table only, ~1 minute
 
 For each model, at the same batch of prompts and drawn lengths:
 1. rollout only: seconds of `PPOModule._sample` and decoded positions (useful vs computed) for each
-   `model.sampling.max_generate_calls` in `--calls` (1 is one `generate` per batch, the old behaviour);
+   `model.sampling.decoder`: "generate" (one `generate` call per batch, the old behaviour) and "loop";
 2. whole PPO steps through `Trainer.fit` (`limit_train_batches`), one fresh process per variant so that
    each peak RSS is its own: the module's logged `time/*` phases, the step's wall time, decode waste.
 A variant is a name and the `PPOModule` keyword arguments it changes (`VARIANTS`): add the update-side
@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import multiprocessing
+import os
 import platform
 import resource
 import statistics
@@ -43,8 +44,10 @@ SHAPES = {"small": dict(n_layer=4, n_embd=192, n_head=4, vocab=4096), "gpt2-124m
 # name -> PPOModule keyword arguments ("ppo": PPOConfig fields); "baseline" is the old behaviour of every
 # switch.
 VARIANTS: dict[str, dict[str, Any]] = {
-    "baseline": dict(sampling=SamplingConfig(max_generate_calls=1), ppo=dict(packing=False)),
-    "packed": dict(sampling=SamplingConfig(max_generate_calls=1), ppo=dict(packing=True)),
+    "baseline": dict(sampling=SamplingConfig(decoder="generate"), ppo=dict(packing=False)),
+    "decode loop": dict(sampling=SamplingConfig(decoder="loop"), ppo=dict(packing=False)),
+    "packed update": dict(sampling=SamplingConfig(decoder="generate"), ppo=dict(packing=True)),
+    "both": dict(sampling=SamplingConfig(decoder="loop"), ppo=dict(packing=True)),
 }
 
 PHASES = ("time/rollout", "time/reward", "time/forward", "time/optimize")
@@ -112,9 +115,9 @@ def run_variant(policy: str, batch_size: int, steps: int, warmup: int, module_kw
 
 
 def rollout_sweep(
-    policy: str, batch_size: int, calls: list[int], repeats: int
-) -> dict[int, dict[str, float]]:
-    """Median seconds and decode counts of one rollout per `max_generate_calls`, the settings taking turns."""
+    policy: str, batch_size: int, decoders: list[str], repeats: int
+) -> dict[str, dict[str, float]]:
+    """Median seconds and decode counts of one rollout per `model.sampling.decoder`, taking turns."""
     torch.manual_seed(0)
     module = PPOModule(policy=policy, reward_model="tiny:reward", log_samples_every_n_steps=0)
     data = PromptDataModule(dataset="tiny:reviews", tokenizer=policy, batch_size=batch_size)
@@ -122,11 +125,11 @@ def rollout_sweep(
     batch = next(iter(data.train_dataloader()))
     lengths = draw_response_lengths(batch_size, module.sampling, module.device)
     default = module.sampling
-    seconds: dict[int, list[float]] = {k: [] for k in calls}
-    counts: dict[int, tuple[int, int]] = {}
+    seconds: dict[str, list[float]] = {k: [] for k in decoders}
+    counts: dict[str, tuple[int, int]] = {}
     for round_ in range(repeats + 1):  # round 0 warms up
-        for k in calls:
-            module.sampling = replace(default, max_generate_calls=k)
+        for k in decoders:
+            module.sampling = replace(default, decoder=k)
             start = time.perf_counter()
             rollout = module._sample(module.policy.lm, batch, lengths)
             if round_:
@@ -135,7 +138,7 @@ def rollout_sweep(
     module.sampling = default
     return {
         k: {"s": statistics.median(seconds[k]), "decoded": counts[k][0], "useful": counts[k][1]}
-        for k in calls
+        for k in decoders
     }
 
 
@@ -144,13 +147,15 @@ def median(records: list[dict[str, float]], key: str) -> float:
 
 
 def report_model(name: str, policy: str, args: argparse.Namespace, steps: int) -> None:
-    sweep = rollout_sweep(policy, args.batch_size, args.calls, args.rollout_repeats)
-    base = sweep[min(args.calls)]
+    load = os.getloadavg()[0]
+    sweep = rollout_sweep(policy, args.batch_size, args.decoders, args.rollout_repeats)
+    base = sweep[args.decoders[0]]
     print(f"\n== {name}: batch {args.batch_size}, {steps} measured steps after {args.warmup} warm-up")
-    print("rollout only (median s; decoded positions: useful / computed, waste)")
+    print(f"rollout only (median of {args.rollout_repeats}; decoded positions: useful / computed, waste; "
+          f"1-min load average {load:.2f} before, {os.getloadavg()[0]:.2f} after)")  # fmt: skip
     for k, r in sweep.items():
         waste = 1 - r["useful"] / r["decoded"]
-        print(f"  max_generate_calls={k}  {r['s']:7.3f} s  x{base['s'] / r['s']:4.2f}  "
+        print(f"  decoder={k:9s} {r['s']:7.3f} s  x{base['s'] / r['s']:4.2f}  "
               f"{r['useful']:5d} / {r['decoded']:5d}  waste {waste:5.1%}")  # fmt: skip
     if args.rollout_only:
         return
@@ -197,8 +202,9 @@ def main() -> None:
     parser.add_argument("--gpt2-steps", type=int, default=1, help="measured PPO steps for the 124M shape")
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument(
-        "--calls", type=int, nargs="+", default=[1, 2, 3, 4, 6], help="max_generate_calls swept"
-    )
+        "--decoders", nargs="+", choices=("generate", "loop"), default=["generate", "loop"],
+        help="model.sampling.decoder values timed in the rollout table; the first is the x1.00 reference",
+    )  # fmt: skip
     parser.add_argument("--rollout-repeats", type=int, default=3)
     parser.add_argument("--rollout-only", action="store_true", help="skip the whole-step variants")
     args = parser.parse_args()

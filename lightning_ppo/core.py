@@ -275,9 +275,9 @@ class FixedKLController:
         self.value = state_dict["value"]
 
 
-# ================================================================ unwired pure pieces (issues 13 and 14)
-# Fused log-probs and entropy, critic-free advantage estimators, length-bucketed micro-batches, a
-# length-grouped generation plan, and a paired bootstrap interval. The trainer does not call them yet.
+# ================================================================ issues 13 and 14
+# Fused log-probs and entropy (the PPO loss), critic-free advantage estimators, length buckets (packed
+# forwards), and a paired bootstrap interval (the test report).
 # GRPO's KL-in-loss term is `masked_mean(kl_penalty(logprobs, ref_logprobs, "k3"), mask)`.
 
 

@@ -1,9 +1,11 @@
-"""Batched sampling of responses: a few `generate` calls per batch (rows grouped by drawn length), never
-one prompt at a time."""
+"""Batched sampling of responses: one decoding loop per batch that drops each row once it is done, never one
+prompt at a time."""
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from torch import Tensor
@@ -13,10 +15,13 @@ from transformers import (
     LogitsProcessorList,
     PreTrainedModel,
     PreTrainedTokenizerBase,
+    TemperatureLogitsWarper,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
 )
 
-from lightning_ppo.core import length_buckets
 from lightning_ppo.errors import ConfigError, check_number
+from lightning_ppo.models import position_ids_from_mask
 
 
 @dataclass
@@ -29,16 +34,15 @@ class SamplingConfig:
         temperature: Sampling temperature; every log-prob pass divides the logits by it too.
         top_k: Top-k filter; 0 disables it (notebook: 0).
         top_p: Nucleus filter; 1.0 disables it (notebook: 1.0).
-        batch_size: Prompts per `generate` call; null samples the whole batch at once. Lower it when
-            generation runs out of memory.
+        batch_size: Prompts sampled together; null samples the whole batch at once. Lower it when sampling
+            runs out of memory.
         cache_implementation: Key/value cache of `generate`: null (dynamic) or "static" (preallocated;
-            on CUDA, transformers then compiles the decoding step with torch.compile).
-        max_generate_calls: Most `generate` calls per batch (per `batch_size` chunk). Rows are grouped by
-            drawn length so that a call decodes no row far past its length; 1 (the default, one call as
-            before) decodes every row to the batch's longest length (about 37% wasted positions at lengths
-            4-15, about 9% with 4 calls). Each call re-runs the prefill and per-token overhead: on this CPU
-            the tiny model was fastest with 1, a 4-layer 192-wide model even to slightly faster with 3-4
-            (benchmarks/padding_free.py, measured under load: not yet a default). Under ZeRO-3 it is 1.
+            on CUDA, transformers then compiles the decoding step with torch.compile). "static" samples with
+            `generate`, whatever `decoder` says: a preallocated cache cannot drop rows.
+        decoder: "loop" decodes each row only up to its own drawn length or EOS, dropping finished rows from
+            the batch and the KV cache (no wasted positions); "generate" is one HF `generate` call per batch
+            up to the longest drawn length, each row then cut (about 37% of decoded positions wasted at
+            lengths 4-15). Both sample from the same distribution. Under ZeRO-3 it is "generate".
     """
 
     response_min_length: int = 4
@@ -48,7 +52,7 @@ class SamplingConfig:
     top_p: float = 1.0
     batch_size: int | None = None
     cache_implementation: str | None = None
-    max_generate_calls: int = 1
+    decoder: Literal["loop", "generate"] = "loop"
 
     def __post_init__(self) -> None:
         check_number("model.sampling.response_min_length", self.response_min_length, 1, integer=True)
@@ -63,7 +67,8 @@ class SamplingConfig:
         check_number("model.sampling.top_k", self.top_k, 0, integer=True)
         check_number("model.sampling.top_p", self.top_p, 0, 1, open_low=True)
         check_number("model.sampling.batch_size", self.batch_size, 1, integer=True, optional=True)
-        check_number("model.sampling.max_generate_calls", self.max_generate_calls, 1, integer=True)
+        if self.decoder not in ("loop", "generate"):
+            raise ConfigError(f'model.sampling.decoder must be "loop" or "generate", got {self.decoder!r}')
 
 
 @dataclass
@@ -80,7 +85,7 @@ class Rollout:
     attention_mask: Tensor  # (B, P + R) 1 on real prompt and response tokens
     response_start: int  # P
     response_mask: Tensor  # (B, R) float32, 1 on the response tokens that count (EOS included)
-    decoded_positions: int = 0  # row x new-token positions `generate` computed, over all its calls
+    decoded_positions: int = 0  # row x new-token positions the sampler computed, over all its calls
     useful_positions: int = 0  # of those, the response tokens that count (response_mask.sum())
 
     @property
@@ -172,45 +177,98 @@ def sample_responses(
 ) -> Rollout:
     """Sample a response for every left-padded prompt, `config.batch_size` prompts per chunk.
 
-    Each chunk's rows are grouped by drawn length into at most `config.max_generate_calls` `generate`
-    calls (`core.length_buckets`); a call generates up to its longest drawn length and each row is then
-    cut to its own length, which is the same distribution as stopping it there (sampling is
-    autoregressive and rows are independent). Rows come back in their original order.
-    `synced_gpus` keeps every rank stepping until all are done, for weights sharded across ranks (ZeRO-3).
+    Each row stops at its drawn length or first EOS (kept). `config.decoder="loop"` decodes no position past
+    that (`_sample_loop`); HF `generate` (`_sample_generate`) is used for `decoder="generate"` and where the
+    loop cannot apply: `synced_gpus` (ZeRO-3: every rank must run a forward per step until all ranks are
+    done, for the gathered weights) and `cache_implementation="static"` (a preallocated cache keeps its rows).
     """
+    use_loop = config.decoder == "loop" and not synced_gpus and config.cache_implementation is None
     chunk = config.batch_size or input_ids.shape[0]
-    # Under synced_gpus every rank must make the same number of `generate` calls (each decoding step
-    # all-reduces a "finished" flag), but the groups depend on this rank's drawn lengths: one call per
-    # chunk keeps the count equal (max_new_tokens may differ: synced_gpus steps the shorter rank along).
-    max_calls = 1 if synced_gpus else config.max_generate_calls
     parts = []
     for ids, mask, chunk_lengths in zip(
         input_ids.split(chunk), attention_mask.split(chunk), lengths.split(chunk), strict=True
     ):
-        groups, _, _ = length_buckets(chunk_lengths, max_calls)
-        sampled = [
-            _sample_call(model, ids[rows], mask[rows], chunk_lengths[rows], config, pad_token_id,
-                         eos_token_id, synced_gpus)
-            for rows in groups
-        ]  # fmt: skip
-        order = torch.cat(groups).to(ids.device)  # (b,) original row of each sampled row
-        parts.append(_reorder(concat_rollouts(sampled, pad_token_id), torch.argsort(order)))
+        if use_loop:
+            response_ids, decoded = _sample_loop(model, ids, mask, chunk_lengths, config, eos_token_id)
+        else:
+            response_ids = _sample_generate(
+                model, ids, mask, chunk_lengths, config, pad_token_id, eos_token_id, synced_gpus
+            )
+            decoded = response_ids.numel()  # generate stops early once every row has hit EOS
+        parts.append(_rollout(ids, mask, response_ids, chunk_lengths, pad_token_id, eos_token_id, decoded))
     return parts[0] if len(parts) == 1 else concat_rollouts(parts, pad_token_id)
 
 
-def _reorder(rollout: Rollout, rows: Tensor) -> Rollout:
-    """The rollout's rows taken in the order `rows`, its counts kept."""
-    return Rollout(
-        input_ids=rollout.input_ids[rows],
-        attention_mask=rollout.attention_mask[rows],
-        response_start=rollout.response_start,
-        response_mask=rollout.response_mask[rows],
-        decoded_positions=rollout.decoded_positions,
-        useful_positions=rollout.useful_positions,
-    )
+def sampling_processors(config: SamplingConfig) -> LogitsProcessorList:
+    """What `generate` applies to the next-token logits for `config`, in its order, no-ops skipped.
+
+    `FiniteLogits` (passed to `generate` as a custom processor, so first), then temperature, top-k, top-p
+    (transformers `GenerationMixin._get_logits_processor`, `min_tokens_to_keep=1` without beams).
+    """
+    processors = LogitsProcessorList([FiniteLogits()])
+    if config.temperature != 1.0:
+        processors.append(TemperatureLogitsWarper(config.temperature))
+    if config.top_k != 0:
+        processors.append(TopKLogitsWarper(top_k=config.top_k))
+    if config.top_p < 1.0:
+        processors.append(TopPLogitsWarper(top_p=config.top_p))
+    return processors
 
 
-def _sample_call(
+def _last_logits_only(model: PreTrainedModel) -> dict[str, int]:
+    """`logits_to_keep=1` if the model's forward takes it, as `generate` passes it (a PEFT model's base)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(base.forward).parameters else {}
+
+
+def _sample_loop(
+    model: PreTrainedModel,
+    input_ids: Tensor,
+    attention_mask: Tensor,
+    lengths: Tensor,
+    config: SamplingConfig,
+    eos_token_id: int | None,
+) -> tuple[Tensor, int]:
+    """Response ids (B, R') and decoded positions: prompts prefilled once, then a token per running row.
+
+    A row leaves the batch, and its rows of the KV cache are dropped, as soon as it has its drawn length or
+    emitted EOS, so every decoded position is kept. Inputs, logits processing and token choice are those of
+    `generate`: position ids from the mask, an all-ones mask dropped, float32 logits, multinomial. Columns a
+    row never sampled hold 0 (the caller masks them).
+    """
+    processors, extra = sampling_processors(config), _last_logits_only(model)
+    response_ids = input_ids.new_zeros(input_ids.shape[0], int(lengths.max()))  # (B, R)
+    rows = torch.arange(input_ids.shape[0], device=input_ids.device)  # (b,) original row of each running row
+    positions = position_ids_from_mask(attention_mask)  # (B, P) as generate: cumsum(mask) - 1, 0 on pads
+    last_position = positions[:, -1]  # (B,)
+    mask = None if bool(attention_mask.all()) else attention_mask  # (b, P + t) or None, as generate does
+    step_ids, cache, decoded, steps = input_ids, None, 0, 0  # the first step is the prefill
+    while True:
+        inputs = dict(input_ids=step_ids, attention_mask=mask, position_ids=positions, cache=cache)
+        out = model(**inputs, use_cache=True, **extra)
+        decoded += len(rows)
+        scores = processors(None, out.logits[:, -1].float())  # (b, V); none of them reads the ids so far
+        tokens = torch.multinomial(torch.softmax(scores, dim=-1), num_samples=1).squeeze(1)  # (b,)
+        response_ids[rows, steps] = tokens
+        steps += 1
+        done = lengths[rows] == steps  # (b,)
+        if eos_token_id is not None:
+            done |= tokens == eos_token_id
+        running = (~done).nonzero().squeeze(1)  # (b',) indices into the running rows
+        if len(running) == 0:
+            return response_ids[:, :steps], decoded
+        cache = out.cache
+        if len(running) < len(rows):
+            cache.batch_select_indices(running)
+            rows, tokens = rows[running], tokens[running]
+            mask = None if mask is None else mask[running]
+        step_ids = tokens[:, None]  # (b', 1)
+        positions = (last_position[rows] + steps)[:, None]  # (b', 1) as generate: the last position + 1
+        if mask is not None:
+            mask = torch.cat([mask, mask.new_ones(len(rows), 1)], dim=1)
+
+
+def _sample_generate(
     model: PreTrainedModel,
     input_ids: Tensor,
     attention_mask: Tensor,
@@ -219,8 +277,12 @@ def _sample_call(
     pad_token_id: int,
     eos_token_id: int | None,
     synced_gpus: bool,
-) -> Rollout:
-    """One `generate` call up to the longest of `lengths`, each row then cut to its own length."""
+) -> Tensor:
+    """Response ids (B, R') of one `generate` call up to the longest of `lengths`; rows are cut later.
+
+    Cutting is the same distribution as stopping the row there: sampling is autoregressive and rows are
+    independent. `synced_gpus` keeps every rank stepping until all are done (weights sharded by ZeRO-3).
+    """
     generation_config = GenerationConfig(
         do_sample=True,
         top_k=config.top_k,
@@ -238,16 +300,27 @@ def _sample_call(
         logits_processor=LogitsProcessorList([FiniteLogits()]),
         **({"synced_gpus": True} if synced_gpus else {}),  # else transformers' own default
     )  # (B, P + R')
-    prompt_width = input_ids.shape[1]
-    response_ids = sequences[:, prompt_width:]
-    response_mask = response_mask_from_tokens(response_ids, lengths, eos_token_id)
+    return sequences[:, input_ids.shape[1] :]
+
+
+def _rollout(
+    input_ids: Tensor,
+    attention_mask: Tensor,
+    response_ids: Tensor,
+    lengths: Tensor,
+    pad_token_id: int,
+    eos_token_id: int | None,
+    decoded_positions: int,
+) -> Rollout:
+    """The rollout layout of prompts and responses (B, R'), each row cut at its length or first EOS."""
+    response_mask = response_mask_from_tokens(response_ids, lengths, eos_token_id)  # (B, R)
     response_ids = response_ids.masked_fill(response_mask == 0, pad_token_id)
     return Rollout(
         input_ids=torch.cat([input_ids, response_ids], dim=1),
         attention_mask=torch.cat([attention_mask, response_mask.long()], dim=1),
-        response_start=prompt_width,
+        response_start=input_ids.shape[1],
         response_mask=response_mask,
-        decoded_positions=response_ids.numel(),  # generate stops early once every row has hit EOS
+        decoded_positions=decoded_positions,
         useful_positions=int(response_mask.sum()),
     )
 

@@ -1,8 +1,7 @@
-"""Batched sampling: masks, layout, and rows grouped by drawn length into a few `generate` calls."""
+"""Batched sampling: masks, layout, the `generate` decoder and where it is kept (the loop: test_decode.py)."""
 
 from pathlib import Path
 
-import pytest
 import torch
 from transformers import GenerationConfig
 from transformers.generation.logits_process import InfNanRemoveLogitsProcessor
@@ -65,7 +64,7 @@ def test_sample_responses_layout_and_single_generate_call():
     new_tokens = torch.tensor([[31, 32, eos, 34, 35], [41, 42, 43, 44, 45]])
     model = ScriptedLM(new_tokens)
     lengths = torch.tensor([5, 3])
-    one_call = SamplingConfig(max_generate_calls=1)
+    one_call = SamplingConfig(decoder="generate")
     rollout = sample_responses(
         model, input_ids, attention_mask, lengths, one_call, pad_token_id=pad, eos_token_id=eos
     )
@@ -89,12 +88,12 @@ def test_rollout_micro_batches_give_the_same_layout_as_one_call():
         input_ids,
         attention_mask,
         lengths,
-        SamplingConfig(max_generate_calls=1),
+        SamplingConfig(decoder="generate"),
         pad,
         eos,
     )
     chunked_model = ChunkedScriptedLM(new_tokens)
-    chunked_config = SamplingConfig(batch_size=2, max_generate_calls=1)
+    chunked_config = SamplingConfig(batch_size=2, decoder="generate")
     chunked = sample_responses(chunked_model, input_ids, attention_mask, lengths, chunked_config, pad, eos)
     assert chunked_model.calls == 2
     assert chunked.input_ids.tolist() == whole.input_ids.tolist()
@@ -147,52 +146,29 @@ def echo_batch(rows: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.
     return input_ids, attention_mask, lengths
 
 
-@pytest.mark.parametrize("batch_size", [None, 48])
-def test_grouped_calls_return_each_row_in_order_with_its_own_prompt(batch_size: int | None) -> None:
-    input_ids, attention_mask, lengths = echo_batch(128, seed=0)
-    model = PromptEchoLM()
-    config = SamplingConfig(batch_size=batch_size, max_generate_calls=3)
-    rollout = sample_responses(
-        model, input_ids, attention_mask, lengths, config, pad_token_id=0, eos_token_id=None
-    )
-    chunks = 1 if batch_size is None else 3
-    assert 1 < len(model.calls) <= 3 * chunks
-    assert sum(rows for rows, _ in model.calls) == 128
-    assert rollout.query_ids.tolist() == input_ids.tolist()
-    assert rollout.response_ids.shape[1] == int(lengths.max())
-    for row in range(128):
-        drawn = int(lengths[row])
-        expected = [100 * (row + 1) + t for t in range(drawn)]
-        assert rollout.response_ids[row, :drawn].tolist() == expected
-        assert (rollout.response_ids[row, drawn:] == 0).all()
-        assert rollout.response_mask[row].sum() == drawn
-        assert rollout.attention_mask[row].sum() == attention_mask[row].sum() + drawn
-    decoded = sum(rows * steps for rows, steps in model.calls)
-    assert rollout.decoded_positions == decoded
-    assert rollout.useful_positions == int(lengths.sum())
-
-
-def test_grouping_keeps_decode_waste_below_15_percent_at_batch_128() -> None:
-    for seed in range(5):
-        input_ids, attention_mask, lengths = echo_batch(128, seed)
-        waste = {}
-        for calls in (1, 4):
-            config = SamplingConfig(max_generate_calls=calls)
-            rollout = sample_responses(PromptEchoLM(), input_ids, attention_mask, lengths, config, 0, None)
-            waste[calls] = 1 - rollout.useful_positions / rollout.decoded_positions
-        assert waste[1] > 0.3  # one call decodes every row to the longest length (about 37% waste)
-        assert waste[4] < 0.15
-
-
-def test_synced_gpus_makes_one_call_per_chunk() -> None:
-    """Under ZeRO-3 every rank must make the same number of calls, whatever lengths it drew."""
+def test_synced_gpus_samples_with_one_generate_call_per_chunk() -> None:
+    """Under ZeRO-3 every rank must step together until all are done: `generate(synced_gpus=True)`, not the
+    loop, whose forwards stop on each rank's own lengths. PromptEchoLM has no forward to loop on."""
     input_ids, attention_mask, lengths = echo_batch(32, seed=0)
     model = PromptEchoLM()
     model.generate = lambda synced_gpus, **kwargs: PromptEchoLM.generate(model, **kwargs)
-    config = SamplingConfig(batch_size=16, max_generate_calls=4)
+    config = SamplingConfig(batch_size=16)
+    assert config.decoder == "loop"
     rollout = sample_responses(model, input_ids, attention_mask, lengths, config, 0, None, synced_gpus=True)
     assert [rows for rows, _ in model.calls] == [16, 16]
     assert rollout.query_ids.tolist() == input_ids.tolist()
+    for row in range(32):
+        drawn = int(lengths[row])
+        assert rollout.response_ids[row, :drawn].tolist() == [100 * (row + 1) + t for t in range(drawn)]
+
+
+def test_static_cache_samples_with_generate() -> None:
+    """A preallocated cache cannot drop rows: `cache_implementation="static"` keeps `generate`."""
+    input_ids, attention_mask, lengths = echo_batch(8, seed=1)
+    model = PromptEchoLM()
+    config = SamplingConfig(cache_implementation="static")
+    sample_responses(model, input_ids, attention_mask, lengths, config, 0, None)
+    assert model.calls == [(8, int(lengths.max()))]
 
 
 def tiny_lm_and_prompts(tiny_assets: Path, rows: int) -> tuple:
@@ -208,7 +184,7 @@ def tiny_lm_and_prompts(tiny_assets: Path, rows: int) -> tuple:
 def test_one_call_equals_todays_single_generate_for_the_same_seed(tiny_assets: Path) -> None:
     lm, tokenizer, input_ids, attention_mask = tiny_lm_and_prompts(tiny_assets, 16)
     pad, eos = tokenizer.pad_token_id, tokenizer.eos_token_id
-    config = SamplingConfig(max_generate_calls=1)
+    config = SamplingConfig(decoder="generate")
     torch.manual_seed(3)
     lengths = draw_response_lengths(16, config, torch.device("cpu"))
     rollout = sample_responses(lm, input_ids, attention_mask, lengths, config, pad, eos)
@@ -229,8 +205,8 @@ def test_one_call_equals_todays_single_generate_for_the_same_seed(tiny_assets: P
     )
 
 
-def test_grouped_greedy_rollout_equals_one_call_on_a_real_model(tiny_assets: Path) -> None:
-    """Greedy decoding makes sampling deterministic: grouping must then change no token of any row."""
+def test_greedy_loop_equals_one_generate_call_on_a_real_model(tiny_assets: Path) -> None:
+    """Greedy decoding makes sampling deterministic: the loop must then change no token of any row."""
     lm, tokenizer, input_ids, attention_mask = tiny_lm_and_prompts(tiny_assets, 64)
     pad, eos = tokenizer.pad_token_id, tokenizer.eos_token_id
     head = lm.get_output_embeddings()
@@ -239,31 +215,29 @@ def test_grouped_greedy_rollout_equals_one_call_on_a_real_model(tiny_assets: Pat
         head.bias[eos] = -1e4  # greedy, the tiny model would emit EOS at once and every call stop there
     lengths = torch.randint(4, 16, (64,), generator=torch.Generator().manual_seed(0))
     one = sample_responses(
-        lm, input_ids, attention_mask, lengths, SamplingConfig(top_k=1, max_generate_calls=1), pad, eos
+        lm, input_ids, attention_mask, lengths, SamplingConfig(top_k=1, decoder="generate"), pad, eos
     )
-    grouped_config = SamplingConfig(top_k=1, max_generate_calls=4)
-    grouped = sample_responses(lm, input_ids, attention_mask, lengths, grouped_config, pad, eos)
-    assert torch.equal(grouped.input_ids, one.input_ids)
-    assert torch.equal(grouped.response_mask, one.response_mask)
-    assert grouped.decoded_positions < one.decoded_positions
-    assert grouped.useful_positions == one.useful_positions
+    loop = sample_responses(lm, input_ids, attention_mask, lengths, SamplingConfig(top_k=1), pad, eos)
+    assert torch.equal(loop.input_ids, one.input_ids)
+    assert torch.equal(loop.response_mask, one.response_mask)
+    assert loop.decoded_positions == loop.useful_positions == one.useful_positions < one.decoded_positions
 
 
-def test_grouped_sampling_keeps_lengths_and_statistics(tiny_assets: Path) -> None:
-    """Same seed: same drawn lengths; the sampled tokens' distribution matches one call's."""
+def test_loop_sampling_keeps_lengths_and_statistics(tiny_assets: Path) -> None:
+    """Same seed: same drawn lengths; the sampled tokens' distribution matches one `generate` call's."""
     lm, tokenizer, input_ids, attention_mask = tiny_lm_and_prompts(tiny_assets, 256)
     pad, eos = tokenizer.pad_token_id, tokenizer.eos_token_id
     counts, kept = {}, {}
-    for calls in (1, 3):
-        config = SamplingConfig(max_generate_calls=calls)
+    for decoder in ("generate", "loop"):
+        config = SamplingConfig(decoder=decoder)
         torch.manual_seed(0)
         lengths = draw_response_lengths(256, config, torch.device("cpu"))
         rollout = sample_responses(lm, input_ids, attention_mask, lengths, config, pad, eos)
-        kept[calls] = rollout.response_mask.sum(-1)  # (B,)
-        assert (kept[calls] >= 1).all() and (kept[calls] <= lengths).all()
+        kept[decoder] = rollout.response_mask.sum(-1)  # (B,)
+        assert (kept[decoder] >= 1).all() and (kept[decoder] <= lengths).all()
         tokens = rollout.response_ids[rollout.response_mask.bool()]
-        counts[calls] = torch.bincount(tokens, minlength=len(tokenizer)).float()
+        counts[decoder] = torch.bincount(tokens, minlength=len(tokenizer)).float()
     # mean kept length differs only through EOS cuts; the token histograms agree within sampling noise
-    assert abs(kept[1].mean() - kept[3].mean()) < 0.5
-    p, q = counts[1] / counts[1].sum(), counts[3] / counts[3].sum()
+    assert abs(kept["generate"].mean() - kept["loop"].mean()) < 0.5
+    p, q = counts["generate"] / counts["generate"].sum(), counts["loop"] / counts["loop"].sum()
     assert 0.5 * (p - q).abs().sum() < 0.15

@@ -1,0 +1,167 @@
+"""The decoding loop (`model.sampling.decoder: loop`) against HF `generate` and a full forward."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import GenerationConfig, GPT2Config, GPT2LMHeadModel
+
+from lightning_ppo.errors import ConfigError
+from lightning_ppo.lora import LoraOptions, apply_lora
+from lightning_ppo.models import load_causal_lm, position_ids_from_mask
+from lightning_ppo.rollout import FiniteLogits, Rollout, SamplingConfig, sample_responses
+
+PAD, EOS, VOCAB = 0, 15, 64  # EOS: a token the random model below emits mid-response, greedy or sampled
+
+
+def random_lm(seed: int = 0) -> GPT2LMHeadModel:
+    """A 2-layer GPT-2 with random weights; an untied, wide-init head so greedy continuations vary."""
+    torch.manual_seed(seed)
+    config = GPT2Config(
+        vocab_size=VOCAB, n_layer=2, n_embd=32, n_head=2, n_positions=64, bos_token_id=PAD, eos_token_id=None,
+        tie_word_embeddings=False, initializer_range=0.5,
+    )  # fmt: skip
+    return GPT2LMHeadModel(config).eval()
+
+
+def prompts(rows: int, seed: int = 0, width: int = 6) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Left-padded prompts of 1..width tokens, and response lengths drawn in [3, 12]."""
+    generator = torch.Generator().manual_seed(seed)
+    prompt_lengths = torch.randint(1, width + 1, (rows,), generator=generator)  # (B,)
+    attention_mask = (torch.arange(width)[None, :] >= width - prompt_lengths[:, None]).long()  # (B, P)
+    input_ids = torch.randint(1, VOCAB, (rows, width), generator=generator) * attention_mask  # (B, P)
+    lengths = torch.randint(3, 13, (rows,), generator=generator)  # (B,)
+    return input_ids, attention_mask, lengths
+
+
+def sample(lm, input_ids, attention_mask, lengths, eos: int | None = EOS, **config) -> Rollout:
+    return sample_responses(lm, input_ids, attention_mask, lengths, SamplingConfig(**config), PAD, eos)
+
+
+def count_forward_rows(lm: torch.nn.Module) -> list[int]:
+    """Rows of every forward of `lm` from now on (the hook stays: use a fresh model)."""
+    rows: list[int] = []
+    lm.register_forward_hook(lambda module, args, kwargs, out: rows.append(kwargs["input_ids"].shape[0]),
+                             with_kwargs=True)  # fmt: skip
+    return rows
+
+
+def test_greedy_loop_equals_generate_one_prompt_at_a_time() -> None:
+    """top_k=1 makes sampling greedy: every row must be `generate`'s greedy tokens for its prompt alone."""
+    lm = random_lm()
+    input_ids, attention_mask, lengths = prompts(32)
+    rollout = sample(lm, input_ids, attention_mask, lengths, top_k=1)
+    kept = rollout.response_mask.sum(-1).long()  # (B,)
+    cut_by_eos = kept < lengths
+    assert cut_by_eos.any() and (~cut_by_eos).any()  # both ways of stopping occur
+    for row in range(32):
+        prompt = input_ids[row, attention_mask[row].bool()][None]  # (1, p) no padding
+        greedy = GenerationConfig(do_sample=False, max_new_tokens=int(lengths[row]), pad_token_id=PAD,
+                                  eos_token_id=EOS)  # fmt: skip
+        alone = lm.generate(input_ids=prompt, generation_config=greedy, logits_processor=[FiniteLogits()])
+        expected = alone[0, prompt.shape[1] :].tolist()  # stops after its EOS or at its length
+        assert rollout.response_ids[row, : kept[row]].tolist() == expected, row
+    assert (rollout.response_ids[rollout.response_mask == 0] == PAD).all()
+
+
+def test_sampled_tokens_log_probs_match_a_full_forward_after_rows_are_dropped() -> None:
+    """The KV cache stays row-aligned as rows leave: the loop's per-step logits give the same log-probs of
+    the sampled tokens as one no-grad forward of the final sequences."""
+    lm = random_lm()
+    input_ids, attention_mask, lengths = prompts(48, seed=1)
+    step_logits: list[torch.Tensor] = []  # (b_t, V) per forward: the rows still running, in row order
+    hook = lm.register_forward_hook(lambda module, args, out: step_logits.append(out.logits[:, -1]))
+    temperature = 0.7
+    torch.manual_seed(0)
+    rollout = sample(lm, input_ids, attention_mask, lengths, temperature=temperature)
+    hook.remove()
+    kept = rollout.response_mask.sum(-1).long()  # (B,)
+    assert len(set(kept.tolist())) > 5 and (kept < lengths).any()  # rows left at many steps, some at EOS
+    with torch.no_grad():
+        logits = lm(
+            input_ids=rollout.input_ids,
+            attention_mask=rollout.attention_mask,
+            position_ids=position_ids_from_mask(rollout.attention_mask),
+        ).logits[:, rollout.response_start - 1 : -1]  # (B, R, V) the logits before each response token
+    full = torch.log_softmax(logits / temperature, -1).gather(-1, rollout.response_ids[..., None])[..., 0]
+    for step, step_row_logits in enumerate(step_logits):
+        rows = (kept > step).nonzero().squeeze(1)  # (b_t,) the rows that decoded this step
+        tokens = rollout.response_ids[rows, step]  # (b_t,)
+        loop = torch.log_softmax(step_row_logits / temperature, -1).gather(-1, tokens[:, None])[:, 0]
+        torch.testing.assert_close(loop, full[rows, step], rtol=0, atol=1e-5)
+    assert len(step_logits) == int(kept.max())
+
+
+@pytest.mark.parametrize("bf16", [False, True], ids=["fp32", "bf16-autocast"])
+def test_without_any_row_leaving_the_loop_samples_generates_tokens_for_the_same_seed(bf16: bool) -> None:
+    """Equal lengths and no EOS: the loop makes the same forwards and the same `torch.multinomial` draws."""
+    lm = random_lm()
+    input_ids, attention_mask, _ = prompts(16, seed=2)
+    lengths = torch.full((16,), 9)
+    options = dict(temperature=0.8, top_k=20, top_p=0.9)
+    rollouts = {}
+    for decoder in ("loop", "generate"):
+        torch.manual_seed(5)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            rollouts[decoder] = sample(
+                lm, input_ids, attention_mask, lengths, eos=None, decoder=decoder, **options
+            )
+    assert torch.equal(rollouts["loop"].input_ids, rollouts["generate"].input_ids)
+    assert rollouts["loop"].response_mask.sum() == 16 * 9
+
+
+def test_lora_policy_decodes_through_the_peft_model(tiny_assets: Path) -> None:
+    lm = apply_lora(load_causal_lm("tiny:policy"), LoraOptions(r=4)).eval()
+    with torch.no_grad():  # a trained-looking adapter: lora_B starts at zero
+        for name, param in lm.named_parameters():
+            if "lora_B" in name:
+                param.normal_(std=0.5)
+    input_ids, attention_mask, lengths = prompts(12, seed=3)
+    eos = 0  # the tiny policy's EOS
+    rollout = sample(lm, input_ids, attention_mask, lengths, eos=eos, top_k=1)
+    greedy = GenerationConfig(
+        do_sample=False, max_new_tokens=int(lengths.max()), pad_token_id=PAD, eos_token_id=eos
+    )
+    sequences = lm.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=greedy)
+    mask = rollout.response_mask.bool()
+    assert torch.equal(rollout.response_ids[mask], sequences[:, input_ids.shape[1] :][mask])
+    with lm.disable_adapter():
+        base = sample(lm, input_ids, attention_mask, lengths, eos=eos, top_k=1)
+    assert not torch.equal(base.input_ids, rollout.input_ids)  # the adapter was on in the loop
+
+
+@pytest.mark.parametrize("batch_size", [None, 5])
+def test_decoded_positions_are_the_forwarded_rows_and_all_useful(batch_size: int | None) -> None:
+    lm = random_lm()
+    forwarded = count_forward_rows(lm)
+    input_ids, attention_mask, lengths = prompts(16, seed=4)
+    torch.manual_seed(0)
+    rollout = sample(lm, input_ids, attention_mask, lengths, batch_size=batch_size)
+    per_row_steps = rollout.response_mask.sum(-1)  # (B,) a row decodes until its length or EOS
+    assert rollout.decoded_positions == sum(forwarded) == int(per_row_steps.sum())
+    assert rollout.useful_positions == rollout.decoded_positions
+    assert len(forwarded) == sum(int(chunk.max()) for chunk in per_row_steps.split(batch_size or 16))
+
+
+def test_generate_decoder_decodes_every_row_to_the_longest_length() -> None:
+    lm = random_lm()
+    input_ids, attention_mask, lengths = prompts(16, seed=4)
+    rollout = sample(lm, input_ids, attention_mask, lengths, eos=None, decoder="generate")
+    assert rollout.decoded_positions == 16 * int(lengths.max())
+    assert rollout.useful_positions == int(lengths.sum())
+
+
+def test_chunks_give_the_same_greedy_rollout_as_the_whole_batch() -> None:
+    lm = random_lm()
+    input_ids, attention_mask, lengths = prompts(16, seed=5)
+    whole = sample(lm, input_ids, attention_mask, lengths, top_k=1)
+    chunked = sample(lm, input_ids, attention_mask, lengths, top_k=1, batch_size=6)
+    assert torch.equal(chunked.input_ids, whole.input_ids)
+    assert torch.equal(chunked.response_mask, whole.response_mask)
+
+
+def test_unknown_decoder_names_the_key() -> None:
+    with pytest.raises(ConfigError, match="model.sampling.decoder"):
+        SamplingConfig(decoder="beam")
