@@ -8,9 +8,10 @@ For each model, at the same batch of prompts and drawn lengths:
 1. rollout only: seconds of `PPOModule._sample` and decoded positions (useful vs computed) for each
    `model.sampling.decoder`: "generate" (one `generate` call per batch, the old behaviour) and "loop";
 2. whole PPO steps through `Trainer.fit` (`limit_train_batches`), one fresh process per variant so that
-   each peak RSS is its own: the module's logged `time/*` phases, the step's wall time, decode waste.
-A variant is a name and the `PPOModule` keyword arguments it changes (`VARIANTS`): add the update-side
-switches there. Models: `tiny` (offline tiny assets), `small` (4 layers, 192 wide, 4,096-token
+   each peak RSS is its own: the module's logged `time/*` phases with `time/other`, which add up to
+   `time/step`; decode and update padding waste (`tokens/*`); peak RSS.
+A variant is a name and the `PPOModule` keyword arguments it changes (`VARIANTS`): "baseline" is the
+behaviour before issue 13 (one `generate` call, padded update), then each change alone and both. Models: `tiny` (offline tiny assets), `small` (4 layers, 192 wide, 4,096-token
 vocabulary) and `gpt2-124m` (12 layers, 768 wide, 50,257 tokens); GPT-2 shapes have random weights and a
 word-level tokenizer, saved to a temp folder and loaded by path.
 """
@@ -161,32 +162,32 @@ def report_model(name: str, policy: str, args: argparse.Namespace, steps: int) -
         return
     context = multiprocessing.get_context("spawn")
     results = {}
-    for variant, kwargs in VARIANTS.items():
+    for variant in args.variants:
+        kwargs = VARIANTS[variant]
         with ProcessPoolExecutor(1, mp_context=context) as pool:  # fresh process: its own peak RSS
             results[variant] = pool.submit(
                 run_variant, policy, args.batch_size, steps, args.warmup, kwargs
             ).result()
-    print("whole PPO step through Trainer.fit (median s)")
+    print("whole PPO step through Trainer.fit (median s; the module's time/* scalars: the phases and")
+    print("time/other add up to time/step, the interval between two steps' logging points)")
     print(f"  {'':16s}" + "".join(f"{v:>16s}" for v in results))
-    for key in (*PHASES, "time/other", "step"):
-        row = []
-        for result in results.values():
-            records = result["steps"]
-            for r in records:
-                r["time/other"] = r["step"] - sum(r.get(p, 0.0) for p in PHASES)
-            row.append(median(records, key))
+    for key in (*PHASES, "time/other", "time/step"):
+        row = [median(result["steps"], key) for result in results.values()]
         print(f"  {key:16s}" + "".join(f"{t:16.3f}" for t in row))
+    updates = [median(result["steps"], "tokens/update_waste") for result in results.values()]
+    print(f"  {'update waste':16s}" + "".join(f"{w:16.1%}" for w in updates))
     wastes = [
         1 - sum(r["useful"] for r in res["steps"]) / sum(r["decoded"] for r in res["steps"])
         for res in results.values()
     ]
     print(f"  {'decode waste':16s}" + "".join(f"{w:16.1%}" for w in wastes))
     print(f"  {'peak RSS MiB':16s}" + "".join(f"{res['peak_rss_mb']:16.0f}" for res in results.values()))
-    first = median(results["baseline"]["steps"], "step")
+    first = median(next(iter(results.values()))["steps"], "time/step")
     print(
         f"  {'speed-up':16s}"
-        + "".join(f"{first / median(res['steps'], 'step'):15.2f}x" for res in results.values())
+        + "".join(f"{first / median(res['steps'], 'time/step'):15.2f}x" for res in results.values())
     )
+    print(f"  (1-min load average {os.getloadavg()[0]:.2f} after the variants)")
 
 
 def main() -> None:
@@ -206,6 +207,9 @@ def main() -> None:
         help="model.sampling.decoder values timed in the rollout table; the first is the x1.00 reference",
     )  # fmt: skip
     parser.add_argument("--rollout-repeats", type=int, default=3)
+    parser.add_argument(
+        "--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS), help="whole-step variants"
+    )
     parser.add_argument("--rollout-only", action="store_true", help="skip the whole-step variants")
     args = parser.parse_args()
     models = [*args.models, *(["gpt2-124m"] if args.gpt2_124m and "gpt2-124m" not in args.models else [])]
