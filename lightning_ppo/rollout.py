@@ -39,6 +39,9 @@ class SamplingConfig:
             4-15, about 9% with 4 calls). Each call re-runs the prefill and per-token overhead: on this CPU
             the tiny model was fastest with 1, a 4-layer 192-wide model even to slightly faster with 3-4
             (benchmarks/padding_free.py, measured under load: not yet a default). Under ZeRO-3 it is 1.
+        num_samples_per_prompt: Responses sampled per training prompt (k, the group of GRPO and RLOO), all
+            in the same batched sampling; a batch of B prompts rolls out B x k rows. The k samples of a
+            prompt share one drawn response length. Validation, test and predict sample one per prompt.
     """
 
     response_min_length: int = 4
@@ -49,6 +52,7 @@ class SamplingConfig:
     batch_size: int | None = None
     cache_implementation: str | None = None
     max_generate_calls: int = 1
+    num_samples_per_prompt: int = 1
 
     def __post_init__(self) -> None:
         check_number("model.sampling.response_min_length", self.response_min_length, 1, integer=True)
@@ -64,6 +68,7 @@ class SamplingConfig:
         check_number("model.sampling.top_p", self.top_p, 0, 1, open_low=True)
         check_number("model.sampling.batch_size", self.batch_size, 1, integer=True, optional=True)
         check_number("model.sampling.max_generate_calls", self.max_generate_calls, 1, integer=True)
+        check_number("model.sampling.num_samples_per_prompt", self.num_samples_per_prompt, 1, integer=True)
 
 
 @dataclass
