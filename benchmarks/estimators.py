@@ -1,6 +1,6 @@
 """Advantage estimators side by side, in one run on this machine: memory, step time, and tiny-demo reward.
 
-    python -m benchmarks.estimators              # about 6 minutes on 2 CPU cores
+    python -m benchmarks.estimators              # about 6 minutes on 2 idle CPU cores
     python -m benchmarks.estimators --steps 2 --demo-steps 6
 
 1. GPT-2 shape (4 layers, 192 wide, 4,096-token vocabulary, random weights; `padding_free.SHAPES["small"]`):
@@ -82,7 +82,7 @@ def demo_rewards(variant: str, prompts: int, k: int, steps: int) -> list[float]:
             [
                 "fit", "--config", TINY, "--trainer.max_epochs", "1",
                 "--trainer.limit_train_batches", str(steps), "--trainer.limit_val_batches", "0",
-                "--trainer.enable_progress_bar", "false", "--model.log_samples_every_n_steps", "0",
+                "--model.log_samples_every_n_steps", "0",
                 "--data.batch_size", str(prompts), "--model.ppo.mini_batch_size", str(prompts * k),
                 "--model.sampling.num_samples_per_prompt", str(k),
                 "--model.ppo.advantage_estimator", estimator, "--model.ppo.kl_in", kl_in,
@@ -107,7 +107,7 @@ def main() -> None:
     )
     parser.add_argument("--prompts", type=int, default=32, help="prompts per PPO step on the GPT-2 shape")
     parser.add_argument("--k", type=int, default=4, help="samples per prompt")
-    parser.add_argument("--steps", type=int, default=3, help="measured PPO steps per variant (after warm-up)")
+    parser.add_argument("--steps", type=int, default=2, help="measured PPO steps per variant (after warm-up)")
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--demo-prompts", type=int, default=8, help="prompts per PPO step on the tiny demo")
     parser.add_argument("--demo-steps", type=int, default=10)
@@ -115,16 +115,17 @@ def main() -> None:
     print(f"machine: {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}")
     print(f"load average at start: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     start = time.perf_counter()
+    shape, demo = {}, {}
     with tempfile.TemporaryDirectory() as scratch:
         policy = build_gpt2_shaped(Path(scratch) / "small", **SHAPES["small"])
-        shape = {
-            name: in_fresh_process(run_variant, policy, name, args.prompts, args.k, args.steps, args.warmup)
-            for name in VARIANTS
-        }
-    demo = {
-        name: in_fresh_process(demo_rewards, name, args.demo_prompts, args.k, args.demo_steps)
-        for name in VARIANTS
-    }
+        for name in VARIANTS:
+            shape[name] = in_fresh_process(
+                run_variant, policy, name, args.prompts, args.k, args.steps, args.warmup
+            )
+            print(f"GPT-2 shape, {name}: {shape[name]}", flush=True)
+    for name in VARIANTS:
+        demo[name] = in_fresh_process(demo_rewards, name, args.demo_prompts, args.k, args.demo_steps)
+        print(f"tiny demo, {name}: env/reward_mean {[round(r, 3) for r in demo[name]]}", flush=True)
     print(
         f"\nGPT-2 shape {SHAPES['small']}: {args.prompts} prompts x {args.k} samples per step, median of "
         f"{args.steps} steps after {args.warmup} warm-up; tiny demo: {args.demo_prompts} prompts x {args.k}, "
