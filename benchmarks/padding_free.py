@@ -11,9 +11,10 @@ For each model, at the same batch of prompts and drawn lengths:
    each peak RSS is its own: the module's logged `time/*` phases with `time/other`, which add up to
    `time/step`; decode and update padding waste (`tokens/*`); peak RSS.
 A variant is a name and the `PPOModule` keyword arguments it changes (`VARIANTS`): "baseline" is the
-behaviour before issue 13 (one `generate` call, padded update), then each change alone and both. Models: `tiny` (offline tiny assets), `small` (4 layers, 192 wide, 4,096-token
-vocabulary) and `gpt2-124m` (12 layers, 768 wide, 50,257 tokens); GPT-2 shapes have random weights and a
-word-level tokenizer, saved to a temp folder and loaded by path.
+behaviour before issue 13 (one `generate` call, padded update), then each change alone and both. Models:
+`tiny` (offline tiny assets), `small` (4 layers, 192 wide, 4,096-token vocabulary) and `gpt2-124m` (12
+layers, 768 wide, 50,257 tokens); GPT-2 shapes have random weights and a word-level tokenizer, saved to a
+temp folder and loaded by path.
 """
 
 from __future__ import annotations

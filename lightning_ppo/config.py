@@ -43,6 +43,16 @@ class PPOConfig:
         length_buckets: With packing, the most forwards a minibatch (or a no-grad pass) is cut into, rows
             grouped by length to minimise padding; each forward has a fixed cost, so more is not always
             faster.
+        advantage_estimator: How advantages are computed. gae: GAE over a value function (the notebook's
+            PPO). Critic-free (no value head, no critic, no value loss): grpo, the group-normalised
+            sequence reward (needs model.sampling.num_samples_per_prompt >= 2); rloo, the sequence reward
+            minus the mean of the other samples of its prompt (k >= 2); reinforce_pp, the return to go of
+            the per-token rewards, whitened over the global batch (any k).
+        grpo_scale_by_std: With grpo, divide by the group's standard deviation; false is Dr. GRPO.
+        kl_in: Where the KL to the reference goes: reward (-kl_coef * kl per token, with the adaptive
+            controller) or loss (GRPO's: kl_loss_coef x the masked mean of the k3 estimator in the loss; the
+            reward then holds no KL and the KL controller is not used).
+        kl_loss_coef: Weight of the k3 KL term in the loss when kl_in is loss.
     """
 
     ppo_epochs: int = 4
@@ -66,6 +76,10 @@ class PPOConfig:
     target_kl: float = 1.0
     packing: bool = True
     length_buckets: int = 4
+    advantage_estimator: Literal["gae", "grpo", "rloo", "reinforce_pp"] = "gae"
+    grpo_scale_by_std: bool = True
+    kl_in: Literal["reward", "loss"] = "reward"
+    kl_loss_coef: float = 0.04  # DeepSeekMath (arXiv:2402.03300, section 4.2): "The KL coefficient is 0.04"
 
     def __post_init__(self) -> None:
         positive = (
@@ -79,22 +93,54 @@ class PPOConfig:
             check_number(f"model.ppo.{name}", getattr(self, name), 1, integer=True)
         for name in ("cliprange", "cliprange_value", "ratio_threshold", "target", "target_kl"):
             check_number(f"model.ppo.{name}", getattr(self, name), 0, open_low=True)
-        for name in ("vf_coef", "init_kl_coef"):
+        for name in ("vf_coef", "init_kl_coef", "kl_loss_coef"):
             check_number(f"model.ppo.{name}", getattr(self, name), 0)
         for name in ("gamma", "lam"):
             check_number(f"model.ppo.{name}", getattr(self, name), 0, 1)
         check_number("model.ppo.max_grad_norm", self.max_grad_norm, 0, open_low=True, optional=True)
 
     @property
+    def critic_free(self) -> bool:
+        """No value function: the advantages come from the rewards alone."""
+        return self.advantage_estimator != "gae"
+
+    def check_estimator(self, samples_per_prompt: int, critic: str | None) -> None:
+        """Refuse the estimator settings that make no sense together."""
+        if self.advantage_estimator in ("grpo", "rloo") and samples_per_prompt < 2:
+            raise ConfigError(
+                f"model.ppo.advantage_estimator={self.advantage_estimator!r} compares the samples of each "
+                f"prompt with each other, but model.sampling.num_samples_per_prompt is {samples_per_prompt}: "
+                "set it to 2 or more (e.g. 4), or use advantage_estimator reinforce_pp or gae"
+            )
+        if self.critic_free and critic is not None:
+            raise ConfigError(
+                f"model.critic={critic!r} is set, but model.ppo.advantage_estimator="
+                f"{self.advantage_estimator!r} uses no value function: leave model.critic null, or use "
+                "advantage_estimator gae to train the critic"
+            )
+
+    @property
     def backward_batch_size(self) -> int:
         """Rows per optimizer step (TRL's name)."""
         return self.mini_batch_size * self.gradient_accumulation_steps
 
-    def check_batch_size(self, batch_size: int, key: str = "data.batch_size") -> None:
-        """TRL's batch arithmetic: every optimizer step sees mini_batch_size x GA rows."""
-        if batch_size % self.backward_batch_size:
+    def check_batch_size(
+        self, batch_size: int, key: str = "data.batch_size", samples_per_prompt: int = 1
+    ) -> None:
+        """TRL's batch arithmetic: every optimizer step sees mini_batch_size x GA of the rollout's rows.
+
+        A batch of `batch_size` prompts rolls out `batch_size x samples_per_prompt` rows.
+        """
+        rows = batch_size * samples_per_prompt
+        what = f"{key} ({batch_size})"
+        if samples_per_prompt > 1:
+            what = (
+                f"{key} x model.sampling.num_samples_per_prompt ({batch_size} x {samples_per_prompt} = "
+                f"{rows} rows)"
+            )
+        if rows % self.backward_batch_size:
             raise ConfigError(
-                f"{key} ({batch_size}) must be divisible by model.ppo.mini_batch_size x "
+                f"{what} must be divisible by model.ppo.mini_batch_size x "
                 f"model.ppo.gradient_accumulation_steps ({self.mini_batch_size} x "
                 f"{self.gradient_accumulation_steps} = {self.backward_batch_size}): one optimizer step sees "
                 "that many rows; change one of these keys"

@@ -1,22 +1,35 @@
 """Experience for the PPO epochs: the no-grad passes over a scored rollout, per-token rewards, advantages.
 
 Plain functions over explicit models and tensors (steps 3-5 of a PPO iteration, TRL 0.11's order):
-`rollout_passes` (old log-probs and values, reference log-probs), then `make_experience` (per-token
-rewards `-kl_coef * kl` plus the score on the last token, GAE advantages and returns).
+`rollout_passes` (old log-probs and values, reference log-probs), `per_token_rewards` (`-kl_coef * kl`
+plus the score on the last token), then `make_experience` (the advantages of `model.ppo.advantage_estimator`:
+GAE with returns, or a critic-free estimator).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, fields
 
 import torch
 from torch import Tensor
 
 from lightning_ppo.config import PPOConfig
-from lightning_ppo.core import compute_advantages, compute_rewards, logprobs_from_logits, masked_mean
+from lightning_ppo.core import (
+    compute_advantages,
+    compute_rewards,
+    grpo_advantages,
+    logprobs_from_logits,
+    masked_mean,
+    masked_sum,
+    reinforce_pp_advantages,
+    rloo_advantages,
+)
 from lightning_ppo.models import PPOModels, eval_mode
 from lightning_ppo.packing import PackedRows, RowLengths, bucketed, pad_responses
 from lightning_ppo.rollout import Rollout
+
+PER_TOKEN_FIELDS = ("response_mask", "old_logprobs", "ref_logprobs", "old_values", "advantages", "returns")
 
 
 @dataclass
@@ -28,9 +41,10 @@ class Experience:
     response_start: int  # P
     response_mask: Tensor  # (B, R) float32, 1 on response tokens that count
     old_logprobs: Tensor  # (B, R) float32 log pi_old(a_t | s_t)
-    old_values: Tensor  # (B, R) float32 V_old(s_t)
-    advantages: Tensor  # (B, R) float32, whitened
-    returns: Tensor  # (B, R) float32
+    ref_logprobs: Tensor  # (B, R) float32 log pi_ref(a_t | s_t), for the KL term of kl_in "loss"
+    old_values: Tensor | None  # (B, R) float32 V_old(s_t); None for a critic-free estimator
+    advantages: Tensor  # (B, R) float32
+    returns: Tensor | None  # (B, R) float32 value targets; None for a critic-free estimator (no value loss)
     prompt_pad: Tensor  # (B,) long, on CPU: left padding of each prompt
     response_len: Tensor  # (B,) long, on CPU: real response tokens of each row
 
@@ -41,9 +55,9 @@ class Experience:
         on_device = rows.to(self.input_ids.device)
         end = self.response_start + right
         per_token = {
-            f.name: getattr(self, f.name)[on_device, :right]
+            f.name: None if getattr(self, f.name) is None else getattr(self, f.name)[on_device, :right]
             for f in fields(self)
-            if f.name in ("response_mask", "old_logprobs", "old_values", "advantages", "returns")
+            if f.name in PER_TOKEN_FIELDS
         }
         return Experience(
             input_ids=self.input_ids[on_device, left:end],
@@ -149,19 +163,34 @@ def per_token_rewards(
 
 
 def make_experience(
-    rollout: Rollout, passes: RolloutPasses, rewards: Tensor, config: PPOConfig
+    rollout: Rollout,
+    passes: RolloutPasses,
+    rewards: Tensor,
+    config: PPOConfig,
+    samples_per_prompt: int = 1,
+    sum_across_ranks: Callable[[Tensor], Tensor] | None = None,
 ) -> Experience:
-    """GAE advantages (whitened) and returns from the per-token rewards (B, R), packed for the epochs."""
+    """Advantages of `config.advantage_estimator` from the per-token rewards (B, R), packed for the epochs.
+
+    gae: GAE advantages (whitened) and returns from the values. Critic-free estimators have no returns.
+    Rows [g*k, (g+1)*k) are prompt g's k = `samples_per_prompt` samples (grpo and rloo compare them);
+    `sum_across_ranks` (an all-reduce sum) gives reinforce_pp the global batch's statistics.
+    """
     mask = rollout.response_mask
-    advantages, returns = compute_advantages(
-        passes.values,
-        rewards,
-        mask,
-        config.gamma,
-        config.lam,
-        config.whiten_rewards,
-        config.whiten_rewards_masked,
-    )
+    if config.advantage_estimator == "gae":
+        advantages, returns = compute_advantages(
+            passes.values,
+            rewards,
+            mask,
+            config.gamma,
+            config.lam,
+            config.whiten_rewards,
+            config.whiten_rewards_masked,
+        )
+        values, returns = passes.values, returns.detach()
+    else:  # no value function: no old values to clip around, no value targets
+        advantages = critic_free_advantages(rewards, mask, config, samples_per_prompt, sum_across_ranks)
+        values = returns = None
     prompt_mask = rollout.attention_mask[:, : rollout.response_start]
     return Experience(
         input_ids=rollout.input_ids,
@@ -169,12 +198,32 @@ def make_experience(
         response_start=rollout.response_start,
         response_mask=mask,
         old_logprobs=passes.logprobs,
-        old_values=passes.values,
+        ref_logprobs=passes.ref_logprobs,
+        old_values=values,
         advantages=advantages.detach(),
-        returns=returns.detach(),
+        returns=returns,
         prompt_pad=(rollout.response_start - prompt_mask.sum(-1)).cpu(),
         response_len=mask.sum(-1).long().cpu(),
     )
+
+
+def critic_free_advantages(
+    rewards: Tensor,
+    mask: Tensor,
+    config: PPOConfig,
+    samples_per_prompt: int,
+    sum_across_ranks: Callable[[Tensor], Tensor] | None = None,
+) -> Tensor:
+    """(B, R) advantages of grpo, rloo or reinforce_pp from the per-token rewards (B, R).
+
+    grpo and rloo read each row's sequence reward: its shaped score plus its `-kl_coef * kl` tokens.
+    """
+    if config.advantage_estimator == "grpo":
+        sequence_rewards = masked_sum(rewards, mask, dim=1)  # (B,)
+        return grpo_advantages(sequence_rewards, mask, samples_per_prompt, config.grpo_scale_by_std)
+    if config.advantage_estimator == "rloo":
+        return rloo_advantages(rewards, mask, samples_per_prompt)
+    return reinforce_pp_advantages(rewards, mask, sum_across_ranks)
 
 
 def rollout_statistics(

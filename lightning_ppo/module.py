@@ -80,8 +80,9 @@ class PPOModule(LightningModule):
         reward_label: Label whose raw logit is the score (the notebook: POSITIVE).
         reward_batch_size: Texts per reward-model forward pass; null scores the whole batch at once.
         learning_rate: Adam learning rate (TRL: 1.41e-5).
-        ppo: PPO hyper-parameters.
-        sampling: How responses are sampled.
+        ppo: PPO hyper-parameters, among them the advantage estimator (gae, or critic-free grpo, rloo,
+            reinforce_pp: no value head, no critic) and where the KL goes (reward or loss).
+        sampling: How responses are sampled; `num_samples_per_prompt` responses per training prompt.
         forward_batch_size: Rows per no-grad forward (old log-probs, values, reference); null = the whole
             batch. The training micro-batch is `ppo.mini_batch_size` rows.
         gradient_checkpointing: Recompute the policy's activations in the backward pass: less memory,
@@ -138,6 +139,7 @@ class PPOModule(LightningModule):
         check_number("model.max_consecutive_bad_steps", max_consecutive_bad_steps, 1, integer=True)
         self.ppo = ppo or PPOConfig()
         self.sampling = sampling or SamplingConfig()
+        self.ppo.check_estimator(self.sampling.num_samples_per_prompt, critic)
         self.shaping = shaping or ShapingConfig()
         self.save_hyperparameters(ignore=["reward"])  # a module: its config is in the CLI's config.yaml
         self.automatic_optimization = False
@@ -149,7 +151,8 @@ class PPOModule(LightningModule):
         if gradient_checkpointing:
             lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         reference = None if lora else make_reference(lm)  # with LoRA: the policy with its adapter disabled
-        self.policy = PolicyWithValueHead(apply_lora(lm, lora) if lora else lm, value_head=critic is None)
+        value_head = critic is None and not self.ppo.critic_free  # critic-free estimators read no values
+        self.policy = PolicyWithValueHead(apply_lora(lm, lora) if lora else lm, value_head=value_head)
         self.critic = build_critic(critic, reward_model, self.tokenizer) if critic else None
         if self.critic is not None and disable_dropout:
             disable_dropout_in_model(self.critic)
@@ -210,7 +213,7 @@ class PPOModule(LightningModule):
         datamodule = getattr(self.trainer, "datamodule", None)
         batch_size = getattr(datamodule, "batch_size", None)
         if stage == "fit" and batch_size is not None:
-            self.ppo.check_batch_size(batch_size)
+            self.ppo.check_batch_size(batch_size, samples_per_prompt=self.sampling.num_samples_per_prompt)
         predicting = stage == "predict"
         prompt_tokens = getattr(
             datamodule, "predict_prompt_max_tokens" if predicting else "prompt_max_tokens", None
@@ -303,9 +306,12 @@ class PPOModule(LightningModule):
     # One PPO iteration
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        """One PPO iteration on a batch of B prompts: B x k rows, k = `sampling.num_samples_per_prompt`."""
         timer = PhaseTimer(self.device)
-        with timer("rollout"):  # 1. sample responses for the batch of prompts
+        k = self.sampling.num_samples_per_prompt
+        with timer("rollout"):  # 1. sample k responses per prompt, in one batched sampling
             lengths = draw_response_lengths(len(batch["query"]), self.sampling, self.device)
+            batch, lengths = repeat_prompts(batch, k), lengths.repeat_interleave(k)  # a group shares a length
             rollout = self._sample(self.policy.lm, batch, lengths)
         with timer("reward"):  # 2. score prompt + response
             scores, responses = score_rollout(self.reward, self.tokenizer, rollout)
@@ -325,9 +331,10 @@ class PPOModule(LightningModule):
         """One PPO iteration on your own samples and rewards: the contract of TRL's `PPOTrainer.step`.
 
         `queries` and `responses` are lists of 1-D token-id tensors (every response token counts), `scores`
-        one score per row. Runs the old-policy and reference passes, rewards, GAE, the PPO epochs and the
-        KL-controller update; returns the statistics under TRL's names, averaged over ranks. Call it from
-        a `training_step` (the module optimises manually).
+        one score per row. Runs the old-policy and reference passes, rewards, advantages, the PPO epochs and
+        the KL-controller update; returns the statistics under TRL's names, averaged over ranks. Call it
+        from a `training_step` (the module optimises manually). For grpo and rloo, rows [g*k, (g+1)*k) must
+        be the k = `sampling.num_samples_per_prompt` samples of one prompt.
         """
         if not len(queries) == len(responses) == len(scores):
             raise ValueError(
@@ -344,7 +351,8 @@ class PPOModule(LightningModule):
         return dict(zip(names, means.tolist(), strict=True))
 
     def _step(self, rollout: Rollout, raw_scores: Tensor, timer: PhaseTimer) -> dict[str, Tensor]:
-        """Steps 3-7 of a PPO iteration on a scored rollout; returns this rank's statistics."""
+        """Steps 3-7 of a PPO iteration on a scored rollout (groups of `sampling.num_samples_per_prompt`
+        rows); returns this rank's statistics."""
         strategy, mask = self.trainer.strategy, rollout.response_mask
         self._sequence_kls = torch.zeros(0)  # stays empty when the batch is skipped
         full_kl = self.ppo.kl_penalty == "full"
@@ -355,17 +363,26 @@ class PPOModule(LightningModule):
         )
         if not usable:  # NaN/inf rewards, log-probs or values: skip the batch (lightning_ppo.nan_guard)
             return fault_metrics
-        kl_coef = self.kl_ctl.value
+        kl_in_reward = self.ppo.kl_in == "reward"
+        kl_coef = self.kl_ctl.value if kl_in_reward else 0.0  # kl_in "loss": the KL term is in ppo_loss
         # 4. per-token rewards: -kl_coef * KL, plus the shaped score on each response's last token
         scores = self._shape_scores(raw_scores, rollout)  # after the NaN check: it updates running moments
         rewards = per_token_rewards(scores, passes, mask, kl_coef, self.ppo)
-        experience = make_experience(rollout, passes, rewards.rewards, self.ppo)  # 5. GAE, whitening
+        experience = make_experience(  # 5. advantages: GAE (whitened) or a critic-free estimator
+            rollout,
+            passes,
+            rewards.rewards,
+            self.ppo,
+            self.sampling.num_samples_per_prompt,
+            lambda x: strategy.reduce(x, reduce_op="sum"),
+        )
         with timer("optimize"):  # 6. PPO epochs over shuffled minibatches
             train_stats = ppo_epochs(self.models, experience, self.ppo, self.hooks)
         # TRL's objective/kl: per-sequence sums of the chosen estimator (the kls compute_rewards returns)
         self._sequence_kls = rewards.kls.sum(-1)  # (B,) for the histograms of `_log_samples`
         mean_kl = strategy.reduce(self._sequence_kls.mean(), reduce_op="mean")
-        self.kl_ctl.update(float(mean_kl), mask.shape[0] * self.trainer.world_size)  # 7. same on every rank
+        if kl_in_reward:  # 7. the KL controller, the same on every rank
+            self.kl_ctl.update(float(mean_kl), mask.shape[0] * self.trainer.world_size)
 
         lr = float(self.optimizers().param_groups[0]["lr"])
         return {
@@ -389,7 +406,8 @@ class PPOModule(LightningModule):
         optimizer.zero_grad()
 
     # ----------------------------------------------------------------------------------------------
-    # Sampling and scoring, shared by training, validation, test and predict
+    # Sampling and scoring, shared by training, validation, test and predict (one response per prompt
+    # outside training)
 
     def _sample(self, model: nn.Module, batch: dict[str, Any], lengths: Tensor) -> Rollout:
         strategy = self._trainer.strategy if self._trainer is not None and model is self.policy.lm else None
@@ -502,3 +520,15 @@ class PPOModule(LightningModule):
             if isinstance(logger, TensorBoardLogger):
                 logger.experiment.add_text("samples", table, global_step=step)
                 log_training_histograms(logger.experiment, step, all_scores, all_kls)
+
+
+def repeat_prompts(batch: dict[str, Any], k: int) -> dict[str, Any]:
+    """Each prompt of the batch k times in a row: rows [i*k, (i+1)*k) are prompt i's group."""
+    if k == 1:
+        return batch
+    return {
+        name: value.repeat_interleave(k, dim=0)
+        if isinstance(value, Tensor)
+        else [v for v in value for _ in range(k)]
+        for name, value in batch.items()
+    }

@@ -43,6 +43,9 @@ class SamplingConfig:
             the batch and the KV cache (no wasted positions); "generate" is one HF `generate` call per batch
             up to the longest drawn length, each row then cut (about 37% of decoded positions wasted at
             lengths 4-15). Both sample from the same distribution. Under ZeRO-3 it is "generate".
+        num_samples_per_prompt: Responses sampled per training prompt (k, the group of GRPO and RLOO), all
+            in the same batched sampling; a batch of B prompts rolls out B x k rows. The k samples of a
+            prompt share one drawn response length. Validation, test and predict sample one per prompt.
     """
 
     response_min_length: int = 4
@@ -53,6 +56,7 @@ class SamplingConfig:
     batch_size: int | None = None
     cache_implementation: str | None = None
     decoder: Literal["loop", "generate"] = "loop"
+    num_samples_per_prompt: int = 1
 
     def __post_init__(self) -> None:
         check_number("model.sampling.response_min_length", self.response_min_length, 1, integer=True)
@@ -69,6 +73,7 @@ class SamplingConfig:
         check_number("model.sampling.batch_size", self.batch_size, 1, integer=True, optional=True)
         if self.decoder not in ("loop", "generate"):
             raise ConfigError(f'model.sampling.decoder must be "loop" or "generate", got {self.decoder!r}')
+        check_number("model.sampling.num_samples_per_prompt", self.num_samples_per_prompt, 1, integer=True)
 
 
 @dataclass

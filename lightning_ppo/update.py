@@ -17,6 +17,7 @@ from torch import Tensor
 
 from lightning_ppo.config import PPOConfig
 from lightning_ppo.core import (
+    kl_penalty,
     logprobs_and_entropy,
     masked_mean,
     masked_var,
@@ -67,8 +68,8 @@ def ppo_epochs(
         if config.early_stopping and kl_too_high(stats["ppo/policy/policykl"][-1], config, hooks):
             break
     means = {name: torch.stack(values).float().mean() for name, values in stats.items()}
-    # TRL's definition, from the minibatch means
-    means["ppo/val/var_explained"] = 1 - means["ppo/val/error"] / means["ppo/returns/var"]
+    if "ppo/val/error" in means:  # TRL's definition, from the minibatch means; critic-free: no values
+        means["ppo/val/var_explained"] = 1 - means["ppo/val/error"] / means["ppo/returns/var"]
     means["ppo/skipped_minibatches"] = torch.stack(stats["ppo/skipped_minibatches"]).float().sum()
     means["ppo/epochs"] = torch.tensor(float(epochs))  # fewer than ppo_epochs after an early stop
     return means
@@ -86,37 +87,50 @@ def ppo_loss(models: PPOModels, batch: Experience, config: PPOConfig) -> tuple[T
     With `config.packing`, the forward runs in length buckets without padding gaps (`packing.bucketed`);
     the per-token log-probs and values come back in the minibatch's layout, so the losses and statistics
     below are the same masked means over the same tokens as one padded forward.
+
+    Critic-free estimators (no returns) have no value loss; kl_in "loss" adds kl_loss_coef x the masked
+    mean of k3 against the reference (DeepSeekMath's GRPO, arXiv:2402.03300, eq. 4).
     """
     mask = batch.response_mask
     logprobs, entropy, values, computed = _forward(models, batch, config)
     useful = int(batch.lengths.totals(batch.response_start).sum())
     pg_loss, pg_stats = policy_loss(logprobs, batch.old_logprobs, batch.advantages, mask, config.cliprange)
-    vf_loss, vf_stats = value_loss(values, batch.old_values, batch.returns, mask, config.cliprange_value)
-    loss = pg_loss + config.vf_coef * vf_loss
+    loss = pg_loss
     # TRL's guard: a minibatch whose mean ratio explodes contributes nothing (no host sync needed)
     ratio_ok = (pg_stats["ratio"] <= config.ratio_threshold).to(loss.dtype)
     tokens = mask.sum()
     bessel = tokens / (tokens - 1)  # TRL's unbiased masked_var, without its host sync
     stats = {
         "ppo/loss/policy": pg_loss.detach() * ratio_ok,  # TRL zeroes the losses of a skipped minibatch
-        "ppo/loss/value": vf_loss.detach() * ratio_ok,
-        "ppo/loss/total": loss.detach() * ratio_ok,
         "ppo/policy/entropy": masked_mean(entropy, mask),
         "ppo/policy/approxkl": pg_stats["approxkl"],
         "ppo/policy/policykl": pg_stats["policykl"],
         "ppo/policy/clipfrac": pg_stats["clipfrac"],
         "ppo/policy/advantages_mean": masked_mean(batch.advantages, mask),
         "ppo/policy/ratio": pg_stats["ratio"],
-        "ppo/returns/mean": masked_mean(batch.returns, mask),
-        "ppo/returns/var": masked_var(batch.returns, mask, unbiased=False) * bessel,
-        "ppo/val/vpred": vf_stats["vpred"],
-        "ppo/val/error": vf_stats["error"],
-        "ppo/val/clipfrac": vf_stats["clipfrac"],
-        "ppo/val/mean": masked_mean(batch.old_values, mask),
-        "ppo/val/var": masked_var(batch.old_values, mask, unbiased=False) * bessel,
         "ppo/skipped_minibatches": 1 - ratio_ok,
         "tokens/update_waste": torch.tensor(1 - useful / computed, device=mask.device),
     }
+    if batch.returns is not None:  # a value function to fit (gae)
+        vf_loss, vf_stats = value_loss(values, batch.old_values, batch.returns, mask, config.cliprange_value)
+        loss = loss + config.vf_coef * vf_loss
+        stats |= {
+            "ppo/loss/value": vf_loss.detach() * ratio_ok,
+            "ppo/returns/mean": masked_mean(batch.returns, mask),
+            "ppo/returns/var": masked_var(batch.returns, mask, unbiased=False) * bessel,
+            "ppo/val/vpred": vf_stats["vpred"],
+            "ppo/val/error": vf_stats["error"],
+            "ppo/val/clipfrac": vf_stats["clipfrac"],
+            "ppo/val/mean": masked_mean(batch.old_values, mask),
+            "ppo/val/var": masked_var(batch.old_values, mask, unbiased=False) * bessel,
+        }
+    if config.kl_in == "loss":
+        # padding takes the reference's log-probs: k3 = 0 there, and exp never overflows into the gradient
+        on_response = torch.where(mask.bool(), logprobs, batch.ref_logprobs)  # (B, R)
+        kl_loss = masked_mean(kl_penalty(on_response, batch.ref_logprobs, "k3"), mask)
+        loss = loss + config.kl_loss_coef * kl_loss
+        stats["ppo/policy/kl_loss"] = kl_loss.detach()
+    stats["ppo/loss/total"] = loss.detach() * ratio_ok
     return loss * ratio_ok, stats
 
 

@@ -371,12 +371,14 @@ NUMERIC_KEYS = {
     "model.ppo.init_kl_coef": True,
     "model.ppo.target": False,
     "model.ppo.horizon": False,
+    "model.ppo.kl_loss_coef": True,
     "model.sampling.response_min_length": False,
     "model.sampling.response_max_length": False,
     "model.sampling.temperature": False,
     "model.sampling.top_k": True,
     "model.sampling.top_p": False,
     "model.sampling.batch_size": False,
+    "model.sampling.num_samples_per_prompt": False,
     "model.shaping.missing_eos_penalty": True,
     "model.shaping.score_clip": False,
     "model.lora.r": False,
@@ -449,7 +451,45 @@ def test_settings_that_disagree_name_both_keys(
 @pytest.mark.parametrize(
     ("args", "named"),
     [
+        (
+            ["--model.ppo.advantage_estimator", "grpo"],
+            ["model.ppo.advantage_estimator='grpo'", "model.sampling.num_samples_per_prompt is 1"],
+        ),
+        (
+            ["--model.ppo.advantage_estimator", "rloo", "--model.sampling.num_samples_per_prompt", "1"],
+            ["model.ppo.advantage_estimator='rloo'", "set it to 2 or more"],
+        ),
+        (
+            ["--model.ppo.advantage_estimator", "reinforce_pp", "--model.critic", "tiny:policy"],
+            [
+                "model.critic='tiny:policy'",
+                "model.ppo.advantage_estimator='reinforce_pp'",
+                "leave model.critic",
+            ],
+        ),
+    ],
+)
+def test_estimator_settings_that_make_no_sense_are_refused_before_any_model_loads(
+    args: list[str], named: list[str], monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    loads: list[str] = []
+    monkeypatch.setattr(
+        "lightning_ppo.module.load_tokenizer", lambda source: loads.append(source) or load_tokenizer(source)
+    )
+    code, err = run_cli(capsys, monkeypatch, *args)
+    paragraph = error_paragraph(err)
+    assert code == 2 and all(part in paragraph for part in named), paragraph
+    assert loads == []
+
+
+@pytest.mark.parametrize(
+    ("args", "named"),
+    [
         (["--data.batch_size", "48"], ["data.batch_size (48)", "model.ppo.mini_batch_size x"]),
+        (  # k samples per prompt: the rollout has batch_size x k rows
+            ["--data.batch_size", "8", "--model.sampling.num_samples_per_prompt", "3"],
+            ["data.batch_size x model.sampling.num_samples_per_prompt (8 x 3 = 24 rows)"],
+        ),
         (  # TRL's arithmetic: one optimizer step sees mini_batch_size x gradient_accumulation_steps rows
             ["--model.ppo.gradient_accumulation_steps", "3"],
             ["data.batch_size (64)", "model.ppo.gradient_accumulation_steps (32 x 3 = 96)"],

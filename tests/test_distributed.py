@@ -178,3 +178,36 @@ def test_uneven_held_out_prompts_count_once_on_two_ranks(tiny_assets: Path, tmp_
     means = {"rewards (before)": "test/reward_ref_mean", "rewards (after)": "test/reward_policy_mean"}
     for column, tag in means.items():
         np.testing.assert_allclose(logged[tag], [np.mean([float(row[column]) for row in rows])], atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("estimator", "kl_in"), [("grpo", "loss"), ("rloo", "reward"), ("reinforce_pp", "reward")]
+)
+def test_critic_free_estimators_train_in_step_on_two_ranks(
+    estimator: str, kl_in: str, tiny_assets: Path, tmp_path: Path
+):
+    """2 PPO steps of 4 prompts x 2 samples per rank (reinforce_pp all-reduces its whitening statistics)."""
+    probe = {"class_path": "probes.RankProbe", "init_args": {"out_dir": str(tmp_path / "probe")}}
+    command = [
+        sys.executable, "-m", "lightning_ppo", "fit",
+        "--config", str(ROOT / "configs" / "tiny.yaml"),
+        "--trainer.strategy", "ddp", "--trainer.devices", "2", "--trainer.accelerator", "cpu",
+        "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "2", "--trainer.limit_val_batches", "0",
+        "--trainer.logger.init_args.save_dir", "runs", f"--trainer.callbacks+={json.dumps(probe)}",
+        "--data.batch_size", "4", "--model.sampling.num_samples_per_prompt", "2",
+        "--model.ppo.mini_batch_size", "8", "--model.ppo.ppo_epochs", "2",
+        "--model.ppo.advantage_estimator", estimator, "--model.ppo.kl_in", kl_in,
+    ]  # fmt: skip
+    run_on_two_ranks(command, tmp_path)
+    rank0, rank1 = (json.loads((tmp_path / "probe" / f"rank{r}.json").read_text()) for r in (0, 1))
+    for record in (rank0, rank1):
+        assert [len(scores) for scores in record["train_scores"]] == [8, 8]  # 4 prompts x 2 samples
+        for queries in record["queries"]:
+            assert len(queries) == 4
+    assert rank0["queries"] != rank1["queries"]
+    assert rank0["end_hash"] != rank0["start_hash"], "the policy did not train"
+    assert rank0["end_hash"] == rank1["end_hash"], "policies diverged"
+    assert rank0["global_step"] == rank1["global_step"] == 2 * 2  # 2 PPO steps x 2 epochs x 1 minibatch
+    logged = scalars(tmp_path / "runs" / "tiny" / "version_0")
+    assert not [tag for tag in logged if tag.startswith(("ppo/val/", "ppo/returns/"))]
+    assert all(np.isfinite(values).all() for values in logged.values())

@@ -5,12 +5,18 @@ wherever an estimator reads per-token input, so any leak through the mask shows 
 """
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
 from torch.testing import assert_close
 
 from lightning_ppo import core
+from lightning_ppo.config import PPOConfig
+from lightning_ppo.experience import RolloutPasses, make_experience, per_token_rewards, rollout_passes
+from lightning_ppo.module import PPOModule, repeat_prompts
+from lightning_ppo.rollout import Rollout
+from lightning_ppo.update import ppo_loss
 
 PAD = 1e6
 
@@ -188,3 +194,102 @@ def test_grpo_kl_in_loss_is_kl_penalty_k3() -> None:
         for t in range(4):
             d = float(ref[b, t] - logp[b, t])
             assert_close(k3[b, t], torch.tensor(math.exp(d) - d - 1, dtype=torch.float64))
+
+
+# ------------------------------------------------------------------------------------------------
+# Wiring: `make_experience` dispatches on model.ppo.advantage_estimator; kl_in "loss" in `ppo_loss`
+
+KL_COEF = 0.2
+
+
+def rollout_and_passes(mask: torch.Tensor) -> tuple[Rollout, RolloutPasses]:
+    """Responses of LENGTHS after 2 prompt tokens; in the all-equal group the policy is the reference."""
+    torch.manual_seed(4)
+    B, R = mask.shape
+    input_ids = torch.randint(0, 50, (B, 2 + R))
+    attention_mask = torch.cat([torch.ones(B, 2), mask], 1).long()
+    logprobs = -torch.rand(B, R, dtype=torch.float64) * 3 * mask
+    ref_logprobs = -torch.rand(B, R, dtype=torch.float64) * 3 * mask
+    ref_logprobs[4:8] = logprobs[4:8]  # no KL: the group's sequence rewards are all equal
+    return Rollout(input_ids, attention_mask, 2, mask), RolloutPasses(
+        logprobs, torch.zeros_like(mask), ref_logprobs, None
+    )
+
+
+@pytest.mark.parametrize(
+    ("estimator", "scale_by_std"), [("grpo", True), ("grpo", False), ("rloo", True), ("reinforce_pp", True)]
+)
+def test_make_experience_dispatches_to_the_estimator(mask: torch.Tensor, estimator: str, scale_by_std: bool):
+    rollout, passes = rollout_and_passes(mask)
+    config = PPOConfig(advantage_estimator=estimator, grpo_scale_by_std=scale_by_std)
+    scores = torch.tensor(SCORES, dtype=torch.float64)
+    rewards = per_token_rewards(scores, passes, mask, KL_COEF, config).rewards
+    experience = make_experience(rollout, passes, rewards, config, K)
+
+    logp, ref = passes.logprobs, passes.ref_logprobs
+    sequence = [  # shaped score + the row's -kl_coef * kl tokens
+        SCORES[b] - KL_COEF * sum(float(logp[b, t] - ref[b, t]) for t in range(n))
+        for b, n in enumerate(LENGTHS)
+    ]
+    expected = {
+        "grpo": lambda: broadcast_loop(naive_grpo(sequence, K, scale_by_std), mask),
+        "rloo": lambda: broadcast_loop(naive_rloo(sequence, K), mask),
+        "reinforce_pp": lambda: naive_reinforce_pp(
+            token_rewards_loop(scores, logp, ref, mask, KL_COEF), mask
+        ),
+    }[estimator]()
+    assert_close(experience.advantages, expected)
+    assert torch.isfinite(experience.advantages).all()
+    if estimator != "reinforce_pp":
+        assert experience.advantages[4:8].abs().max() < 1e-12  # the all-equal group learns nothing, no nan
+    assert experience.old_values is None and experience.returns is None  # no value function
+    assert_close(experience.ref_logprobs, ref)
+    minibatch = experience.select(torch.tensor([0, 5]))
+    assert minibatch.returns is None and minibatch.ref_logprobs.shape == minibatch.advantages.shape
+
+
+def test_gae_keeps_values_and_returns(mask: torch.Tensor) -> None:
+    rollout, passes = rollout_and_passes(mask)
+    rewards = per_token_rewards(torch.tensor(SCORES), passes, mask, KL_COEF, PPOConfig()).rewards
+    experience = make_experience(rollout, passes, rewards, PPOConfig())
+    advantages, returns = core.compute_advantages(passes.values, rewards, mask, 1.0, 0.95)
+    assert_close(experience.advantages, advantages)
+    assert_close(experience.returns, returns)
+    assert experience.old_values is passes.values
+
+
+def test_repeat_prompts_makes_contiguous_groups() -> None:
+    batch = {"input_ids": torch.tensor([[1, 2], [3, 4]]), "query": ["a", "b"], "index": torch.tensor([7, 9])}
+    repeated = repeat_prompts(batch, 3)
+    assert repeated["query"] == ["a", "a", "a", "b", "b", "b"]
+    assert repeated["index"].tolist() == [7, 7, 7, 9, 9, 9]
+    assert repeated["input_ids"].tolist() == [[1, 2]] * 3 + [[3, 4]] * 3
+
+
+def test_kl_in_loss_adds_k3_against_the_reference(tiny_assets: Path) -> None:
+    module = PPOModule(policy="tiny:policy", reward_model="tiny:reward")
+    with torch.no_grad():  # make the policy differ from its reference
+        module.policy.lm.lm_head.weight.add_(0.2 * torch.randn_like(module.policy.lm.lm_head.weight))
+    encoded = module.tokenizer(["the movie was", "this film is", "it"], return_tensors="pt", padding=True)
+    batch = {"input_ids": encoded.input_ids, "attention_mask": encoded.attention_mask}
+    rollout = module._sample(module.policy.lm, batch, torch.tensor([5, 2, 7]))
+    passes = rollout_passes(module.models, rollout)
+    rewards = torch.zeros_like(rollout.response_mask)
+    in_reward, in_loss = PPOConfig(), PPOConfig(kl_in="loss", kl_loss_coef=0.3)
+    experience = make_experience(rollout, passes, rewards, in_reward).select(torch.arange(3))
+    loss_reward, _ = ppo_loss(module.models, experience, in_reward)
+    loss_kl, stats = ppo_loss(module.models, experience, in_loss)
+    loss_kl.backward()
+
+    logp, ref, mask = passes.logprobs, passes.ref_logprobs, rollout.response_mask
+    k3 = [
+        math.exp(float(ref[b, t] - logp[b, t])) - float(ref[b, t] - logp[b, t]) - 1
+        for b in range(mask.shape[0])
+        for t in range(mask.shape[1])
+        if mask[b, t]
+    ]
+    expected = sum(k3) / len(k3)
+    assert expected > 1e-4  # the policy has moved
+    assert stats["ppo/policy/kl_loss"].item() == pytest.approx(expected, rel=1e-4)
+    assert (loss_kl - loss_reward).item() == pytest.approx(0.3 * expected, rel=1e-4)
+    assert all(torch.isfinite(p.grad).all() for p in module.policy.parameters() if p.grad is not None)

@@ -43,13 +43,31 @@ def fit(root: Path, *args: str):
     )  # fmt: skip
 
 
+def critic_free(estimator: str, kl_in: str = "reward") -> list[str]:
+    """The same 16 rows per PPO step as 8 prompts x 2 samples."""
+    return [
+        "--model.ppo.advantage_estimator", estimator, "--model.ppo.kl_in", kl_in,
+        "--data.batch_size", "8", "--model.sampling.num_samples_per_prompt", "2",
+    ]  # fmt: skip
+
+
+ESTIMATORS = {
+    "gae": [],
+    "grpo": critic_free("grpo", kl_in="loss"),
+    "rloo": critic_free("rloo"),
+    "reinforce_pp": critic_free("reinforce_pp"),
+}
+
+
 @pytest.mark.slow
-def test_a_resumed_fit_logs_what_an_uninterrupted_one_does(tiny_assets: Path, tmp_path: Path):
-    whole = fit(tmp_path / "whole")
-    first = fit(tmp_path / "resumed", "--trainer.max_steps", str(3 * OPT_STEPS_PER_PPO_STEP))
+@pytest.mark.parametrize("estimator", list(ESTIMATORS))
+def test_a_resumed_fit_logs_what_an_uninterrupted_one_does(tiny_assets: Path, tmp_path: Path, estimator: str):
+    args = ESTIMATORS[estimator]
+    whole = fit(tmp_path / "whole", *args)
+    first = fit(tmp_path / "resumed", *args, "--trainer.max_steps", str(3 * OPT_STEPS_PER_PPO_STEP))
     last = Path(first.trainer.log_dir) / "checkpoints" / "last.ckpt"
     assert torch.load(last, weights_only=False)["global_step"] == 3 * OPT_STEPS_PER_PPO_STEP
-    resumed = fit(tmp_path / "resumed", "--ckpt_path", str(last))
+    resumed = fit(tmp_path / "resumed", *args, "--ckpt_path", str(last))
 
     assert resumed.trainer.global_step == whole.trainer.global_step == 6 * OPT_STEPS_PER_PPO_STEP
     assert isinstance(resumed.trainer.strategy.checkpoint_io, AtomicCheckpointIO)  # installed by default
