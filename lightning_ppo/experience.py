@@ -9,7 +9,7 @@ GAE with returns, or a critic-free estimator).
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -55,9 +55,8 @@ class Experience:
         on_device = rows.to(self.input_ids.device)
         end = self.response_start + right
         per_token = {
-            f.name: None if getattr(self, f.name) is None else getattr(self, f.name)[on_device, :right]
-            for f in fields(self)
-            if f.name in PER_TOKEN_FIELDS
+            name: None if (value := getattr(self, name)) is None else value[on_device, :right]
+            for name in PER_TOKEN_FIELDS
         }
         return Experience(
             input_ids=self.input_ids[on_device, left:end],
@@ -191,7 +190,7 @@ def make_experience(
     else:  # no value function: no old values to clip around, no value targets
         advantages = critic_free_advantages(rewards, mask, config, samples_per_prompt, sum_across_ranks)
         values = returns = None
-    prompt_mask = rollout.attention_mask[:, : rollout.response_start]
+    lengths = RowLengths.of(rollout.attention_mask, rollout.response_start, mask)
     return Experience(
         input_ids=rollout.input_ids,
         attention_mask=rollout.attention_mask,
@@ -202,8 +201,8 @@ def make_experience(
         old_values=values,
         advantages=advantages.detach(),
         returns=returns,
-        prompt_pad=(rollout.response_start - prompt_mask.sum(-1)).cpu(),
-        response_len=mask.sum(-1).long().cpu(),
+        prompt_pad=lengths.prompt_pad,
+        response_len=lengths.response_len,
     )
 
 
