@@ -1,6 +1,6 @@
 """Advantage estimators side by side, in one run on this machine: memory, step time, and tiny-demo reward.
 
-    python -m benchmarks.estimators              # about 6 minutes on 2 idle CPU cores
+    python -m benchmarks.estimators              # about 2 minutes on 2 idle CPU cores
     python -m benchmarks.estimators --steps 2 --demo-steps 6
 
 1. GPT-2 shape (4 layers, 192 wide, 4,096-token vocabulary, random weights; `padding_free.SHAPES["small"]`):
