@@ -89,7 +89,15 @@ class CountingModule(PPOModule):
 
 
 class DecodeCountingTimes(StepTimes):
-    """`step_time.StepTimes` records, plus the decoded and useful positions of the step's rollout."""
+    """`step_time.StepTimes` records, plus the decoded and useful positions of the step's rollout.
+
+    Each step starts from the seed of its index, so every variant draws the same response lengths for the
+    same prompts at every step (the decoders consume the random stream differently while sampling).
+    """
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        torch.manual_seed(batch_idx)
+        super().on_train_batch_start(trainer, pl_module, batch, batch_idx)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
@@ -200,7 +208,7 @@ def main() -> None:
     )
     parser.add_argument("--gpt2-124m", action="store_true", help="add the GPT-2 (124M) shape (slow)")
     parser.add_argument("--batch-size", type=int, default=128)
-    parser.add_argument("--steps", type=int, default=3, help="measured PPO steps per variant (after warm-up)")
+    parser.add_argument("--steps", type=int, default=5, help="measured PPO steps per variant (after warm-up)")
     parser.add_argument("--gpt2-steps", type=int, default=1, help="measured PPO steps for the 124M shape")
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument(

@@ -152,6 +152,37 @@ class FiniteLogits(LogitsProcessor):
         return torch.nan_to_num_(scores, nan=0.0, posinf=info.max, neginf=info.min)
 
 
+# Tokens per block of `sample_tokens`' two-level draw.
+_SAMPLING_BLOCK = 64
+
+
+def sample_tokens(probs: Tensor, uniforms: Tensor | None = None) -> Tensor:
+    """One token per row drawn from `probs` (b, V) (non-negative, rows need not sum to 1). (b,) long.
+
+    The distribution of `torch.multinomial(probs, 1)`, which on CPU draws an exponential variate for every
+    one of the b x V entries and took a third of the decoding loop (`benchmarks/sampling.py` times both).
+    Here two uniforms per row pick a block of 64 tokens by its share of the row's mass, then a token by its
+    share of the block. Block sums are float32; their running sums, and the running sums within the chosen
+    block, are float64, so no token carries the ~1e-7 absolute error of a float32 cumulative sum over the
+    whole vocabulary (which samples the vocabulary's long tail several times too often). A zero-probability
+    token is never drawn: each uniform is in (0, 1], and the search for the first running sum >= the target
+    never stops on the flat step of a zero-mass entry. `uniforms` (b, 2) in (0, 1] replace the random draw.
+    """
+    rows, vocab = probs.shape
+    if uniforms is None:
+        uniforms = 1 - torch.rand(rows, 2, dtype=torch.float64, device=probs.device)  # (b, 2) in (0, 1]
+    if vocab % _SAMPLING_BLOCK:
+        probs = torch.nn.functional.pad(probs, (0, -vocab % _SAMPLING_BLOCK))  # (b, n * block) zero mass
+    blocks = probs.reshape(rows, -1, _SAMPLING_BLOCK)  # (b, n, block)
+    block_cdf = blocks.sum(-1).double().cumsum(-1)  # (b, n)
+    block = torch.searchsorted(block_cdf, uniforms[:, :1] * block_cdf[:, -1:])  # (b, 1)
+    block = block.clamp_(max=block_cdf.shape[1] - 1)  # float64 rounding of u x total never passes the end
+    chosen = blocks.gather(1, block[..., None].expand(-1, -1, _SAMPLING_BLOCK))  # (b, 1, block)
+    token_cdf = chosen.squeeze(1).double().cumsum(-1)  # (b, block)
+    token = torch.searchsorted(token_cdf, uniforms[:, 1:] * token_cdf[:, -1:])  # (b, 1)
+    return (block * _SAMPLING_BLOCK + token.clamp_(max=_SAMPLING_BLOCK - 1)).squeeze(1)
+
+
 def draw_response_lengths(batch_size: int, config: SamplingConfig, device: torch.device) -> Tensor:
     """Response length per sample, uniform in [min, max] (TRL's `LengthSampler`). (B,) long."""
     lengths = torch.randint(config.response_min_length, config.response_max_length + 1, (batch_size,))
@@ -237,9 +268,10 @@ def _sample_loop(
     """Response ids (B, R') and decoded positions: prompts prefilled once, then a token per running row.
 
     A row leaves the batch, and its rows of the KV cache are dropped, as soon as it has its drawn length or
-    emitted EOS, so every decoded position is kept. Inputs, logits processing and token choice are those of
-    `generate`: position ids from the mask, an all-ones mask dropped, float32 logits, multinomial. Columns a
-    row never sampled hold 0 (the caller masks them).
+    emitted EOS, so every decoded position is kept. Inputs and logits processing are those of `generate`:
+    position ids from the mask, an all-ones mask dropped, float32 logits; tokens are drawn from the same
+    softmax by `sample_tokens` (not `torch.multinomial`: a different random stream, the same distribution).
+    Columns a row never sampled hold 0 (the caller masks them).
     """
     processors, extra = sampling_processors(config), _last_logits_only(model)
     response_ids = input_ids.new_zeros(input_ids.shape[0], int(lengths.max()))  # (B, R)
@@ -253,7 +285,7 @@ def _sample_loop(
         out = model(**inputs, use_cache=True, **extra)
         decoded += len(rows)
         scores = processors(None, out.logits[:, -1].float())  # (b, V); none of them reads the ids so far
-        tokens = torch.multinomial(torch.softmax(scores, dim=-1), num_samples=1).squeeze(1)  # (b,)
+        tokens = sample_tokens(torch.softmax(scores, dim=-1))  # (b,)
         response_ids[rows, steps] = tokens
         steps += 1
         done = lengths[rows] == steps  # (b,)

@@ -11,7 +11,7 @@ from transformers import GenerationConfig, GPT2Config, GPT2LMHeadModel
 from lightning_ppo.errors import ConfigError
 from lightning_ppo.lora import LoraOptions, apply_lora
 from lightning_ppo.models import load_causal_lm, position_ids_from_mask
-from lightning_ppo.rollout import FiniteLogits, Rollout, SamplingConfig, sample_responses
+from lightning_ppo.rollout import FiniteLogits, Rollout, SamplingConfig, sample_responses, sample_tokens
 
 PAD, EOS, VOCAB = 0, 15, 64  # EOS: a token the random model below emits mid-response, greedy or sampled
 
@@ -94,22 +94,90 @@ def test_sampled_tokens_log_probs_match_a_full_forward_after_rows_are_dropped() 
     assert len(step_logits) == int(kept.max())
 
 
+def chi_square(counts: torch.Tensor, probs: torch.Tensor) -> tuple[float, int]:
+    """Pearson's statistic of `counts` against `probs` over the cells expecting >= 5 draws, and its dof."""
+    expected = probs / probs.sum() * counts.sum()
+    cells = expected >= 5
+    statistic = ((counts[cells] - expected[cells]) ** 2 / expected[cells]).sum()
+    return float(statistic), int(cells.sum()) - 1
+
+
+def naive_two_level_draw(probs: list[float], u_block: float, u_token: float, block: int = 64) -> int:
+    """`sample_tokens` for one row, walking Python floats: the first block whose running mass reaches
+    u_block x the total, then the first token in it whose running mass reaches u_token x the block's."""
+    blocks = [probs[i : i + block] for i in range(0, len(probs), block)]
+    sums = [sum(b) for b in blocks]
+    k = next(k for k in range(len(sums)) if sum(sums[: k + 1]) >= u_block * sum(sums))
+    running = 0.0
+    for j, p in enumerate(blocks[k]):
+        running += p
+        if running >= u_token * sums[k]:
+            return k * block + j
+    raise AssertionError("unreachable: u_token <= 1")
+
+
+def sparse_distribution(rows: int, vocab: int, seed: int) -> torch.Tensor:
+    """Rows of a softmax with a heavy head, a long tail, and whole blocks and single tokens of zero mass."""
+    generator = torch.Generator().manual_seed(seed)
+    logits = torch.randn(rows, vocab, generator=generator) * 4  # (rows, V) spans ~1e-14 .. 0.5
+    logits[:, 64:192] = -float("inf")  # two whole blocks of zero mass
+    logits[torch.rand(rows, vocab, generator=generator) < 0.3] = -float("inf")  # scattered zeros
+    return torch.softmax(logits, -1)
+
+
+def test_sample_tokens_is_the_naive_two_level_walk() -> None:
+    probs = sparse_distribution(rows=40, vocab=300, seed=0)  # 300: the last block is padded
+    uniforms = 1 - torch.rand(40, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    tokens = sample_tokens(probs, uniforms)
+    expected = [naive_two_level_draw(probs[i].tolist(), *uniforms[i].tolist()) for i in range(40)]
+    assert tokens.tolist() == expected
+
+
+def test_sample_tokens_never_draws_a_zero_probability_token_even_at_the_extreme_uniforms() -> None:
+    probs = sparse_distribution(rows=6, vocab=300, seed=2)
+    tiny = torch.finfo(torch.float64).tiny
+    for u in ([1.0, 1.0], [tiny, tiny], [1.0, tiny], [tiny, 1.0]):
+        tokens = sample_tokens(probs, torch.tensor([u] * 6, dtype=torch.float64))
+        assert (probs.gather(1, tokens[:, None]) > 0).all(), u
+    one_hot = torch.zeros(3, 300)
+    one_hot[:, [0, 63, 299]] = torch.eye(3)  # a block's first and last token, the padded block's last
+    assert sample_tokens(one_hot).tolist() == [0, 63, 299]
+
+
+def test_sample_tokens_frequencies_match_the_probabilities() -> None:
+    """The statistic would be ~1e4 times its dof if tokens were shifted by one or blocks were weighed
+    wrong; a correct sampler passes dof + 6 sqrt(2 dof) (p ~ 1e-6) with this fixed seed."""
+    probs = sparse_distribution(rows=1, vocab=300, seed=3)[0]  # (V,)
+    torch.manual_seed(0)
+    draws = sample_tokens(probs.expand(200_000, -1))  # (N,)
+    counts = torch.bincount(draws, minlength=300).double()
+    assert counts[probs == 0].sum() == 0
+    statistic, dof = chi_square(counts, probs.double())
+    assert dof > 30 and statistic < dof + 6 * (2 * dof) ** 0.5, (statistic, dof)
+
+
 @pytest.mark.parametrize("bf16", [False, True], ids=["fp32", "bf16-autocast"])
-def test_without_any_row_leaving_the_loop_samples_generates_tokens_for_the_same_seed(bf16: bool) -> None:
-    """Equal lengths and no EOS: the loop makes the same forwards and the same `torch.multinomial` draws."""
+def test_loop_draws_first_tokens_from_generates_processed_distribution(bf16: bool) -> None:
+    """One prompt, 20,000 rows, one token each: the loop's token frequencies match the probabilities
+    `generate` samples from (its processed scores: temperature, top-k, top-p), and it never draws a token
+    that `generate` filtered out."""
     lm = random_lm()
-    input_ids, attention_mask, _ = prompts(16, seed=2)
-    lengths = torch.full((16,), 9)
-    options = dict(temperature=0.8, top_k=20, top_p=0.9)
-    rollouts = {}
-    for decoder in ("loop", "generate"):
-        torch.manual_seed(5)
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            rollouts[decoder] = sample(
-                lm, input_ids, attention_mask, lengths, eos=None, decoder=decoder, **options
-            )
-    assert torch.equal(rollouts["loop"].input_ids, rollouts["generate"].input_ids)
-    assert rollouts["loop"].response_mask.sum() == 16 * 9
+    input_ids, attention_mask, _ = prompts(1, seed=2)
+    options = dict(temperature=2.0, top_k=30, top_p=0.95)  # ~20 tokens left to sample
+    config = GenerationConfig(do_sample=True, max_new_tokens=1, pad_token_id=PAD, eos_token_id=None,
+                              output_scores=True, return_dict_in_generate=True, **options)  # fmt: skip
+    rows = 20_000
+    torch.manual_seed(0)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        scores = lm.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=config,
+                             logits_processor=[FiniteLogits()]).scores[0][0]  # fmt: skip
+        rollout = sample(lm, input_ids.expand(rows, -1), attention_mask.expand(rows, -1),
+                         torch.ones(rows, dtype=torch.long), eos=None, **options)  # fmt: skip
+    probs = torch.softmax(scores.double(), -1)  # (V,)
+    counts = torch.bincount(rollout.response_ids[:, 0], minlength=VOCAB).double()
+    assert counts[probs == 0].sum() == 0 and (probs == 0).sum() >= VOCAB - 30  # filtered
+    statistic, dof = chi_square(counts, probs)
+    assert dof > 10 and statistic < dof + 6 * (2 * dof) ** 0.5, (statistic, dof)
 
 
 def test_lora_policy_decodes_through_the_peft_model(tiny_assets: Path) -> None:
