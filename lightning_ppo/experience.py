@@ -26,7 +26,7 @@ from lightning_ppo.core import (
     rloo_advantages,
 )
 from lightning_ppo.models import PPOModels, eval_mode
-from lightning_ppo.packing import PackedRows, RowLengths, bucketed, pad_responses
+from lightning_ppo.packing import PackedRows, RowLengths, bucketed, pad_responses, spread
 from lightning_ppo.rollout import Rollout
 
 PER_TOKEN_FIELDS = ("response_mask", "old_logprobs", "ref_logprobs", "old_values", "advantages", "returns")
@@ -118,7 +118,8 @@ def rollout_passes(
         else:
             lengths = RowLengths.of(rollout.attention_mask, rollout.response_start, rollout.response_mask)
             outputs, _ = bucketed(
-                lambda rows: _passes(models, rows, full_kl),
+                # the heads only on the real tokens, unless both full distributions are kept
+                lambda rows: _passes(models, rows, full_kl, None if full_kl else rows.response_mask),
                 rollout.input_ids,
                 rollout.response_start,
                 lengths,
@@ -136,16 +137,27 @@ def rollout_passes(
     )
 
 
-def _passes(models: PPOModels, rows: Rollout | PackedRows, full_kl: bool) -> tuple[Tensor, ...]:
+def _passes(
+    models: PPOModels, rows: Rollout | PackedRows, full_kl: bool, token_mask: Tensor | None = None
+) -> tuple[Tensor, ...]:
     """Log-probs, values (zeros without a value model) and reference log-probs of the response tokens,
-    (B, R) each, then with `full_kl` both log-distributions (B, R, V); not masked."""
-    args = (rows.input_ids, rows.attention_mask, rows.response_start, rows.response_ids.shape[1])
-    logits, values = models.logits_and_values(*args)  # (B, R, V), (B, R)
-    ref_logits = models.reference_logits(*args)  # (B, R, V)
+    (B, R) each, then with `full_kl` both log-distributions (B, R, V); not masked.
+
+    `token_mask` (B, R) bool: the LM heads run only at its True positions, the log-probs 0 elsewhere."""
+    args = (rows.input_ids, rows.attention_mask, rows.response_start, rows.response_ids.shape[1], token_mask)
+    logits, values = models.logits_and_values(*args)  # (B, R, V) or (n, V), (B, R)
+    ref_logits = models.reference_logits(*args)  # (B, R, V) or (n, V)
+    if token_mask is None:
+        logprobs, ref_logprobs = (logprobs_from_logits(x, rows.response_ids) for x in (logits, ref_logits))
+    else:
+        tokens = rows.response_ids[token_mask][:, None]  # (n, 1)
+        logprobs, ref_logprobs = (
+            spread(logprobs_from_logits(x[:, None], tokens)[:, 0], token_mask) for x in (logits, ref_logits)
+        )
     outputs = (
-        logprobs_from_logits(logits, rows.response_ids),
-        torch.zeros(rows.response_ids.shape, device=logits.device) if values is None else values,
-        logprobs_from_logits(ref_logits, rows.response_ids),
+        logprobs,
+        torch.zeros(rows.response_ids.shape, device=logprobs.device) if values is None else values,
+        ref_logprobs,
     )
     if full_kl:
         outputs += (torch.log_softmax(logits.float(), -1), torch.log_softmax(ref_logits.float(), -1))

@@ -132,12 +132,15 @@ def response_logits(
     response_start: int | Tensor,
     float32_head: bool = False,
     response_width: int | None = None,
+    token_mask: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Logits that predict the response tokens, and the hidden states they came from.
 
     Only the R response positions go through the LM head, never the prompt's (B, P, V) logits.
     `input_ids` is (B, P + R) with the response starting at column `response_start` = P, or packed rows
     with per-row starts (see `response_states`). Returns logits (B, R, V) and hidden states (B, R, H).
+    `token_mask` (B, R) bool narrows the head further, to those positions: logits (n, V), row-major, for
+    the n True entries (a packed bucket's rows end at different columns: the rest would be padding).
     A LoRA `PeftModel` runs its own (adapted) layers: its wrapped LM's backbone holds the injected
     adapters. `float32_head` computes the LM head in float32 (float32 logits).
     """
@@ -149,8 +152,8 @@ def response_logits(
         use_cache=False,
     ).last_hidden_state  # (B, L, H)
     hidden = response_states(hidden, response_start, response_width)  # (B, R, H)
-    head = lm.get_output_embeddings()
-    return (float32_linear(head, hidden) if float32_head else head(hidden)), hidden
+    head, head_input = lm.get_output_embeddings(), hidden if token_mask is None else hidden[token_mask]
+    return (float32_linear(head, head_input) if float32_head else head(head_input)), hidden
 
 
 class ValueHead(nn.Linear):
@@ -184,10 +187,12 @@ class PolicyWithValueHead(nn.Module):
         attention_mask: Tensor,
         response_start: int | Tensor,
         response_width: int | None = None,
+        token_mask: Tensor | None = None,
     ) -> tuple[Tensor, Tensor | None]:
-        """Response logits (B, R, V) and values (B, R) float32, or None without a value head."""
+        """Response logits (B, R, V) (or (n, V): `token_mask` as in `response_logits`) and values (B, R)
+        float32, or None without a value head."""
         logits, hidden = response_logits(
-            self.lm, input_ids, attention_mask, response_start, self.float32_head, response_width
+            self.lm, input_ids, attention_mask, response_start, self.float32_head, response_width, token_mask
         )
         values = None if self.v_head is None else self.v_head(hidden, self.float32_head)
         return logits, values
@@ -258,11 +263,13 @@ class PPOModels:
         attention_mask: Tensor,
         response_start: int | Tensor,
         response_width: int | None = None,
+        token_mask: Tensor | None = None,
     ) -> tuple[Tensor, Tensor | None]:
         """Tempered response logits (B, R, V) and values (B, R): the policy's value head or the critic's.
 
-        `response_start` and `response_width` as in `response_states`."""
-        logits, values = self.policy(input_ids, attention_mask, response_start, response_width)
+        `response_start` and `response_width` as in `response_states`; with `token_mask` (B, R) the
+        logits are (n, V), only at its n True positions (`response_logits`)."""
+        logits, values = self.policy(input_ids, attention_mask, response_start, response_width, token_mask)
         if self.critic is not None:
             values = self.critic(input_ids, attention_mask, response_start, response_width)
         return self.tempered(logits), values
@@ -273,11 +280,18 @@ class PPOModels:
         attention_mask: Tensor,
         response_start: int | Tensor,
         response_width: int | None = None,
+        token_mask: Tensor | None = None,
     ) -> Tensor:
-        """Tempered response logits (B, R, V) of the frozen starting policy."""
+        """Tempered response logits (B, R, V) of the frozen starting policy ((n, V) with `token_mask`)."""
         with self.reference_lm() as reference:  # never around the policy's pass: it may disable LoRA
             logits, _ = response_logits(
-                reference, input_ids, attention_mask, response_start, self.policy.float32_head, response_width
+                reference,
+                input_ids,
+                attention_mask,
+                response_start,
+                self.policy.float32_head,
+                response_width,
+                token_mask,
             )
         return self.tempered(logits)
 

@@ -27,6 +27,7 @@ class PackedRows:
     attention_mask: Tensor  # (b, L) 1 on the real tokens, a prefix of each row
     response_start: Tensor  # (b,) long: column of each row's first response token (its prompt length)
     response_ids: Tensor  # (b, R) R = longest response among the rows, right-padded
+    response_mask: Tensor  # (b, R) bool: the response tokens that count, a prefix of each row
 
     @property
     def computed_tokens(self) -> int:
@@ -65,6 +66,7 @@ def pack_rows(input_ids: Tensor, response_start: int, lengths: RowLengths, rows:
         attention_mask=(torch.arange(width)[None, :] < total[:, None]).long().to(device),
         response_start=(response_start - pad).to(device),
         response_ids=input_ids[on_device, response_start : response_start + response_width],
+        response_mask=(torch.arange(response_width)[None, :] < response_len[:, None]).to(device),
     )
 
 
@@ -113,6 +115,14 @@ def plan_buckets(totals: Tensor, max_buckets: int, max_rows: int | None = None) 
             parts[largest : largest + 1] = list(parts[largest].tensor_split(2))
         buckets += parts
     return buckets
+
+
+def spread(values: Tensor, mask: Tensor) -> Tensor:
+    """Values of the True positions of `mask` (b, R), (n, ...) in row-major order, laid out (b, R, ...)
+    with zeros elsewhere; differentiable in `values`. The inverse of `x[mask]`."""
+    out = values.new_zeros(*mask.shape, *values.shape[1:])
+    out[mask] = values
+    return out
 
 
 def pad_responses(x: Tensor, width: int) -> Tensor:

@@ -14,7 +14,7 @@ from lightning_ppo.core import length_buckets, padded_tokens
 from lightning_ppo.data import collate_prompts
 from lightning_ppo.experience import make_experience, rollout_passes
 from lightning_ppo.module import PPOModule
-from lightning_ppo.packing import RowLengths, bucketed, pack_rows, plan_buckets
+from lightning_ppo.packing import RowLengths, bucketed, pack_rows, plan_buckets, spread
 from lightning_ppo.rollout import Rollout, draw_response_lengths
 from lightning_ppo.update import TrainerHooks, ppo_epochs, ppo_loss
 
@@ -62,6 +62,32 @@ def test_packed_rows_hold_each_rows_tokens_from_column_zero(module: PPOModule):
         n = int(experience.response_len[row])
         assert packed.response_ids[i, :n].tolist() == real[prompt:].tolist()
     assert packed.input_ids.shape[1] == int(experience.lengths.totals(experience.response_start)[rows].max())
+
+
+def test_the_head_runs_only_on_the_real_response_tokens(module: PPOModule):
+    """`token_mask` logits are the full (b, R, V) logits at the packed rows' real response tokens, and
+    `spread` lays per-token values back out where `x[mask]` took them."""
+    experience = experience_of_a_rollout(module, seed=4)
+    packed = pack_rows(experience.input_ids, experience.response_start, experience.lengths, torch.arange(8))
+    args = (packed.input_ids, packed.attention_mask, packed.response_start, packed.response_ids.shape[1])
+    assert packed.response_mask.tolist() == [
+        [column < int(n) for column in range(packed.response_ids.shape[1])] for n in experience.response_len
+    ]
+    assert not packed.response_mask.all()  # some rows end before the widest: their tail is skipped
+    with torch.no_grad():
+        full, full_values = module.policy(*args)  # (b, R, V)
+        narrow, values = module.policy(*args, packed.response_mask)  # (n, V)
+    assert narrow.shape == (int(experience.response_len.sum()), full.shape[-1])
+    torch.testing.assert_close(narrow, full[packed.response_mask], atol=1e-5, rtol=0)
+    torch.testing.assert_close(values, full_values)
+    per_token = torch.randn(narrow.shape[0], requires_grad=True)
+    laid_out = spread(per_token, packed.response_mask)  # (b, R)
+    for row, n in enumerate(experience.response_len.tolist()):  # naive: row-major, then zeros
+        start = int(experience.response_len[:row].sum())
+        assert laid_out[row, :n].tolist() == per_token[start : start + n].tolist()
+        assert not laid_out[row, n:].any()
+    laid_out.sum().backward()
+    assert torch.equal(per_token.grad, torch.ones_like(per_token))
 
 
 def test_bucketed_forward_gives_the_padded_forwards_log_probs_and_values(module: PPOModule):
