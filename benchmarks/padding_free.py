@@ -1,7 +1,7 @@
 """Padding-free PPO steps: decode and step time with each switch on and off, in one run on this machine.
 
-    python -m benchmarks.padding_free                    # tiny and the 4-layer GPT-2 shape, ~5 minutes
-    python -m benchmarks.padding_free --gpt2-124m        # also the GPT-2 (124M) shape: several minutes more
+    python -m benchmarks.padding_free                    # tiny and the 4-layer GPT-2 shape, ~4 minutes
+    python -m benchmarks.padding_free --gpt2-124m        # also the GPT-2 (124M) shape: ~20 minutes more
     python -m benchmarks.padding_free --models tiny small --rollout-only   # the rollout table only, ~1 minute
 
 For each model, at the same batch of prompts and drawn lengths:
@@ -9,7 +9,9 @@ For each model, at the same batch of prompts and drawn lengths:
    `model.sampling.decoder`: "generate" (one `generate` call per batch, the old behaviour) and "loop";
 2. whole PPO steps through `Trainer.fit` (`limit_train_batches`), one fresh process per variant so that
    each peak RSS is its own: the module's logged `time/*` phases with `time/other`, which add up to
-   `time/step`; decode and update padding waste (`tokens/*`); peak RSS.
+   `time/step`; decode and update padding waste (`tokens/*`); peak RSS. Each step is seeded by its index
+   (the same prompts and drawn lengths for every variant), and `--rounds` repeats the variants in turn:
+   this VM's speed drifts by ~10% between processes doing identical work.
 A variant is a name and the `PPOModule` keyword arguments it changes (`VARIANTS`): "baseline" is the
 behaviour before issue 13 (one `generate` call, padded update), then each change alone and both. Models:
 `tiny` (offline tiny assets), `small` (4 layers, 192 wide, 4,096-token vocabulary) and `gpt2-124m` (12
@@ -170,15 +172,18 @@ def report_model(name: str, policy: str, args: argparse.Namespace, steps: int) -
     if args.rollout_only:
         return
     context = multiprocessing.get_context("spawn")
-    results = {}
-    for variant in args.variants:
-        kwargs = VARIANTS[variant]
-        with ProcessPoolExecutor(1, mp_context=context) as pool:  # fresh process: its own peak RSS
-            results[variant] = pool.submit(
-                run_variant, policy, args.batch_size, steps, args.warmup, kwargs
-            ).result()
-    print("whole PPO step through Trainer.fit (median s; the module's time/* scalars: the phases and")
-    print("time/other add up to time/step, the interval between two steps' logging points)")
+    results: dict[str, dict] = {v: {"steps": [], "peak_rss_mb": 0.0} for v in args.variants}
+    for _ in range(args.rounds):  # variants take turns, so a slow spell of the machine hits them alike
+        for variant in args.variants:
+            with ProcessPoolExecutor(1, mp_context=context) as pool:  # fresh process: its own peak RSS
+                run = pool.submit(
+                    run_variant, policy, args.batch_size, steps, args.warmup, VARIANTS[variant]
+                ).result()
+            results[variant]["steps"] += run["steps"]
+            results[variant]["peak_rss_mb"] = max(results[variant]["peak_rss_mb"], run["peak_rss_mb"])
+    print(f"whole PPO step through Trainer.fit (median s over {args.rounds} rounds x {steps} steps; the")
+    print("module's time/* scalars: the phases and time/other add up to time/step, the interval between two")
+    print("steps' logging points)")
     print(f"  {'':16s}" + "".join(f"{v:>16s}" for v in results))
     for key in (*PHASES, "time/other", "time/step"):
         row = [median(result["steps"], key) for result in results.values()]
@@ -211,6 +216,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=5, help="measured PPO steps per variant (after warm-up)")
     parser.add_argument("--gpt2-steps", type=int, default=1, help="measured PPO steps for the 124M shape")
     parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument(
+        "--rounds", type=int, default=2, help="fresh processes per variant, the variants taking turns"
+    )
     parser.add_argument(
         "--decoders", nargs="+", choices=("generate", "loop"), default=["generate", "loop"],
         help="model.sampling.decoder values timed in the rollout table; the first is the x1.00 reference",
