@@ -3,6 +3,7 @@
     python -m benchmarks.padding_free                    # tiny and the 4-layer GPT-2 shape, ~4 minutes
     python -m benchmarks.padding_free --gpt2-124m        # also the GPT-2 (124M) shape: ~20 minutes more
     python -m benchmarks.padding_free --models tiny small --rollout-only   # the rollout table only, ~1 minute
+    python -m benchmarks.padding_free --models small --variants both --bucket-sweep 3 6 8   # length buckets
 
 For each model, at the same batch of prompts and drawn lengths:
 1. rollout only: seconds of `PPOModule._sample` and decoded positions (useful vs computed) for each
@@ -241,7 +242,17 @@ def main() -> None:
         "--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS), help="whole-step variants"
     )
     parser.add_argument("--rollout-only", action="store_true", help="skip the whole-step variants")
+    parser.add_argument(
+        "--bucket-sweep", type=int, nargs="+", default=[], metavar="N",
+        help='also run "both" with model.ppo.length_buckets N (one variant per N)',
+    )  # fmt: skip
     args = parser.parse_args()
+    for buckets in args.bucket_sweep:
+        VARIANTS[f"{buckets} buckets"] = {
+            **VARIANTS["both"],
+            "ppo": dict(packing=True, length_buckets=buckets),
+        }
+        args.variants.append(f"{buckets} buckets")
     models = [*args.models, *(["gpt2-124m"] if args.gpt2_124m and "gpt2-124m" not in args.models else [])]
     print(
         f"machine: {platform.machine()}, {torch.get_num_threads()} torch threads, torch {torch.__version__}"
