@@ -22,7 +22,8 @@ _GAE_MATRIX_MAX_T = 256
 def logprobs_from_logits(logits: Tensor, tokens: Tensor) -> Tensor:
     """Float32 log-probability of each taken token; logits are cast first so bf16 stays safe.
 
-    Naive equivalent: `log_softmax(logits, -1).gather(-1, tokens[..., None])[..., 0]`.
+    Naive equivalent: `log_softmax(logits, -1).gather(-1, tokens[..., None])[..., 0]`. Any leading shape:
+    (B, T, V) logits and (B, T) tokens, or (n, V) and (n,).
     """
     logits = logits.float()  # (B, T, V)
     taken = logits.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)  # (B, T)
@@ -324,6 +325,7 @@ def logprobs_and_entropy(logits: Tensor, tokens: Tensor) -> tuple[Tensor, Tensor
     Naive equivalent: `(logprobs_from_logits(logits, tokens), entropy_from_logits(logits.detach()))`.
     Only the log-probs carry a gradient: the entropy is a logged statistic (there is no entropy bonus).
     Lower peak memory than the pair: the forward works in chunks, the backward holds one (B, R, V) buffer.
+    Also (n, V) logits of n tokens (n,): the chunks are then runs of tokens.
     """
     return _LogprobsAndEntropy.apply(logits, tokens)
 

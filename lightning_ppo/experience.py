@@ -150,9 +150,9 @@ def _passes(
     if token_mask is None:
         logprobs, ref_logprobs = (logprobs_from_logits(x, rows.response_ids) for x in (logits, ref_logits))
     else:
-        tokens = rows.response_ids[token_mask][:, None]  # (n, 1)
+        tokens = rows.response_ids[token_mask]  # (n,)
         logprobs, ref_logprobs = (
-            spread(logprobs_from_logits(x[:, None], tokens)[:, 0], token_mask) for x in (logits, ref_logits)
+            spread(logprobs_from_logits(x, tokens), token_mask) for x in (logits, ref_logits)
         )
     outputs = (
         logprobs,

@@ -150,11 +150,8 @@ def _forward(models: PPOModels, batch: Experience, config: PPOConfig) -> tuple[T
             rows.response_mask,
         )
         tokens = rows.response_ids[rows.response_mask]  # (n,)
-        outputs = [
-            spread(x[:, 0], rows.response_mask)
-            for x in logprobs_and_entropy(logits[:, None], tokens[:, None])
-        ]
-        return tuple(outputs) if values is None else (*outputs, values)
+        outputs = tuple(spread(x, rows.response_mask) for x in logprobs_and_entropy(logits, tokens))
+        return outputs if values is None else (*outputs, values)
 
     all_rows = torch.arange(batch.input_ids.shape[0])
     outputs, computed = bucketed(

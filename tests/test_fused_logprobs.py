@@ -50,6 +50,26 @@ def test_fused_logprob_gradients_equal_the_separate_function(dtype: torch.dtype,
     assert_close(fused_logits.grad, separate_logits.grad, rtol=0, atol=0)
 
 
+def test_fused_on_flat_tokens_equals_the_batched_layout(chunk_elements: int) -> None:
+    """(n, V) logits of the real tokens only (the packed passes' layout) give the same log-probs,
+    entropies and gradients as those positions of the (B, R, V) call."""
+    base = torch.randn(4, 6, 97) * 4  # (B, R, V)
+    tokens = torch.randint(0, 97, (4, 6))  # (B, R)
+    real = torch.arange(6)[None, :] < torch.tensor([6, 2, 4, 1])[:, None]  # (B, R) a prefix per row
+    batched, flat = base.clone().requires_grad_(), base[real].clone().requires_grad_()  # (n, V) n = 13
+    batched_out, flat_out = (
+        core.logprobs_and_entropy(batched, tokens),
+        core.logprobs_and_entropy(flat, tokens[real]),
+    )
+    for whole, part in zip(batched_out, flat_out, strict=True):
+        assert part.shape == (13,)
+        assert_close(part, whole[real], rtol=0, atol=1e-6)
+    assert_close(core.logprobs_from_logits(flat, tokens[real]), flat_out[0], rtol=0, atol=0)
+    (batched_out[0] * real).sum().backward()
+    flat_out[0].sum().backward()
+    assert_close(flat.grad, batched.grad[real], rtol=0, atol=1e-6)
+
+
 def test_fused_under_no_grad_builds_no_graph() -> None:
     logits = torch.randn(2, 3, 11, requires_grad=True)
     with torch.no_grad():
