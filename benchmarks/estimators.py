@@ -72,24 +72,30 @@ def run_variant(policy: str, variant: str, prompts: int, k: int, steps: int, war
     }
 
 
+def demo_fit_args(
+    root: str, steps: int, prompts: int, k: int, estimator: str, kl_in: str, critic: bool = False
+) -> list[str]:
+    """CLI arguments of a `steps`-step tiny-demo fit (`configs/tiny.yaml`) with this estimator: k samples
+    for each of `prompts` prompts, one minibatch of all rows per optimizer step, logs under `root`."""
+    return [
+        "fit", "--config", TINY, "--trainer.max_epochs", "1",
+        "--trainer.limit_train_batches", str(steps), "--trainer.limit_val_batches", "0",
+        "--model.log_samples_every_n_steps", "0",
+        "--data.batch_size", str(prompts), "--model.ppo.mini_batch_size", str(prompts * k),
+        "--model.sampling.num_samples_per_prompt", str(k),
+        "--model.ppo.advantage_estimator", estimator, "--model.ppo.kl_in", kl_in,
+        *(["--model.critic", "tiny:policy"] if critic else []),
+        "--trainer.logger.init_args.save_dir", root,
+    ]  # fmt: skip
+
+
 def demo_rewards(variant: str, prompts: int, k: int, steps: int) -> list[float]:
     """env/reward_mean of each step of a tiny-demo fit (`configs/tiny.yaml`) with this variant."""
     from lightning_ppo.cli import main  # in the fresh process only
 
     estimator, kl_in, critic = VARIANTS[variant]
     with tempfile.TemporaryDirectory() as root:
-        cli = main(
-            [
-                "fit", "--config", TINY, "--trainer.max_epochs", "1",
-                "--trainer.limit_train_batches", str(steps), "--trainer.limit_val_batches", "0",
-                "--model.log_samples_every_n_steps", "0",
-                "--data.batch_size", str(prompts), "--model.ppo.mini_batch_size", str(prompts * k),
-                "--model.sampling.num_samples_per_prompt", str(k),
-                "--model.ppo.advantage_estimator", estimator, "--model.ppo.kl_in", kl_in,
-                *(["--model.critic", "tiny:policy"] if critic else []),
-                "--trainer.logger.init_args.save_dir", root,
-            ]
-        )  # fmt: skip
+        cli = main(demo_fit_args(root, steps, prompts, k, estimator, kl_in, critic))
         events = EventAccumulator(cli.trainer.log_dir, size_guidance={"scalars": 0})
         events.Reload()
         return [e.value for e in events.Scalars("env/reward_mean")]

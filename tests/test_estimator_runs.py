@@ -10,8 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from benchmarks.estimators import demo_fit_args
 from lightning_ppo.cli import main
-from tests.test_cli import TINY, scalars
+from tests.test_cli import scalars
 
 pytestmark = pytest.mark.slow
 STEPS, PROMPTS, K = 10, 8, 4
@@ -22,17 +23,7 @@ KL_IN = {"grpo": "loss", "rloo": "reward", "reinforce_pp": "reward"}
 def fit(request: pytest.FixtureRequest, tiny_assets: Path, tmp_path_factory: pytest.TempPathFactory):
     estimator = request.param
     root = tmp_path_factory.mktemp(estimator)
-    cli = main(
-        [
-            "fit", "--config", TINY, "--trainer.max_epochs", "1",
-            "--trainer.limit_train_batches", str(STEPS), "--trainer.limit_val_batches", "0",
-            "--model.log_samples_every_n_steps", "0",
-            "--data.batch_size", str(PROMPTS), "--model.ppo.mini_batch_size", str(PROMPTS * K),
-            "--model.sampling.num_samples_per_prompt", str(K),
-            "--model.ppo.advantage_estimator", estimator, "--model.ppo.kl_in", KL_IN[estimator],
-            "--trainer.logger.init_args.save_dir", str(root),
-        ]
-    )  # fmt: skip
+    cli = main(demo_fit_args(str(root), STEPS, PROMPTS, K, estimator, KL_IN[estimator]))
     return estimator, cli, scalars(Path(cli.trainer.log_dir))
 
 
