@@ -1,7 +1,7 @@
 """Padding-free PPO steps: decode and step time with each switch on and off, in one run on this machine.
 
-    python -m benchmarks.padding_free                    # tiny and the 4-layer GPT-2 shape, ~4 minutes
-    python -m benchmarks.padding_free --gpt2-124m        # also the GPT-2 (124M) shape: ~20 minutes more
+    python -m benchmarks.padding_free                    # tiny and the 4-layer GPT-2 shape, ~6 minutes
+    python -m benchmarks.padding_free --gpt2-124m        # also the GPT-2 (124M) shape: ~35 minutes more
     python -m benchmarks.padding_free --models tiny small --rollout-only   # the rollout table only, ~1 minute
     python -m benchmarks.padding_free --models small --variants both --bucket-sweep 3 6 8   # length buckets
 
@@ -12,7 +12,7 @@ For each model, at the same batch of prompts and drawn lengths:
    each peak RSS is its own: the module's logged `time/*` phases with `time/other`, which add up to
    `time/step`; decode and update padding waste (`tokens/*`); peak RSS. Each step is seeded by its index
    (the same prompts and drawn lengths for every variant), and `--rounds` repeats the variants in turn;
-   the table keeps each step's fastest round (this VM's speed drifts by ~10% between processes doing
+   the table keeps each step's fastest round (this VM's speed drifts by 10-15% between processes doing
    identical work, and interference only ever adds time), with the plain median of all runs below it.
 A variant is a name and the `PPOModule` keyword arguments it changes (`VARIANTS`): "baseline" is the
 behaviour before issue 13 (one `generate` call, padded update), then each change alone and both. Models:
