@@ -101,6 +101,27 @@ class Rollout:
     def query_ids(self) -> Tensor:  # (B, P)
         return self.input_ids[:, : self.response_start]
 
+    @classmethod
+    def from_responses(
+        cls,
+        input_ids: Tensor,
+        attention_mask: Tensor,
+        response_ids: Tensor,
+        lengths: Tensor,
+        pad_token_id: int,
+        eos_token_id: int | None,
+    ) -> Rollout:
+        """Left-padded prompts (B, P) and sampled responses (B, R'), each cut at its length or first EOS."""
+        response_mask = response_mask_from_tokens(response_ids, lengths, eos_token_id)  # (B, R')
+        response_ids = response_ids.masked_fill(response_mask == 0, pad_token_id)
+        return cls(
+            input_ids=torch.cat([input_ids, response_ids], dim=1),
+            attention_mask=torch.cat([attention_mask, response_mask.long()], dim=1),
+            response_start=input_ids.shape[1],
+            response_mask=response_mask,
+            useful_positions=int(response_mask.sum()),
+        )
+
     def split(self, rows: int) -> list[Rollout]:
         """Consecutive groups of `rows` rows, keeping the layout."""
         return [
@@ -231,7 +252,9 @@ def sample_responses(
                 model, ids, mask, chunk_lengths, config, pad_token_id, eos_token_id, synced_gpus
             )
             decoded = response_ids.numel()  # generate stops early once every row has hit EOS
-        parts.append(_rollout(ids, mask, response_ids, chunk_lengths, pad_token_id, eos_token_id, decoded))
+        rollout = Rollout.from_responses(ids, mask, response_ids, chunk_lengths, pad_token_id, eos_token_id)
+        rollout.decoded_positions = decoded
+        parts.append(rollout)
     return parts[0] if len(parts) == 1 else concat_rollouts(parts, pad_token_id)
 
 
@@ -338,28 +361,6 @@ def _sample_generate(
         **({"synced_gpus": True} if synced_gpus else {}),  # else transformers' own default
     )  # (B, P + R')
     return sequences[:, input_ids.shape[1] :]
-
-
-def _rollout(
-    input_ids: Tensor,
-    attention_mask: Tensor,
-    response_ids: Tensor,
-    lengths: Tensor,
-    pad_token_id: int,
-    eos_token_id: int | None,
-    decoded_positions: int,
-) -> Rollout:
-    """The rollout layout of prompts and responses (B, R'), each row cut at its length or first EOS."""
-    response_mask = response_mask_from_tokens(response_ids, lengths, eos_token_id)  # (B, R)
-    response_ids = response_ids.masked_fill(response_mask == 0, pad_token_id)
-    return Rollout(
-        input_ids=torch.cat([input_ids, response_ids], dim=1),
-        attention_mask=torch.cat([attention_mask, response_mask.long()], dim=1),
-        response_start=input_ids.shape[1],
-        response_mask=response_mask,
-        decoded_positions=decoded_positions,
-        useful_positions=int(response_mask.sum()),
-    )
 
 
 def concat_rollouts(parts: list[Rollout], pad_token_id: int) -> Rollout:

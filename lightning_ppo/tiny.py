@@ -79,6 +79,24 @@ def tiny_cache_dir() -> Path:
     return Path(cache).expanduser() if cache else Path.home() / ".cache" / "lightning_ppo"
 
 
+def tiny_seed() -> int:
+    """The seed the assets are built with: `$LIGHTNING_PPO_TINY_SEED`, else 0 (the test suite varies it)."""
+    value = os.environ.get("LIGHTNING_PPO_TINY_SEED", "0")
+    try:
+        seed = int(value)
+    except ValueError:
+        seed = -1
+    if seed < 0:
+        raise ValueError(f"LIGHTNING_PPO_TINY_SEED must be a non-negative integer, got {value!r}")
+    return seed
+
+
+def tiny_assets_dir() -> Path:
+    """The folder of the assets of this version and seed (seed 0 keeps the plain version name)."""
+    seed = tiny_seed()
+    return tiny_cache_dir() / (TINY_VERSION if seed == 0 else f"{TINY_VERSION}-seed{seed}")
+
+
 def resolve_source(source: str) -> str:
     """Map `tiny:<name>` to the absolute folder of that asset (building it if needed); pass others through."""
     if not source.startswith(TINY_PREFIX):
@@ -92,7 +110,7 @@ def resolve_source(source: str) -> str:
 
 def ensure_tiny_assets() -> Path:
     """Build the tiny assets unless they exist; safe when several processes (DDP ranks) call it at once."""
-    root = tiny_cache_dir() / TINY_VERSION
+    root = tiny_assets_dir()
     if root.is_dir():
         return root
     root.parent.mkdir(parents=True, exist_ok=True)
@@ -105,7 +123,7 @@ def ensure_tiny_assets() -> Path:
         staging.mkdir()
         logger.info("Building the tiny assets into %s (once; takes about 10-20 s)", root)
         try:
-            build_tiny_assets(staging)
+            build_tiny_assets(staging, tiny_seed())
             os.rename(staging, root)
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)

@@ -2,13 +2,21 @@
 
 from __future__ import annotations
 
+import os
+import random
 from collections.abc import Iterator
 from pathlib import Path
 
 import datasets
+import numpy as np
 import pytest
+import torch
 
 from lightning_ppo.tiny import ensure_tiny_assets
+from tests.helpers import TEST_SEED, seeded
+
+# before any asset is built; CLI runs in subprocesses inherit it
+os.environ.setdefault("LIGHTNING_PPO_TINY_SEED", str(TEST_SEED))
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -25,3 +33,11 @@ def isolated_caches(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
 def tiny_assets(isolated_caches: None) -> Path:
     """The root of the tiny assets (`policy/`, `reward/`, `reviews/`), built once per session."""
     return ensure_tiny_assets()
+
+
+@pytest.fixture(autouse=True)
+def seeded_rngs() -> None:
+    """Every test starts from the suite's seed, whatever ran before it."""
+    torch.manual_seed(seeded(0))
+    np.random.seed(seeded(0))
+    random.seed(seeded(0))

@@ -25,6 +25,7 @@ from lightning_ppo.module import PPOModule
 from lightning_ppo.rewards import ClassifierReward, score_rollout
 from lightning_ppo.rollout import SamplingConfig, sample_responses
 from lightning_ppo.tiny import MAX_POSITIONS
+from tests.helpers import cli_seed_args, seeded
 
 ROOT = Path(__file__).parents[1]
 TINY = str(ROOT / "configs" / "tiny.yaml")
@@ -45,7 +46,7 @@ def module(tiny_assets: Path) -> PPOModule:
 def cli_error(capsys: pytest.CaptureFixture[str], *args: str) -> str:
     """Run the CLI in-process expecting a parse error; return what it printed to stderr."""
     with pytest.raises(SystemExit) as exit_info:
-        cli.main(["fit", "--config", TINY, *args])
+        cli.main(["fit", "--config", TINY, *cli_seed_args(), *args])
     assert exit_info.value.code != 0
     return capsys.readouterr().err
 
@@ -170,7 +171,7 @@ def test_reward_with_another_tokenizer_scores_the_decoded_text(module: PPOModule
     policy_ids = module.tokenizer(text)["input_ids"]
     assert policy_ids != module.reward.tokenizer(text)["input_ids"][1:-1]  # the vocabularies differ
 
-    torch.manual_seed(0)
+    torch.manual_seed(seeded(0))
     prompts = module.tokenizer(["the movie was", "this film is a"], padding=True, return_tensors="pt")
     rollout = sample_responses(
         module.policy.lm,
@@ -216,7 +217,7 @@ def test_config_error_prints_one_paragraph_and_exits_2(
 @pytest.mark.slow
 def test_python_m_lightning_ppo_exits_2_without_traceback(tiny_assets: Path, tmp_path: Path) -> None:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    args = ["fit", "--config", TINY, "--model.reward_label", "HAPPY"]
+    args = ["fit", "--config", TINY, *cli_seed_args(), "--model.reward_label", "HAPPY"]
     args += ["--trainer.logger.init_args.save_dir", str(tmp_path)]
     done = subprocess.run(
         [sys.executable, "-m", "lightning_ppo", *args], cwd=ROOT, env=env, capture_output=True, text=True
@@ -238,7 +239,7 @@ def test_a_bad_value_inside_a_config_class_is_one_paragraph_too(
     flag: list[str], message: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """jsonargparse re-raises the errors of the classes it builds; the ConfigError behind them is shown."""
-    monkeypatch.setattr(sys, "argv", ["lightning-ppo", "fit", "--config", TINY, *flag])
+    monkeypatch.setattr(sys, "argv", ["lightning-ppo", "fit", "--config", TINY, *cli_seed_args(), *flag])
     with pytest.raises(SystemExit) as exit_info:
         cli.run()
     assert exit_info.value.code == 2
@@ -395,7 +396,7 @@ def run_cli(
     capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, *args: str
 ) -> tuple[int, str]:
     """`lightning-ppo fit --config configs/tiny.yaml ARGS` in-process: its exit code and stderr."""
-    monkeypatch.setattr(sys, "argv", ["lightning-ppo", "fit", "--config", TINY, *args])
+    monkeypatch.setattr(sys, "argv", ["lightning-ppo", "fit", "--config", TINY, *cli_seed_args(), *args])
     with pytest.raises(SystemExit) as exit_info:
         cli.run()
     return exit_info.value.code, capsys.readouterr().err

@@ -6,13 +6,14 @@ import pytest
 import torch
 
 from lightning_ppo import core
+from tests.helpers import seeded
 
 
 def test_padded_tokens_counts_useful_and_computed_and_bucketing_cuts_waste() -> None:
     lengths = torch.tensor([5, 9, 9, 2, 7])
     useful, computed = core.padded_tokens(lengths, [torch.tensor([1, 2]), torch.tensor([0, 3, 4])])
     assert (useful, computed) == (32, 2 * 9 + 3 * 7)
-    torch.manual_seed(1)
+    torch.manual_seed(seeded(1))
     lengths = torch.randint(6, 23, (128,))
     unsplit = core.padded_tokens(lengths, list(torch.arange(128).split(32)))
     bucketed = core.padded_tokens(lengths, core.length_buckets(lengths, 4)[0])
@@ -32,7 +33,7 @@ def brute_force_decoded(lengths: list[int], max_calls: int) -> int:
 
 @pytest.mark.parametrize("max_calls", [1, 2, 3])
 def test_length_buckets_are_optimal_against_brute_force(max_calls: int) -> None:
-    generator = torch.Generator().manual_seed(max_calls)
+    generator = torch.Generator().manual_seed(seeded(max_calls))
     for _ in range(12):
         lengths = torch.randint(4, 16, (7,), generator=generator)  # (B,)
         groups, decoded, useful = core.length_buckets(lengths, max_calls)

@@ -10,6 +10,7 @@ import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from lightning_ppo.cli import main
+from tests.helpers import cli_seed_args
 
 TINY = str(Path(__file__).parents[1] / "configs" / "tiny.yaml")
 STEPS = 4
@@ -21,7 +22,7 @@ def test_bf16_mixed_fit_on_cpu(tiny_assets: Path, tmp_path: Path):
     probe = {"class_path": "probes.RankProbe", "init_args": {"out_dir": str(tmp_path / "probe")}}
     cli = main(
         [
-            "fit", "--config", TINY,
+            "fit", "--config", TINY, *cli_seed_args(),
             "--trainer.precision", "bf16-mixed",
             "--trainer.max_epochs", "1",
             "--trainer.limit_train_batches", str(STEPS), "--trainer.val_check_interval", str(STEPS),

@@ -6,11 +6,12 @@ import pytest
 import torch
 
 from lightning_ppo import core
+from tests.helpers import seeded
 
 
 def naive_bootstrap(differences: list[float], n_resamples: int, seed: int) -> tuple[float, float]:
     n = len(differences)
-    draws = torch.randint(n, (n_resamples, n), generator=torch.Generator().manual_seed(seed))
+    draws = torch.randint(n, (n_resamples, n), generator=torch.Generator().manual_seed(seeded(seed)))
     means = sorted(sum(differences[int(i)] for i in row) / n for row in draws)
 
     def quantile(q: float) -> float:  # linear interpolation between order statistics (numpy's default)
@@ -27,7 +28,7 @@ def test_bootstrap_matches_loop_for_small_resamples(
     chunk_draws: int, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(core, "_BOOTSTRAP_CHUNK_DRAWS", chunk_draws)  # one chunk, 7 resamples, 1 each
-    torch.manual_seed(0)
+    torch.manual_seed(seeded(0))
     tuned, reference = torch.randn(13) + 0.3, torch.randn(13)
     out = core.paired_bootstrap_ci(tuned, reference, n_resamples=200, seed=7)
     differences = (tuned.double() - reference.double()).tolist()
@@ -44,7 +45,7 @@ def test_bootstrap_is_deterministic_per_seed() -> None:
 
 
 def test_bootstrap_excludes_zero_for_a_clear_shift_and_contains_it_for_a_symmetric_sample() -> None:
-    generator = torch.Generator().manual_seed(0)
+    generator = torch.Generator().manual_seed(seeded(0))
     reference = torch.randn(200, generator=generator) * 2
     shifted = core.paired_bootstrap_ci(
         reference + 1.0 + 0.5 * torch.randn(200, generator=generator), reference

@@ -13,6 +13,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
 from lightning_ppo.cli import main
+from tests.helpers import cli_seed_args
 
 CONFIGS = sorted((Path(__file__).parents[1] / "configs").glob("*.yaml"))
 TINY = str(Path(__file__).parents[1] / "configs" / "tiny.yaml")
@@ -39,7 +40,7 @@ def fitted(tiny_assets: Path, tmp_path_factory: pytest.TempPathFactory):
     start = time.perf_counter()
     cli = run_cli(
         "fit",
-        "--config", TINY,
+        "--config", TINY, *cli_seed_args(),
         "--trainer.max_epochs", "1",
         "--trainer.limit_train_batches", str(PPO_STEPS),
         "--trainer.val_check_interval", "8",
@@ -112,7 +113,7 @@ def test_test_compares_reference_and_policy_and_writes_the_table(fitted, tmp_pat
     _, log_dir = fitted
     cli = run_cli(
         "test",
-        "--config", TINY,
+        "--config", TINY, *cli_seed_args(),
         "--ckpt_path", str(log_dir / "checkpoints" / "last.ckpt"),
         "--trainer.logger.init_args.save_dir", str(tmp_path),
     )  # fmt: skip
@@ -142,7 +143,7 @@ def test_predict_writes_json_lines(fitted, tmp_path: Path):
     prompts.write_text("the movie was\nthis film\n")
     cli = run_cli(
         "predict",
-        "--config", TINY,
+        "--config", TINY, *cli_seed_args(),
         "--ckpt_path", str(log_dir / "checkpoints" / "last.ckpt"),
         "--data.predict_file", str(prompts),
         "--trainer.logger.init_args.save_dir", str(tmp_path),
@@ -165,7 +166,7 @@ def test_every_shipped_config_parses(config: Path, capsys: pytest.CaptureFixture
 def test_the_documented_overrides_are_accepted(capsys: pytest.CaptureFixture[str]):
     with pytest.raises(SystemExit):
         run_cli(
-            "fit", "--config", TINY,
+            "fit", "--config", TINY, *cli_seed_args(),
             "--model.policy", "some/policy", "--model.reward_model", "some/reward",
             "--data.dataset", "some/dataset", "--data.batch_size", "8",
             "--trainer.limit_train_batches", "20", "--print_config",

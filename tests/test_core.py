@@ -11,6 +11,7 @@ import torch
 from torch.testing import assert_close
 
 from lightning_ppo import core
+from tests.helpers import seeded
 
 PAD = 1e6
 LENGTHS = (7, 1, 4, 7, 2, 5)  # right-padded rows of a (6, 7) batch, incl. a length-1 row
@@ -54,7 +55,7 @@ def mask() -> torch.Tensor:
 
 @pytest.fixture(autouse=True)
 def _seed() -> None:
-    torch.manual_seed(0)
+    torch.manual_seed(seeded(0))
 
 
 # ---------------------------------------------------------------- log-probs and entropy

@@ -11,6 +11,7 @@ from transformers import AutoModel
 from lightning_ppo.cli import main
 from lightning_ppo.models import ValueModel, build_critic, load_tokenizer
 from lightning_ppo.module import PPOModule
+from tests.helpers import cli_seed_args
 from tests.test_cli import TINY, scalars
 
 
@@ -50,7 +51,7 @@ def test_reward_model_critic_starts_from_the_reward_models_backbone(tiny_assets:
 def test_fit_with_a_separate_critic_trains_and_checkpoints_it(tiny_assets: Path, tmp_path: Path):
     cli = main(
         [
-            "fit", "--config", TINY, "--trainer.max_epochs", "1",
+            "fit", "--config", TINY, *cli_seed_args(), "--trainer.max_epochs", "1",
             "--model.critic", "tiny:policy", "--model.critic_learning_rate", "1e-3",
             "--trainer.limit_train_batches", "2", "--trainer.val_check_interval", "2",
             "--trainer.logger.init_args.save_dir", str(tmp_path),

@@ -11,11 +11,12 @@ from datasets import Dataset, DatasetDict
 
 from lightning_ppo.data import PromptDataModule, collate_prompts, load_prompt_dataset
 from lightning_ppo.tiny import NEUTRAL_WORDS
+from tests.helpers import seeded
 
 
 def make_texts(num_long: int, num_short: int = 0, seed: int = 0) -> list[str]:
     """Texts over the tiny vocabulary: long ones (> 200 characters) and short ones (< 200), shuffled."""
-    rng = random.Random(seed)
+    rng = random.Random(seeded(seed))
     texts = [" ".join(rng.choices(NEUTRAL_WORDS, k=60)) for _ in range(num_long)]
     texts += [" ".join(rng.choices(NEUTRAL_WORDS, k=5)) for _ in range(num_short)]
     rng.shuffle(texts)

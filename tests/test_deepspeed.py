@@ -29,6 +29,7 @@ from lightning_ppo.parallel import (
     zero_stage,
 )
 from lightning_ppo.rollout import draw_response_lengths
+from tests.helpers import cli_seed_args
 
 ROOT = Path(__file__).parents[1]
 CONFIGS = ROOT / "configs"
@@ -188,7 +189,8 @@ def test_without_zero3_generation_is_untouched(module: PPOModule):
 def test_tiny_fit_on_gpu_with_deepspeed(stage: int, tiny_assets: Path, tmp_path: Path):
     command = [
         sys.executable, "-m", "lightning_ppo", "fit",
-        "--config", str(CONFIGS / "tiny.yaml"), "--config", str(CONFIGS / f"deepspeed_zero{stage}.yaml"),
+        "--config", str(CONFIGS / "tiny.yaml"), *cli_seed_args(),
+        "--config", str(CONFIGS / f"deepspeed_zero{stage}.yaml"),
         "--trainer.devices", str(min(torch.cuda.device_count(), 2)),
         "--trainer.max_epochs", "1",
         "--trainer.limit_train_batches", "4", "--trainer.val_check_interval", "4",

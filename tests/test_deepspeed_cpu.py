@@ -22,6 +22,7 @@ from transformers import AutoModelForCausalLM
 
 from lightning_ppo.commands import export_command
 from lightning_ppo.export import load_value_head
+from tests.helpers import cli_seed_args
 
 ROOT = Path(__file__).parents[1]
 TINY = str(ROOT / "configs" / "tiny.yaml")
@@ -43,7 +44,7 @@ def strategy(stage: int) -> str:
 def cli(verb: str, stage: int, work: Path, save_dir: str, *args: str) -> None:
     """`python -m lightning_ppo VERB` on 2 CPU processes under DeepSpeed ZeRO-`stage`, in `work`."""
     command = [
-        sys.executable, "-m", "lightning_ppo", verb, "--config", TINY,
+        sys.executable, "-m", "lightning_ppo", verb, "--config", TINY, *cli_seed_args(),
         "--trainer.accelerator", "cpu", "--trainer.devices", "2", "--trainer.strategy", strategy(stage),
         "--data.batch_size", "8", "--data.val_size", "8", "--data.test_size", "8",
         "--model.ppo.mini_batch_size", "4", "--model.ppo.ppo_epochs", "1",

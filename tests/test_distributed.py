@@ -17,6 +17,8 @@ import numpy as np
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from tests.helpers import cli_seed_args
+
 ROOT = Path(__file__).parents[1]
 STEPS, BATCH, MINI_BATCH, ACCUMULATION, EPOCHS, VAL_SIZE = 3, 16, 8, 2, 2, 16
 
@@ -30,7 +32,7 @@ def ddp_run(tiny_assets: Path, tmp_path_factory: pytest.TempPathFactory):
     probe = {"class_path": "probes.RankProbe", "init_args": {"out_dir": str(work / "probe")}}
     command = [
         sys.executable, "-m", "lightning_ppo", "fit",
-        "--config", str(ROOT / "configs" / "tiny.yaml"),
+        "--config", str(ROOT / "configs" / "tiny.yaml"), *cli_seed_args(),
         "--trainer.strategy", "ddp", "--trainer.devices", "2", "--trainer.accelerator", "cpu",
         "--trainer.max_epochs", "1",
         "--trainer.limit_train_batches", str(STEPS), "--trainer.val_check_interval", str(STEPS),
@@ -60,7 +62,7 @@ def ddp_test_run(ddp_run) -> Path:
     work, _ = ddp_run
     command = [
         sys.executable, "-m", "lightning_ppo", "test",
-        "--config", str(ROOT / "configs" / "tiny.yaml"),
+        "--config", str(ROOT / "configs" / "tiny.yaml"), *cli_seed_args(),
         "--trainer.strategy", "ddp", "--trainer.devices", "2", "--trainer.accelerator", "cpu",
         "--trainer.max_epochs", "1",
         "--trainer.logger.init_args.save_dir", "test_runs",
@@ -163,7 +165,7 @@ def test_uneven_held_out_prompts_count_once_on_two_ranks(tiny_assets: Path, tmp_
     test_size = 5
     command = [
         sys.executable, "-m", "lightning_ppo", "test",
-        "--config", str(ROOT / "configs" / "tiny.yaml"),
+        "--config", str(ROOT / "configs" / "tiny.yaml"), *cli_seed_args(),
         "--trainer.strategy", "ddp", "--trainer.devices", "2", "--trainer.accelerator", "cpu",
         "--trainer.logger.init_args.save_dir", "runs",
         "--data.test_size", str(test_size), "--data.eval_batch_size", "2",
@@ -190,7 +192,7 @@ def test_critic_free_estimators_train_in_step_on_two_ranks(
     probe = {"class_path": "probes.RankProbe", "init_args": {"out_dir": str(tmp_path / "probe")}}
     command = [
         sys.executable, "-m", "lightning_ppo", "fit",
-        "--config", str(ROOT / "configs" / "tiny.yaml"),
+        "--config", str(ROOT / "configs" / "tiny.yaml"), *cli_seed_args(),
         "--trainer.strategy", "ddp", "--trainer.devices", "2", "--trainer.accelerator", "cpu",
         "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "2", "--trainer.limit_val_batches", "0",
         "--trainer.logger.init_args.save_dir", "runs", f"--trainer.callbacks+={json.dumps(probe)}",

@@ -12,6 +12,7 @@ import torch
 
 from benchmarks.estimators import demo_fit_args
 from lightning_ppo.cli import main
+from tests.helpers import cli_seed_args
 from tests.test_cli import scalars
 
 pytestmark = pytest.mark.slow
@@ -23,7 +24,7 @@ KL_IN = {"grpo": "loss", "rloo": "reward", "reinforce_pp": "reward"}
 def fit(request: pytest.FixtureRequest, tiny_assets: Path, tmp_path_factory: pytest.TempPathFactory):
     estimator = request.param
     root = tmp_path_factory.mktemp(estimator)
-    cli = main(demo_fit_args(str(root), STEPS, PROMPTS, K, estimator, KL_IN[estimator]))
+    cli = main([*demo_fit_args(str(root), STEPS, PROMPTS, K, estimator, KL_IN[estimator]), *cli_seed_args()])
     return estimator, cli, scalars(Path(cli.trainer.log_dir))
 
 

@@ -17,6 +17,7 @@ from lightning_ppo.experience import RolloutPasses, make_experience, per_token_r
 from lightning_ppo.module import PPOModule, repeat_prompts
 from lightning_ppo.rollout import Rollout
 from lightning_ppo.update import ppo_loss
+from tests.helpers import seeded
 
 PAD = 1e6
 
@@ -98,7 +99,7 @@ def test_grpo_k2_edge() -> None:
 
 
 def test_rloo_matches_loop_with_kl_in_the_reward(mask: torch.Tensor) -> None:
-    torch.manual_seed(0)
+    torch.manual_seed(seeded(0))
     logprobs = -torch.rand(mask.shape, dtype=torch.float64) * 3
     ref_logprobs = -torch.rand(mask.shape, dtype=torch.float64) * 3
     scores = torch.tensor(SCORES, dtype=torch.float64)
@@ -159,7 +160,7 @@ def naive_reinforce_pp(rewards: torch.Tensor, mask: torch.Tensor) -> torch.Tenso
 
 
 def test_reinforce_pp_matches_loop(mask: torch.Tensor) -> None:
-    torch.manual_seed(1)
+    torch.manual_seed(seeded(1))
     logprobs = -torch.rand(mask.shape, dtype=torch.float64) * 3
     ref_logprobs = -torch.rand(mask.shape, dtype=torch.float64) * 3
     scores = torch.tensor(SCORES, dtype=torch.float64)
@@ -171,7 +172,7 @@ def test_reinforce_pp_matches_loop(mask: torch.Tensor) -> None:
 
 
 def test_reinforce_pp_whitens_with_global_statistics_across_ranks(mask: torch.Tensor) -> None:
-    torch.manual_seed(2)
+    torch.manual_seed(seeded(2))
     rewards = torch.randn(mask.shape, dtype=torch.float64) * mask
     expected = naive_reinforce_pp(rewards, mask)
     halves = [(rewards[:5], mask[:5]), (rewards[5:], mask[5:])]  # two "ranks" of unequal size
@@ -187,7 +188,7 @@ def test_reinforce_pp_whitens_with_global_statistics_across_ranks(mask: torch.Te
 
 
 def test_grpo_kl_in_loss_is_kl_penalty_k3() -> None:
-    torch.manual_seed(3)
+    torch.manual_seed(seeded(3))
     logp, ref = -torch.rand(3, 4, dtype=torch.float64) * 4, -torch.rand(3, 4, dtype=torch.float64) * 4
     k3 = core.kl_penalty(logp, ref, "k3")
     for b in range(3):
@@ -204,7 +205,7 @@ KL_COEF = 0.2
 
 def rollout_and_passes(mask: torch.Tensor) -> tuple[Rollout, RolloutPasses]:
     """Responses of LENGTHS after 2 prompt tokens; in the all-equal group the policy is the reference."""
-    torch.manual_seed(4)
+    torch.manual_seed(seeded(4))
     B, R = mask.shape
     input_ids = torch.randint(0, 50, (B, 2 + R))
     attention_mask = torch.cat([torch.ones(B, 2), mask], 1).long()

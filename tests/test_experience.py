@@ -13,11 +13,12 @@ from lightning_ppo.experience import make_experience, rollout_passes
 from lightning_ppo.module import PPOModule
 from lightning_ppo.rollout import Rollout, draw_response_lengths
 from lightning_ppo.update import ppo_loss
+from tests.helpers import seeded
 
 
 @pytest.fixture(scope="module")
 def module(tiny_assets: Path) -> PPOModule:
-    torch.manual_seed(0)
+    torch.manual_seed(seeded(0))
     return PPOModule(policy="tiny:policy", reward_model="tiny:reward")
 
 
@@ -32,7 +33,7 @@ def experience_of_a_rollout(module: PPOModule):
 
 
 def test_select_trims_padding_and_keeps_log_probs(module: PPOModule):
-    torch.manual_seed(1)
+    torch.manual_seed(seeded(1))
     experience = experience_of_a_rollout(module)
     rows = torch.tensor([1, 4])  # the two one-token prompts: every other row's padding can go
     minibatch = experience.select(rows)
@@ -52,7 +53,7 @@ def test_select_trims_padding_and_keeps_log_probs(module: PPOModule):
 
 
 def test_forward_micro_batches_change_no_number(module: PPOModule):
-    torch.manual_seed(2)
+    torch.manual_seed(seeded(2))
     experience = experience_of_a_rollout(module)
     rollout = Rollout(
         experience.input_ids, experience.attention_mask, experience.response_start, experience.response_mask
@@ -67,13 +68,13 @@ def test_forward_micro_batches_change_no_number(module: PPOModule):
 def test_gradient_checkpointing_gives_the_same_gradients(tiny_assets: Path):
     grads = []
     for checkpointing in (False, True):
-        torch.manual_seed(0)
+        torch.manual_seed(seeded(0))
         module = PPOModule(
             policy="tiny:policy", reward_model="tiny:reward", gradient_checkpointing=checkpointing
         )
         assert module.policy.lm.is_gradient_checkpointing is checkpointing
         module.train()
-        torch.manual_seed(3)
+        torch.manual_seed(seeded(3))
         experience = experience_of_a_rollout(module)
         rows = torch.arange(experience.input_ids.shape[0])
         loss, _ = ppo_loss(module.models, experience.select(rows), module.ppo)

@@ -14,6 +14,7 @@ from lightning_ppo.commands import export_command
 from lightning_ppo.export import export_policy, load_value_head
 from lightning_ppo.lora import LoraOptions
 from lightning_ppo.module import PPOModule
+from tests.helpers import cli_seed_args, seeded
 
 TINY = str(Path(__file__).parents[1] / "configs" / "tiny.yaml")
 
@@ -26,7 +27,7 @@ def fitted(tiny_assets: Path, tmp_path_factory: pytest.TempPathFactory):
     root = tmp_path_factory.mktemp("export_fit")
     cli = main(
         [
-            "fit", "--config", TINY,
+            "fit", "--config", TINY, *cli_seed_args(),
             "--trainer.max_epochs", "1",
             "--trainer.limit_train_batches", "3",
             # a checkpoint after PPO step 2 (16 optimizer steps), none after step 3: last.ckpt must be redone
@@ -84,7 +85,7 @@ def test_the_export_command_names_a_missing_checkpoint(tmp_path: Path, capsys: p
 
 
 def test_export_writes_a_lora_adapter_and_a_separate_critic(tiny_assets: Path, tmp_path: Path):
-    torch.manual_seed(0)
+    torch.manual_seed(seeded(0))
     module = PPOModule(
         policy="tiny:policy", reward_model="tiny:reward", lora=LoraOptions(r=4), critic="tiny:policy"
     )

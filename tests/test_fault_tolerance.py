@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from lightning_ppo.checkpointing import AtomicCheckpointIO
+from tests.helpers import cli_seed_args
 
 ROOT = Path(__file__).parents[1]
 OPT_STEPS_PER_PPO_STEP = 8  # 4 PPO epochs x (16 / 8) minibatches
@@ -23,6 +24,7 @@ def fit_command(save_dir: Path, *args: str) -> list[str]:
     """`python -m lightning_ppo fit` on the tiny config, checkpointing every PPO step, into version_0."""
     return [
         sys.executable, "-m", "lightning_ppo", "fit", "--config", str(ROOT / "configs" / "tiny.yaml"),
+        *cli_seed_args(),
         "--trainer.max_epochs", "1",
         "--trainer.limit_train_batches", str(PPO_STEPS),
         "--trainer.limit_val_batches", "0",

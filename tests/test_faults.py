@@ -24,6 +24,7 @@ from lightning_ppo.data import PromptDataModule
 from lightning_ppo.module import PPOConfig, PPOModule
 from lightning_ppo.nan_guard import BAD_STEPS_EXIT_CODE, STOP_CHECKPOINT
 from lightning_ppo.rollout import SamplingConfig, sample_responses
+from tests.helpers import cli_seed_args
 
 TINY = str(Path(__file__).parents[1] / "configs" / "tiny.yaml")
 BATCH, MINI_BATCH, EPOCHS = 8, 4, 2
@@ -280,7 +281,7 @@ def test_score_lands_on_eos_and_nothing_after_it(
 def reward_and_kl(root: Path) -> dict[str, list[float]]:
     cli = main(
         [
-            "fit", "--config", TINY,
+            "fit", "--config", TINY, *cli_seed_args(),
             "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "3",
             "--trainer.val_check_interval", "3",
             "--data.batch_size", "16", "--data.val_size", "8", "--model.ppo.mini_batch_size", "8",
@@ -306,7 +307,7 @@ def test_a_run_stopped_for_bad_steps_exits_3_through_the_cli(
     reward = {"class_path": "lightning_ppo.rewards.FunctionReward"}
     reward["init_args"] = {"function": "tests.reward_helpers:nan_score"}
     args = [
-        "lightning-ppo", "fit", "--config", TINY,
+        "lightning-ppo", "fit", "--config", TINY, *cli_seed_args(),
         "--trainer.limit_train_batches", "4", "--trainer.max_epochs", "1", "--trainer.limit_val_batches", "0",
         "--trainer.logger.init_args.save_dir", str(tmp_path),
         "--data.batch_size", str(BATCH), "--model.ppo.mini_batch_size", str(MINI_BATCH),

@@ -5,11 +5,12 @@ import torch
 from torch.testing import assert_close
 
 from lightning_ppo import core
+from tests.helpers import seeded
 
 
 @pytest.fixture(autouse=True)
 def _seed() -> None:
-    torch.manual_seed(0)
+    torch.manual_seed(seeded(0))
 
 
 @pytest.fixture(params=[2**24, 600, 1], ids=["one-chunk", "few-rows-per-chunk", "one-row-per-chunk"])

@@ -12,6 +12,7 @@ from lightning_ppo.cli import main
 from lightning_ppo.lora import LoraOptions, adapts_tied_output_layer, apply_lora, save_policy
 from lightning_ppo.models import freeze, load_causal_lm, response_logits
 from lightning_ppo.module import PPOModule
+from tests.helpers import cli_seed_args
 from tests.test_cli import TINY, scalars
 
 LORA_STEPS = 24
@@ -54,7 +55,7 @@ def lora_fit(tiny_assets: Path, tmp_path_factory: pytest.TempPathFactory):
     root = tmp_path_factory.mktemp("lora_fit")
     cli = main(
         [
-            "fit", "--config", TINY, "--trainer.max_epochs", "1",
+            "fit", "--config", TINY, *cli_seed_args(), "--trainer.max_epochs", "1",
             "--model.lora.r", "8", "--model.learning_rate", LORA_LR,
             "--trainer.limit_train_batches", str(LORA_STEPS), "--trainer.val_check_interval", str(LORA_STEPS),
             "--trainer.logger.init_args.save_dir", str(root),
@@ -99,7 +100,7 @@ def test_lora_checkpoint_holds_only_trainable_weights_and_loads_strictly(lora_fi
     # through the CLI: strict loading, and `test` samples the reference with the adapter off
     tested = main(
         [
-            "test", "--config", TINY, "--model.lora.r", "8", "--ckpt_path", str(path),
+            "test", "--config", TINY, *cli_seed_args(), "--model.lora.r", "8", "--ckpt_path", str(path),
             "--trainer.logger.init_args.save_dir", str(tmp_path),
         ]
     )  # fmt: skip

@@ -17,6 +17,7 @@ from lightning_ppo.module import PPOModule
 from lightning_ppo.packing import RowLengths, bucketed, pack_rows, plan_buckets, spread
 from lightning_ppo.rollout import Rollout, draw_response_lengths
 from lightning_ppo.update import TrainerHooks, ppo_epochs, ppo_loss
+from tests.helpers import seeded
 
 PROMPTS = [
     "the movie",
@@ -32,14 +33,14 @@ PROMPTS = [
 
 @pytest.fixture(scope="module")
 def module(tiny_assets: Path) -> PPOModule:
-    torch.manual_seed(0)
+    torch.manual_seed(seeded(0))
     module = PPOModule(policy="tiny:policy", reward_model="tiny:reward")
     module.sampling.response_min_length, module.sampling.response_max_length = 1, 12
     return module
 
 
 def experience_of_a_rollout(module: PPOModule, seed: int):
-    torch.manual_seed(seed)
+    torch.manual_seed(seeded(seed))
     examples = [{"input_ids": module.tokenizer(p).input_ids, "query": p} for p in PROMPTS]
     batch = collate_prompts(examples, module.tokenizer.pad_token_id)
     lengths = draw_response_lengths(len(PROMPTS), module.sampling, module.device)
@@ -111,7 +112,7 @@ def test_bucketed_forward_gives_the_padded_forwards_log_probs_and_values(module:
 
 
 def test_bucketing_wastes_under_15_percent_at_the_notebooks_lengths():
-    torch.manual_seed(3)
+    torch.manual_seed(seeded(3))
     prompts, responses = torch.randint(2, 8, (128,)), torch.randint(4, 16, (128,))  # notebook: 2-7, 4-15
     totals = prompts + responses
     padded = 128 * int(prompts.max() + responses.max())  # one forward in the rollout layout
@@ -136,7 +137,7 @@ def run_ppo_epochs(module: PPOModule, config, experience) -> tuple[list[torch.Te
         optimizer_step=optimizer_step,
         mean_over_ranks=lambda x: x,
     )
-    torch.manual_seed(4)  # the same minibatches
+    torch.manual_seed(seeded(4))  # the same minibatches
     stats = ppo_epochs(models, experience, config, hooks)
     return [p.detach().clone() for p in models.policy.parameters()], stats
 
@@ -195,7 +196,7 @@ def test_packed_no_grad_passes_equal_the_padded_ones(module: PPOModule, buckets:
 
 @pytest.mark.parametrize(("max_buckets", "max_rows"), [(4, None), (3, 5), (6, 4)])
 def test_the_number_of_forwards_depends_only_on_the_number_of_rows(max_buckets: int, max_rows: int | None):
-    generator = torch.Generator().manual_seed(max_buckets)
+    generator = torch.Generator().manual_seed(seeded(max_buckets))
     counts = set()
     for totals in [torch.full((13,), 9), torch.randint(4, 20, (13,), generator=generator), torch.arange(13)]:
         buckets = plan_buckets(totals, max_buckets, max_rows)

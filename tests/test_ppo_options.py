@@ -15,6 +15,7 @@ from lightning_ppo.models import response_logits
 from lightning_ppo.module import PPOModule
 from lightning_ppo.rollout import SamplingConfig
 from lightning_ppo.update import ppo_loss
+from tests.helpers import cli_seed_args
 from tests.test_cli import TINY, scalars
 
 
@@ -56,7 +57,8 @@ def test_temperature_divides_the_logits_of_old_ref_and_training_passes(tiny_asse
 def _fit(tmp_path: Path, steps: int, *overrides: str):
     return main(
         [
-            "fit", "--config", TINY, "--trainer.max_epochs", "1", "--trainer.limit_train_batches", str(steps),
+            "fit", "--config", TINY, *cli_seed_args(),
+            "--trainer.max_epochs", "1", "--trainer.limit_train_batches", str(steps),
             "--trainer.val_check_interval", str(steps), "--trainer.logger.init_args.save_dir", str(tmp_path),
             *overrides,
         ]

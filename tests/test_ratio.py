@@ -15,6 +15,7 @@ from lightning_ppo.data import collate_prompts
 from lightning_ppo.experience import make_experience, rollout_passes
 from lightning_ppo.module import PPOConfig, PPOModule
 from lightning_ppo.rollout import draw_response_lengths
+from tests.helpers import seeded
 
 BATCH, MINI_BATCH = 16, 8
 PROMPTS = [
@@ -26,7 +27,7 @@ PROMPTS = [
 
 def first_minibatch_logprob_gap(disable_dropout: bool) -> float:
     """Max |new - old| log-prob over the first minibatch's response tokens, right after the rollout."""
-    torch.manual_seed(0)
+    torch.manual_seed(seeded(0))
     module = PPOModule(
         policy="tiny:policy",
         reward_model="tiny:reward",

@@ -16,11 +16,12 @@ from torch.utils.tensorboard import SummaryWriter
 
 from lightning_ppo import core, report
 from lightning_ppo.errors import ConfigError
+from tests.helpers import seeded
 
 
 def paired_rewards(n: int, shift: float, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """Reference rewards with spread 2 and tuned rewards correlated with them, moved by `shift`."""
-    generator = torch.Generator().manual_seed(seed)
+    generator = torch.Generator().manual_seed(seeded(seed))
     reference = 2 * torch.randn(n, generator=generator)
     return reference, 0.7 * reference + torch.randn(n, generator=generator) + shift
 

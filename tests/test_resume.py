@@ -12,6 +12,7 @@ from torch.utils.data import Dataset
 from lightning_ppo.checkpointing import AtomicCheckpointIO
 from lightning_ppo.cli import main
 from lightning_ppo.resumable import resumable_loader
+from tests.helpers import cli_seed_args
 
 TINY = str(Path(__file__).parents[1] / "configs" / "tiny.yaml")
 OPT_STEPS_PER_PPO_STEP = 8  # 4 PPO epochs x (16 / 8) minibatches
@@ -28,7 +29,7 @@ def fit(root: Path, *args: str):
     """A tiny fit of at most 6 PPO steps of 16 prompts, checkpointing after every PPO step."""
     return main(
         [
-            "fit", "--config", TINY,
+            "fit", "--config", TINY, *cli_seed_args(),
             "--trainer.max_epochs", "1",
             "--trainer.limit_train_batches", "6",
             "--trainer.val_check_interval", "3",  # runs right after the checkpoint the resume starts from

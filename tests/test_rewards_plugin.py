@@ -9,6 +9,7 @@ import torch
 
 from lightning_ppo.cli import main
 from lightning_ppo.rewards import ClassifierReward, FunctionReward, WeightedSumReward
+from tests.helpers import cli_seed_args
 from tests.reward_helpers import WORD
 from tests.test_cli import TINY, scalars
 
@@ -52,7 +53,7 @@ def test_a_function_reward_from_yaml_rises_during_fit(tiny_assets: Path, tmp_pat
     )
     cli = main(
         [
-            "fit", "--config", TINY, "--config", str(config), "--trainer.max_epochs", "1",
+            "fit", "--config", TINY, *cli_seed_args(), "--config", str(config), "--trainer.max_epochs", "1",
             "--trainer.limit_train_batches", "16", "--trainer.val_check_interval", "16",
             "--trainer.logger.init_args.save_dir", str(tmp_path),
         ]

@@ -14,6 +14,15 @@ from lightning_ppo.rollout import (
     response_mask_from_tokens,
     sample_responses,
 )
+from tests.helpers import (
+    FALSE_ALARM,
+    assert_same_greedy_tokens,
+    chi_square_homogeneity,
+    kept_tokens,
+    normal_quantile,
+    paired_z,
+    seeded,
+)
 
 
 def naive_response_mask(response_ids: torch.Tensor, lengths: torch.Tensor, eos: int) -> torch.Tensor:
@@ -27,7 +36,7 @@ def naive_response_mask(response_ids: torch.Tensor, lengths: torch.Tensor, eos: 
 
 
 def test_response_mask_matches_loop_reference():
-    torch.manual_seed(0)
+    torch.manual_seed(seeded(0))
     eos = 3
     response_ids = torch.randint(0, 6, (64, 12))
     lengths = torch.randint(1, 13, (64,))
@@ -138,7 +147,7 @@ class PromptEchoLM(torch.nn.Module):
 
 def echo_batch(rows: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Left-padded prompts whose last token is the row number + 1, and lengths drawn in [4, 15]."""
-    generator = torch.Generator().manual_seed(seed)
+    generator = torch.Generator().manual_seed(seeded(seed))
     prompt_lengths = torch.randint(1, 5, (rows,), generator=generator)  # (b,)
     attention_mask = (torch.arange(4)[None, :] >= 4 - prompt_lengths[:, None]).long()  # (b, 4)
     input_ids = (torch.arange(rows)[:, None] + 1) * attention_mask  # (b, 4) pad = 0
@@ -185,10 +194,10 @@ def test_one_call_equals_todays_single_generate_for_the_same_seed(tiny_assets: P
     lm, tokenizer, input_ids, attention_mask = tiny_lm_and_prompts(tiny_assets, 16)
     pad, eos = tokenizer.pad_token_id, tokenizer.eos_token_id
     config = SamplingConfig(decoder="generate")
-    torch.manual_seed(3)
+    torch.manual_seed(seeded(3))
     lengths = draw_response_lengths(16, config, torch.device("cpu"))
     rollout = sample_responses(lm, input_ids, attention_mask, lengths, config, pad, eos)
-    torch.manual_seed(3)
+    torch.manual_seed(seeded(3))
     lengths = draw_response_lengths(16, config, torch.device("cpu"))
     today = GenerationConfig(
         do_sample=True, top_k=0, top_p=1.0, temperature=1.0, max_new_tokens=int(lengths.max()),
@@ -206,38 +215,46 @@ def test_one_call_equals_todays_single_generate_for_the_same_seed(tiny_assets: P
 
 
 def test_greedy_loop_equals_one_generate_call_on_a_real_model(tiny_assets: Path) -> None:
-    """Greedy decoding makes sampling deterministic: the loop must then change no token of any row."""
+    """Greedy decoding makes sampling deterministic: the loop must then change no token of any row (up to
+    near-ties)."""
     lm, tokenizer, input_ids, attention_mask = tiny_lm_and_prompts(tiny_assets, 64)
     pad, eos = tokenizer.pad_token_id, tokenizer.eos_token_id
     head = lm.get_output_embeddings()
     head.bias = torch.nn.Parameter(torch.zeros(head.out_features))
     with torch.no_grad():
         head.bias[eos] = -1e4  # greedy, the tiny model would emit EOS at once and every call stop there
-    lengths = torch.randint(4, 16, (64,), generator=torch.Generator().manual_seed(0))
+    lengths = torch.randint(4, 16, (64,), generator=torch.Generator().manual_seed(seeded(0)))
     one = sample_responses(
         lm, input_ids, attention_mask, lengths, SamplingConfig(top_k=1, decoder="generate"), pad, eos
     )
     loop = sample_responses(lm, input_ids, attention_mask, lengths, SamplingConfig(top_k=1), pad, eos)
-    assert torch.equal(loop.input_ids, one.input_ids)
-    assert torch.equal(loop.response_mask, one.response_mask)
+    assert_same_greedy_tokens(lm, one, kept_tokens(loop))  # the loop drops rows: other kernel shapes
     assert loop.decoded_positions == loop.useful_positions == one.useful_positions < one.decoded_positions
 
 
 def test_loop_sampling_keeps_lengths_and_statistics(tiny_assets: Path) -> None:
-    """Same seed: same drawn lengths; the sampled tokens' distribution matches one `generate` call's."""
-    lm, tokenizer, input_ids, attention_mask = tiny_lm_and_prompts(tiny_assets, 256)
+    """Same seed: same drawn lengths; kept lengths and the tokens at each of the first positions follow the
+    same distribution as one `generate` call's. Rows are independent draws: a paired z-test of the kept
+    lengths and a chi-square homogeneity test per position (an "ended" cell for rows already done), with a
+    false alarm of 1e-4 for the whole test (Bonferroni over its 5 assertions)."""
+    rows, positions = 4096, 4  # enough rows that a 1.3x sharper distribution fails (z ~ 7)
+    lm, tokenizer, input_ids, attention_mask = tiny_lm_and_prompts(tiny_assets, rows)
     pad, eos = tokenizer.pad_token_id, tokenizer.eos_token_id
-    counts, kept = {}, {}
+    drawn, kept, histograms = {}, {}, {}
     for decoder in ("generate", "loop"):
         config = SamplingConfig(decoder=decoder)
-        torch.manual_seed(0)
-        lengths = draw_response_lengths(256, config, torch.device("cpu"))
-        rollout = sample_responses(lm, input_ids, attention_mask, lengths, config, pad, eos)
+        torch.manual_seed(seeded(0))
+        drawn[decoder] = draw_response_lengths(rows, config, torch.device("cpu"))
+        rollout = sample_responses(lm, input_ids, attention_mask, drawn[decoder], config, pad, eos)
         kept[decoder] = rollout.response_mask.sum(-1)  # (B,)
-        assert (kept[decoder] >= 1).all() and (kept[decoder] <= lengths).all()
-        tokens = rollout.response_ids[rollout.response_mask.bool()]
-        counts[decoder] = torch.bincount(tokens, minlength=len(tokenizer)).float()
-    # mean kept length differs only through EOS cuts; the token histograms agree within sampling noise
-    assert abs(kept["generate"].mean() - kept["loop"].mean()) < 0.5
-    p, q = counts["generate"] / counts["generate"].sum(), counts["loop"] / counts["loop"].sum()
-    assert 0.5 * (p - q).abs().sum() < 0.15
+        assert (kept[decoder] >= 1).all() and (kept[decoder] <= drawn[decoder]).all()
+        ended = len(tokenizer)  # one more cell: the row has no token at this position
+        tokens = rollout.response_ids.masked_fill(rollout.response_mask == 0, ended)[:, :positions]
+        histograms[decoder] = [torch.bincount(tokens[:, t], minlength=ended + 1) for t in range(positions)]
+    assert torch.equal(drawn["generate"], drawn["loop"])
+    alpha = FALSE_ALARM / (positions + 1)
+    z = paired_z(kept["generate"] - kept["loop"])
+    assert abs(z) < normal_quantile(1 - alpha / 2), z
+    for t in range(positions):
+        p_value, dof = chi_square_homogeneity(histograms["generate"][t], histograms["loop"][t])
+        assert dof >= 10 and p_value > alpha, (t, p_value, dof)

@@ -11,6 +11,7 @@ from lightning_ppo.cli import main
 from lightning_ppo.module import PPOModule
 from lightning_ppo.rollout import Rollout
 from lightning_ppo.shaping import RunningMoments, ShapingConfig, shape_scores
+from tests.helpers import cli_seed_args, seeded
 from tests.test_cli import TINY, scalars
 
 OFF = ShapingConfig()
@@ -18,7 +19,7 @@ OFF = ShapingConfig()
 
 @pytest.mark.parametrize("sizes", [(5,), (3, 7, 1, 16), (64, 64, 2)])
 def test_running_moments_match_a_two_pass_mean_and_std_over_all_batches(sizes):
-    generator = torch.Generator().manual_seed(len(sizes))
+    generator = torch.Generator().manual_seed(seeded(len(sizes)))
     batches = [torch.randn(n, generator=generator) * 3 + 1.5 for n in sizes]
     moments = RunningMoments()
     for batch in batches:
@@ -99,7 +100,8 @@ def test_score_clip_in_a_fit_changes_the_optimised_scores_only(tiny_assets: Path
     def first_step(*overrides: str) -> dict[str, float]:
         cli = main(
             [
-                "fit", "--config", TINY, "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "1",
+                "fit", "--config", TINY, *cli_seed_args(),
+                "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "1",
                 "--trainer.limit_val_batches", "0", "--trainer.logger.init_args.save_dir", str(tmp_path),
                 *overrides,
             ]

@@ -13,6 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.helpers import cli_seed_args
+
 ROOT = Path(__file__).parents[1]
 SCRIPTS = sorted((ROOT / "slurm").glob("*.sbatch"))
 OPT_STEPS_PER_PPO_STEP = 8  # 4 PPO epochs x (16 / 8) minibatches
@@ -60,6 +62,7 @@ def job_command(run_dir: Path) -> list[str]:
     """What the batch scripts run, on the tiny config and the CPU."""
     return [
         sys.executable, "-m", "lightning_ppo", "fit", "--config", str(ROOT / "configs" / "tiny.yaml"),
+        *cli_seed_args(),
         "--trainer.max_epochs", "1",
         "--trainer.limit_train_batches", str(PPO_STEPS),
         "--trainer.limit_val_batches", "0",

@@ -14,6 +14,7 @@ from transformers import AutoModelForCausalLM, AutoModelForSequenceClassificatio
 
 from lightning_ppo import tiny
 from lightning_ppo.tiny import ensure_tiny_assets, resolve_source
+from tests.helpers import seeded
 
 
 def test_assets_load_with_auto_classes(tiny_assets: Path) -> None:
@@ -54,8 +55,11 @@ def test_reviews_follow_the_recipe(tiny_assets: Path) -> None:
 
 
 def test_reviews_are_seeded() -> None:
-    first, again = tiny.make_reviews(20, random.Random(0)), tiny.make_reviews(20, random.Random(0))
-    other = tiny.make_reviews(20, random.Random(1))
+    first, again = (
+        tiny.make_reviews(20, random.Random(seeded(0))),
+        tiny.make_reviews(20, random.Random(seeded(0))),
+    )
+    other = tiny.make_reviews(20, random.Random(seeded(1)))
     assert first == again
     assert first["text"] != other["text"]
 
@@ -148,8 +152,9 @@ def test_concurrent_callers_build_once(monkeypatch: pytest.MonkeyPatch, tmp_path
     for caller in callers:
         caller.join()
     assert len(builds) == 1
-    assert roots == [tmp_path / tiny.TINY_VERSION] * 2 and (roots[0] / "policy").is_dir()
-    assert sorted(p.name for p in tmp_path.iterdir() if p.is_dir()) == [tiny.TINY_VERSION]  # no staging left
+    assert roots == [tiny.tiny_assets_dir()] * 2 and (roots[0] / "policy").is_dir()
+    built = [p.name for p in tmp_path.iterdir() if p.is_dir()]
+    assert built == [tiny.tiny_assets_dir().name]  # no staging left
 
 
 def test_failed_build_leaves_nothing_behind(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:

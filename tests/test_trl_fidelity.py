@@ -22,6 +22,7 @@ from lightning_ppo.data import PromptDataModule
 from lightning_ppo.experience import rollout_passes
 from lightning_ppo.module import PPOConfig, PPOModule
 from lightning_ppo.rollout import Rollout, SamplingConfig, draw_response_lengths
+from tests.helpers import seeded
 
 BATCH, LR, SEED = 8, 0.05, 1234
 
@@ -33,7 +34,7 @@ class FixedStep(PPOModule):
     returned: list[dict[str, float]]
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        torch.manual_seed(SEED)  # the reference draws the same minibatch permutations
+        torch.manual_seed(seeded(SEED))  # the reference draws the same minibatch permutations
         self.returned.append(self.step(*self.fixed))
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
@@ -41,7 +42,7 @@ class FixedStep(PPOModule):
 
 
 def fixed_data(vocab_size: int) -> tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor]:
-    generator = torch.Generator().manual_seed(0)
+    generator = torch.Generator().manual_seed(seeded(0))
     query_lengths = [2, 5, 3, 7, 4, 2, 6, 3]
     response_lengths = [4, 9, 6, 15, 5, 12, 7, 10]
     queries = [torch.randint(2, vocab_size, (n,), generator=generator) for n in query_lengths]
@@ -51,7 +52,7 @@ def fixed_data(vocab_size: int) -> tuple[list[torch.Tensor], list[torch.Tensor],
 
 def run_step(root: Path, ppo: PPOConfig) -> tuple[FixedStep, dict[str, float], dict[str, Any]]:
     """One `step` in a Trainer, and the starting models, for the reference."""
-    torch.manual_seed(0)
+    torch.manual_seed(seeded(0))
     module = FixedStep(policy="tiny:policy", reward_model="tiny:reward", ppo=ppo, log_samples_every_n_steps=0)
     with torch.no_grad():  # a value head that predicts something, and a policy that moved off its reference
         module.policy.v_head.weight.normal_(0, 0.5)
@@ -164,7 +165,7 @@ def trl_step(start: dict[str, Any], data, ppo: PPOConfig) -> dict[str, Any]:
     advantages, returns = naive_advantages(old_values, rewards, mask, ppo)
 
     optimizer = torch.optim.SGD(policy.parameters(), lr=LR)
-    torch.manual_seed(SEED)
+    torch.manual_seed(seeded(SEED))
     stats: dict[str, list[float]] = {}
     steps = 0
     for _ in range(ppo.ppo_epochs):
@@ -272,7 +273,7 @@ def test_step_moves_the_policy_and_value_head_but_not_the_reference(step_and_ref
 
 @pytest.mark.parametrize("masked", [False, True])
 def test_whitened_rewards_and_gae_match_trls_loop(masked: bool) -> None:
-    torch.manual_seed(0)
+    torch.manual_seed(seeded(0))
     lengths, width = (5, 1, 8, 3), 8
     mask = padded([torch.ones(n, dtype=torch.float64) for n in lengths], width)
     values = torch.randn(len(lengths), width, dtype=torch.float64)
@@ -305,7 +306,7 @@ def tiny_prompts(module: PPOModule) -> dict[str, torch.Tensor]:
 
 
 def test_recomputed_logprobs_equal_generates_own_scores(tiny_assets: Path) -> None:
-    torch.manual_seed(0)
+    torch.manual_seed(seeded(0))
     module = PPOModule(policy="tiny:policy", reward_model="tiny:reward")
     prompts = tiny_prompts(module)
     out = module.policy.lm.generate(
@@ -327,7 +328,7 @@ def test_recomputed_logprobs_equal_generates_own_scores(tiny_assets: Path) -> No
 
 
 def test_real_rollout_lengths_stay_in_range_and_stop_at_eos(tiny_assets: Path) -> None:
-    torch.manual_seed(0)
+    torch.manual_seed(seeded(0))
     sampling = SamplingConfig(response_min_length=3, response_max_length=7)
     module = PPOModule(policy="tiny:policy", reward_model="tiny:reward", sampling=sampling)
     eos = module.tokenizer.eos_token_id

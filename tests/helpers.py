@@ -1,0 +1,133 @@
+"""Helpers shared by the tests: the suite's seed, which one environment variable changes for every draw.
+
+`LIGHTNING_PPO_TEST_SEED=N python -m pytest` shifts every seed a test uses (`seeded`), the seed of the
+CLI runs (`cli_seed_args`) and the seed the tiny assets are built with (conftest sets
+`LIGHTNING_PPO_TINY_SEED`), so a verdict that hangs on one random stream or one set of tiny weights shows.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+from torch import Tensor
+
+TEST_SEED = int(os.environ.get("LIGHTNING_PPO_TEST_SEED", "0"))
+
+
+def seeded(n: int = 0) -> int:
+    """The seed a test calls `n`, moved by the suite's seed (seed 0 keeps `n`)."""
+    return n + 1000 * TEST_SEED
+
+
+def cli_seed_args() -> list[str]:
+    """Command-line arguments that seed a CLI run with the suite's seed."""
+    return ["--seed_everything", str(seeded(0))]
+
+
+# ---------------------------------------------------------------------------------------------------
+# Statistical tests: each assertion states its false-alarm rate; thresholds come from the sample size.
+
+FALSE_ALARM = 1e-4  # the probability that a correct sampler fails one statistical assertion
+
+
+def chi_square_sf(statistic: float, dof: int) -> float:
+    """P(X >= statistic) for X ~ chi-square(dof): the regularized upper incomplete gamma Q(dof/2, x/2)."""
+    return float(torch.special.gammaincc(torch.tensor(dof / 2, dtype=torch.float64),
+                                         torch.tensor(statistic / 2, dtype=torch.float64)))  # fmt: skip
+
+
+def chi_square_goodness_of_fit(counts: Tensor, probs: Tensor, min_expected: float = 5.0) -> tuple[float, int]:
+    """Pearson's statistic of `counts` (V,) against `probs` (V,), and its p-value.
+
+    Cells expecting fewer than `min_expected` draws are pooled into one (Cochran's rule), so the
+    chi-square approximation holds.
+    """
+    counts, probs = counts.double(), probs.double() / probs.double().sum()
+    expected = probs * counts.sum()
+    big = expected >= min_expected
+    observed_cells = torch.cat([counts[big], counts[~big].sum()[None]])
+    expected_cells = torch.cat([expected[big], expected[~big].sum()[None]])
+    keep = expected_cells > 0
+    statistic = float(((observed_cells - expected_cells)[keep] ** 2 / expected_cells[keep]).sum())
+    dof = int(keep.sum()) - 1
+    return chi_square_sf(statistic, dof), dof
+
+
+def chi_square_homogeneity(a: Tensor, b: Tensor, min_expected: float = 5.0) -> tuple[float, int]:
+    """Whether two histograms (V,) come from one distribution: the 2 x V chi-square test's p-value, dof.
+
+    Rare cells (expected count below `min_expected` in either sample) are pooled into one. When each
+    sample is a sum of independent draws from row-specific distributions (rows with different prompts),
+    the pooled variance overestimates the true one, so the test only gets more conservative.
+    """
+    a, b = a.double(), b.double()
+    total = a + b
+    expected_a, expected_b = total * a.sum() / total.sum(), total * b.sum() / total.sum()
+    big = (expected_a >= min_expected) & (expected_b >= min_expected)
+    table = torch.stack([torch.cat([a[big], a[~big].sum()[None]]), torch.cat([b[big], b[~big].sum()[None]])])
+    table = table[:, table.sum(0) > 0]  # (2, cells)
+    expected = table.sum(1, keepdim=True) * table.sum(0, keepdim=True) / table.sum()
+    statistic = float(((table - expected) ** 2 / expected).sum())
+    dof = table.shape[1] - 1
+    return chi_square_sf(statistic, dof), dof
+
+
+def paired_z(differences: Tensor) -> float:
+    """The z statistic of the mean of independent paired differences (n,): mean / (sd / sqrt(n))."""
+    differences = differences.double()
+    sd = float(differences.std())
+    if sd == 0:
+        return 0.0 if float(differences.mean()) == 0 else float("inf")
+    return float(differences.mean()) / (sd / len(differences) ** 0.5)
+
+
+def normal_quantile(q: float) -> float:
+    """The standard normal quantile: P(Z <= x) = q."""
+    return float(torch.special.ndtri(torch.tensor(q, dtype=torch.float64)))
+
+
+# ---------------------------------------------------------------------------------------------------
+# Greedy decoding compared across kernel paths
+
+# Logits of the same model on two kernel paths (another batch shape, the KV cache vs a full forward,
+# another CPU) differ by float32 rounding: at most 7e-6 measured on the tiny models; a position whose
+# top-2 logit margin is below this tolerance (over 100 times that) may be decided either way.
+NEAR_TIE = 1e-3
+
+
+def kept_tokens(rollout: Any) -> list[list[int]]:
+    """Each row's kept response tokens (response_mask 1) of a rollout."""
+    kept = rollout.response_mask.sum(-1).long().tolist()
+    return [rollout.response_ids[row, :n].tolist() for row, n in enumerate(kept)]
+
+
+def assert_same_greedy_tokens(
+    lm: torch.nn.Module, rollout: Any, others: list[list[int]], min_compared: float = 0.75
+) -> None:
+    """Each row of `rollout` (greedy, rollout layout) has the kept tokens `others[row]`, up to the row's
+    first near-tie: a position whose top-2 margin (a full forward along `rollout`) is below `NEAR_TIE`,
+    after which the two paths may legitimately diverge. At least `min_compared` of the rollout's kept
+    positions must be compared, so the check cannot pass vacuously."""
+    from lightning_ppo.models import position_ids_from_mask
+
+    with torch.no_grad():
+        logits = lm(
+            input_ids=rollout.input_ids,
+            attention_mask=rollout.attention_mask,
+            position_ids=position_ids_from_mask(rollout.attention_mask),
+        ).logits[:, rollout.response_start - 1 : -1]  # (B, R, V) the logits before each response token
+    top2 = logits.float().topk(2, dim=-1).values  # (B, R, 2)
+    margins = top2[..., 0] - top2[..., 1]  # (B, R)
+    kept = rollout.response_mask.sum(-1).long().tolist()
+    compared = 0
+    for row, other in enumerate(others):
+        tokens = rollout.response_ids[row, : kept[row]].tolist()
+        near = (margins[row, : kept[row]] < NEAR_TIE).nonzero()
+        stop = int(near[0]) if len(near) else kept[row]
+        assert tokens[:stop] == other[:stop], (row, stop, tokens, other)
+        if stop == kept[row]:  # no near-tie: both paths must also stop at the same place
+            assert len(other) == kept[row], (row, tokens, other)
+        compared += stop
+    assert compared >= min_compared * sum(kept), f"only {compared} of {sum(kept)} positions compared"
