@@ -12,11 +12,11 @@ import torch
 
 from benchmarks.estimators import demo_fit_args
 from lightning_ppo.cli import main
-from tests.helpers import cli_seed_args
+from tests.helpers import assert_reward_rose, cli_seed_args
 from tests.test_cli import scalars
 
 pytestmark = pytest.mark.slow
-STEPS, PROMPTS, K = 10, 8, 4
+STEPS, PROMPTS, K = 20, 16, 4
 KL_IN = {"grpo": "loss", "rloo": "reward", "reinforce_pp": "reward"}
 
 
@@ -30,10 +30,8 @@ def fit(request: pytest.FixtureRequest, tiny_assets: Path, tmp_path_factory: pyt
 
 def test_each_estimator_raises_the_reward(fit):
     estimator, _, logged = fit
-    rewards = logged["env/reward_mean"]
-    assert len(rewards) == STEPS
-    first, last = sum(rewards[:3]) / 3, sum(rewards[-3:]) / 3
-    assert last > first + 1.0, (estimator, rewards)
+    assert len(logged["env/reward_mean"]) == STEPS
+    assert_reward_rose(logged)
 
 
 def test_critic_free_runs_hold_no_value_head(fit):

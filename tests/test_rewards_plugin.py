@@ -9,8 +9,7 @@ import torch
 
 from lightning_ppo.cli import main
 from lightning_ppo.rewards import ClassifierReward, FunctionReward, WeightedSumReward
-from tests.helpers import cli_seed_args
-from tests.reward_helpers import WORD
+from tests.helpers import assert_reward_rose, cli_seed_args
 from tests.test_cli import TINY, scalars
 
 TEXTS = ["a great great film", "a dull film"]
@@ -54,11 +53,9 @@ def test_a_function_reward_from_yaml_rises_during_fit(tiny_assets: Path, tmp_pat
     cli = main(
         [
             "fit", "--config", TINY, *cli_seed_args(), "--config", str(config), "--trainer.max_epochs", "1",
-            "--trainer.limit_train_batches", "16", "--trainer.val_check_interval", "16",
+            "--trainer.limit_train_batches", "24", "--trainer.val_check_interval", "24",
             "--trainer.logger.init_args.save_dir", str(tmp_path),
         ]
     )  # fmt: skip
     assert isinstance(cli.model.reward, FunctionReward)
-    rewards = scalars(Path(cli.trainer.log_dir))["env/reward_mean"]
-    first, last = sum(rewards[:3]) / 3, sum(rewards[-3:]) / 3
-    assert last > first + 1.0, (WORD, rewards)
+    assert_reward_rose(scalars(Path(cli.trainer.log_dir)))
