@@ -47,6 +47,16 @@ def sample(lm, input_ids, attention_mask, lengths, eos: int | None = EOS, **conf
     return sample_responses(lm, input_ids, attention_mask, lengths, SamplingConfig(**config), PAD, eos)
 
 
+def greedy_eos(rollout: Rollout) -> int:
+    """The token that, as EOS, would cut the most rows but not all: the greedy continuations of a random
+    model differ per draw of its weights, so a fixed EOS may never (or always) be emitted greedily."""
+    tail = rollout.response_ids[:, 1:]  # (B, R-1) a cut needs at least one token before EOS
+    in_rows = torch.stack([(tail == token).any(-1) for token in range(1, VOCAB)])  # (V-1, B)
+    rows = in_rows.sum(-1)  # (V-1,)
+    rows[rows == tail.shape[0]] = 0  # a token every row emits would leave no row uncut
+    return int(rows.argmax()) + 1
+
+
 def count_forward_rows(lm: torch.nn.Module) -> list[int]:
     """Rows of every forward of `lm` from now on (the hook stays: use a fresh model)."""
     rows: list[int] = []
@@ -59,7 +69,8 @@ def test_greedy_loop_equals_generate_one_prompt_at_a_time() -> None:
     """top_k=1 makes sampling greedy: every row must be `generate`'s greedy tokens for its prompt alone."""
     lm = random_lm()
     input_ids, attention_mask, lengths = prompts(32)
-    rollout = sample(lm, input_ids, attention_mask, lengths, top_k=1)
+    eos = greedy_eos(sample(lm, input_ids, attention_mask, lengths, eos=None, top_k=1))
+    rollout = sample(lm, input_ids, attention_mask, lengths, eos=eos, top_k=1)
     kept = rollout.response_mask.sum(-1).long()  # (B,)
     cut_by_eos = kept < lengths
     assert cut_by_eos.any() and (~cut_by_eos).any()  # both ways of stopping occur
@@ -67,7 +78,7 @@ def test_greedy_loop_equals_generate_one_prompt_at_a_time() -> None:
     for row in range(32):
         prompt = input_ids[row, attention_mask[row].bool()][None]  # (1, p) no padding
         greedy = GenerationConfig(do_sample=False, max_new_tokens=int(lengths[row]), pad_token_id=PAD,
-                                  eos_token_id=EOS)  # fmt: skip
+                                  eos_token_id=eos)  # fmt: skip
         alone = lm.generate(input_ids=prompt, generation_config=greedy, logits_processor=[FiniteLogits()])
         expected.append(alone[0, prompt.shape[1] :].tolist())  # stops after its EOS or at its length
     assert_same_greedy_tokens(lm, rollout, expected)  # batch and single prompt: other kernel shapes
