@@ -11,7 +11,7 @@ from tests.helpers import seeded
 
 def naive_bootstrap(differences: list[float], n_resamples: int, seed: int) -> tuple[float, float]:
     n = len(differences)
-    draws = torch.randint(n, (n_resamples, n), generator=torch.Generator().manual_seed(seeded(seed)))
+    draws = torch.randint(n, (n_resamples, n), generator=torch.Generator().manual_seed(seed))
     means = sorted(sum(differences[int(i)] for i in row) / n for row in draws)
 
     def quantile(q: float) -> float:  # linear interpolation between order statistics (numpy's default)
@@ -30,9 +30,9 @@ def test_bootstrap_matches_loop_for_small_resamples(
     monkeypatch.setattr(core, "_BOOTSTRAP_CHUNK_DRAWS", chunk_draws)  # one chunk, 7 resamples, 1 each
     torch.manual_seed(seeded(0))
     tuned, reference = torch.randn(13) + 0.3, torch.randn(13)
-    out = core.paired_bootstrap_ci(tuned, reference, n_resamples=200, seed=7)
+    out = core.paired_bootstrap_ci(tuned, reference, n_resamples=200, seed=seeded(7))
     differences = (tuned.double() - reference.double()).tolist()
-    low, high = naive_bootstrap(differences, 200, 7)
+    low, high = naive_bootstrap(differences, 200, seeded(7))
     assert out.mean == pytest.approx(sum(differences) / 13, abs=1e-12)
     assert out.low == pytest.approx(low, abs=1e-12) and out.high == pytest.approx(high, abs=1e-12)
 

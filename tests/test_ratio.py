@@ -48,7 +48,9 @@ def first_minibatch_logprob_gap(disable_dropout: bool) -> float:
     experience = make_experience(rollout, passes, rewards, module.ppo)
 
     module.train()  # as in training_step: the policy is in train mode for the PPO epochs
-    minibatch = experience.select(torch.randperm(BATCH)[:MINI_BATCH])
+    longest = int(rollout.attention_mask.sum(-1).argmax())
+    rows = torch.tensor([row for row in torch.randperm(BATCH).tolist() if row != longest][:MINI_BATCH])
+    minibatch = experience.select(rows)  # without the longest row: re-padded to a narrower layout
     logits, _ = module.policy(minibatch.input_ids, minibatch.attention_mask, minibatch.response_start)
     new_logprobs = logprobs_from_logits(logits, minibatch.response_ids) * minibatch.response_mask
     assert minibatch.input_ids.shape[1] < experience.input_ids.shape[1]  # re-padded: not the same tensor
