@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import math
 import os
+from pathlib import Path
 from typing import Any
 
 import torch
+from lightning.pytorch import Callback
 from torch import Tensor
 
 TEST_SEED = int(os.environ.get("LIGHTNING_PPO_TEST_SEED", "0"))
@@ -174,3 +176,13 @@ def assert_reward_rose(logged: dict[str, list[float]]) -> None:
     t, threshold = reward_trend(logged)
     assert t > threshold, (t, threshold, logged["env/reward_mean"])
 
+
+class MarkTrainBatchEnd(Callback):
+    """Touches `path` after each training batch: a run in a subprocess has then installed its signal
+    handlers and finished a step, which a test waits for instead of a sleep that suits one machine."""
+
+    def __init__(self, path: str) -> None:
+        self.path = Path(path)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.path.touch()

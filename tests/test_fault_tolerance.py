@@ -39,7 +39,11 @@ def fit_command(save_dir: Path, *args: str) -> list[str]:
 
 def start(command: list[str], log: Path) -> subprocess.Popen:
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    return subprocess.Popen(command, cwd=log.parent, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT)
+    # a shell's background job inherits SIGINT ignored; the run must see Ctrl-C as a terminal sends it
+    return subprocess.Popen(
+        command, cwd=log.parent, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )  # fmt: skip
 
 
 def wait_for(path: Path, process: subprocess.Popen, timeout: float = 120) -> None:
@@ -92,15 +96,16 @@ def test_ctrl_c_finishes_the_step_and_saves_a_last_checkpoint_that_resumes(tiny_
     version = tmp_path / "runs" / "tiny" / "version_0"
     # no periodic checkpoints (the last.ckpt found after Ctrl-C is the interrupt's own), a longer run
     steps = 24
+    stepped = tmp_path / "stepped"
     command = fit_command(
         tmp_path / "runs",
         "--trainer.callbacks.init_args.every_n_train_steps", "1000",
         "--trainer.max_epochs", "1",
         "--trainer.limit_train_batches", str(steps),
+        "--trainer.callbacks+=tests.helpers.MarkTrainBatchEnd", "--trainer.callbacks.path", str(stepped),
     )  # fmt: skip
     run = start(command, tmp_path / "interrupted.log")
-    wait_for(version / "hparams.yaml", run)  # written when training starts
-    time.sleep(0.5)
+    wait_for(stepped, run)  # a PPO step has ended: Ctrl-C is now held until the next one ends
     assert run.poll() is None, "the run finished before it could be interrupted"
     run.send_signal(signal.SIGINT)
     run.wait(timeout=120)  # Lightning's graceful KeyboardInterrupt shutdown exits with 1
