@@ -31,6 +31,9 @@ MID_EPOCH = 2 * OPT_STEPS_PER_PPO_STEP  # the checkpoint the resume starts from:
 COMPARED = ("env/reward_mean", "objective/kl", "objective/kl_coef", "ppo/loss/total", "ppo/loss/policy")
 
 pytestmark = [pytest.mark.slow, pytest.mark.deepspeed]
+pytest.importorskip(
+    "deepspeed", reason='DeepSpeed is not installed: bash scripts/install.sh, or pip install ".[deepspeed]"'
+)
 
 
 def strategy(stage: int) -> str:
