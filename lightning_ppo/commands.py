@@ -39,6 +39,10 @@ class PPOCLI(LightningCLI):
         """Build the data module once before the model: its checks are cheap, the model loads weights."""
         config = self.config[self.subcommand] if self.subcommand else self.config
         PromptDataModule(**config.data.as_dict())
+        if config.trainer.get("enable_progress_bar") is False:  # Lightning refuses a bar callback then
+            self.trainer_defaults["callbacks"] = [
+                c for c in self.trainer_defaults["callbacks"] if not isinstance(c, PPOProgressBar)
+            ]
 
 
 def build_cli(args: list[str] | None, prog: str) -> PPOCLI:

@@ -152,6 +152,21 @@ def test_predict_writes_json_lines(fitted, tmp_path: Path):
     assert all(r["response"] and isinstance(r["reward"], float) for r in rows)
 
 
+def test_progress_bars_can_be_turned_off(fitted, tmp_path: Path):
+    _, log_dir = fitted
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("the movie was\n")
+    cli = run_cli(
+        "predict",
+        "--config", TINY, *cli_seed_args(),
+        "--ckpt_path", str(log_dir / "checkpoints" / "last.ckpt"),
+        "--data.predict_file", str(prompts), "--trainer.enable_progress_bar", "false",
+        "--trainer.logger.init_args.save_dir", str(tmp_path),
+    )  # fmt: skip
+    assert cli.trainer.progress_bar_callback is None
+    assert (Path(cli.trainer.log_dir) / "predictions.jsonl").read_text()
+
+
 @pytest.mark.parametrize("config", CONFIGS, ids=[c.name for c in CONFIGS])
 def test_every_shipped_config_parses(config: Path, capsys: pytest.CaptureFixture[str]):
     with pytest.raises(SystemExit) as exit_info:
