@@ -48,9 +48,12 @@ def first_minibatch_logprob_gap(disable_dropout: bool) -> float:
     experience = make_experience(rollout, passes, rewards, module.ppo)
 
     module.train()  # as in training_step: the policy is in train mode for the PPO epochs
-    longest = int(rollout.attention_mask.sum(-1).argmax())
-    rows = torch.tensor([row for row in torch.randperm(BATCH).tolist() if row != longest][:MINI_BATCH])
-    minibatch = experience.select(rows)  # without the longest row: re-padded to a narrower layout
+    prompt_lengths = batch["attention_mask"].sum(-1)  # (B,)
+    response_lengths = rollout.response_mask.sum(-1)  # (B,)
+    widest = (prompt_lengths == prompt_lengths.max()) | (response_lengths == response_lengths.max())
+    rows = torch.tensor([row for row in torch.randperm(BATCH).tolist() if not widest[row]][:MINI_BATCH])
+    assert len(rows) == MINI_BATCH, "too few rows are narrower than the batch"
+    minibatch = experience.select(rows)  # without the widest rows: re-padded to a narrower layout
     logits, _ = module.policy(minibatch.input_ids, minibatch.attention_mask, minibatch.response_start)
     new_logprobs = logprobs_from_logits(logits, minibatch.response_ids) * minibatch.response_mask
     assert minibatch.input_ids.shape[1] < experience.input_ids.shape[1]  # re-padded: not the same tensor
