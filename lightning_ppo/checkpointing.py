@@ -25,6 +25,10 @@ from lightning.pytorch.utilities import rank_zero_info
 from lightning_ppo.compat import cluster_environment
 from lightning_ppo.errors import ConfigError
 
+# A fit stopped by SIGTERM (scancel, a preempting scheduler, Kubernetes, `docker stop`) exits with the
+# shell's code for death by that signal, after saving `last.ckpt`: not 0, which would report success.
+TERMINATED_EXIT_CODE = 128 + signal.SIGTERM
+
 # The layout of what `PPOModule` adds to a checkpoint. 1: before lightning-ppo 0.2 (no version key);
 # 2: the same keys, now versioned. A checkpoint of a later layout is refused with its version named.
 CHECKPOINT_VERSION = 2
@@ -90,9 +94,11 @@ class FaultTolerance(Callback):
 
     - Validation runs on a side RNG stream: the training stream is put back after it, so a resumed run
       (which may skip or repeat a validation) draws the same numbers as an uninterrupted one.
-    - SLURM's requeue signal (SIGUSR1) and Ctrl-C (SIGINT) arriving mid-step are held until the step ends:
-      then Lightning's requeue handler saves `hpc_ckpt_N.ckpt` and requeues, or `last.ckpt` is saved and
-      Lightning's graceful KeyboardInterrupt shutdown follows. A second Ctrl-C interrupts at once.
+    - SLURM's requeue signal (SIGUSR1), Ctrl-C (SIGINT) and SIGTERM arriving mid-step are held until the
+      step ends: then Lightning's requeue handler saves `hpc_ckpt_N.ckpt` and requeues; or `last.ckpt` is
+      saved and Lightning's graceful KeyboardInterrupt shutdown follows (exit 1), or the fit exits with
+      `TERMINATED_EXIT_CODE`. A second Ctrl-C or SIGTERM interrupts at once (checkpoint files are atomic).
+      Under SLURM auto-requeue, SIGTERM stays Lightning's (it follows the requeue signal).
     - A fit always ends with an up-to-date `last.ckpt` (ModelCheckpoint keeps an older one when the run
       does not end on its `every_n_train_steps`).
     """
@@ -102,6 +108,7 @@ class FaultTolerance(Callback):
         self._rng_before_validation: dict[str, Any] | None = None
         self._held_handlers: dict[int, Any] = {}
         self._pending: set[int] = set()
+        self._launcher: Any = None
         self._last_saved_step = -1
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
@@ -143,19 +150,29 @@ class FaultTolerance(Callback):
     # Signals held until the PPO step ends
 
     def _hold_signals(self, trainer: Trainer) -> None:
+        self._launcher = trainer.strategy.launcher if hasattr(trainer.strategy.launcher, "kill") else None
         if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
             self._held_handlers[signal.SIGINT] = signal.default_int_handler
         environment = cluster_environment(trainer)
         if isinstance(environment, SLURMEnvironment) and environment.auto_requeue:
             requeue = environment.requeue_signal
             self._held_handlers[requeue] = signal.getsignal(requeue)  # Lightning's save-and-requeue
+        else:
+            self._held_handlers[signal.SIGTERM] = signal.getsignal(signal.SIGTERM)  # restored at teardown
         for signum in self._held_handlers:
             signal.signal(signum, self._hold)
 
     def _hold(self, signum: int, frame: FrameType | None) -> None:
         if signum == signal.SIGINT and signum in self._pending:
             self._held_handlers[signum](signum, frame)  # second Ctrl-C: KeyboardInterrupt now
-        rank_zero_info(f"Received signal {signum}: acting on it when this PPO step ends.")
+        if signum == signal.SIGTERM and signum in self._pending:
+            if self._launcher is not None:  # processes it started would wait for this one forever
+                self._launcher.kill(signal.SIGKILL)
+            raise SystemExit(TERMINATED_EXIT_CODE)
+        rank_zero_info(
+            f"Received {signal.Signals(signum).name}: stopping when this PPO step ends and its checkpoint "
+            "is saved (send it again to stop at once)."
+        )
         self._pending.add(signum)
 
     def on_train_batch_end(
@@ -170,6 +187,10 @@ class FaultTolerance(Callback):
                 # not `should_stop`: that ends the epoch, and a checkpoint of it would skip the rest
                 self._save_last(trainer)
                 raise KeyboardInterrupt
+            if signum == signal.SIGTERM:
+                self._save_last(trainer)
+                rank_zero_info(f"Saved the checkpoint after SIGTERM; exiting with {TERMINATED_EXIT_CODE}.")
+                raise SystemExit(TERMINATED_EXIT_CODE)
             else:
                 self._held_handlers[signum](signum, None)
 

@@ -2,8 +2,9 @@
 
 `python -m lightning_ppo --help` lists the commands without importing torch or Lightning, so it answers at
 once; `python -m lightning_ppo fit --help` shows every `model.*`/`data.*`/`trainer.*` key through
-LightningCLI (`commands.py`). Exit codes: 0 done, 2 a configuration mistake (one paragraph, no
-traceback), 3 a fit stopped after too many bad (NaN/inf) steps in a row, with its checkpoint saved.
+LightningCLI (`commands.py`). Exit codes: 0 done, 1 stopped by Ctrl-C (after saving `last.ckpt`), 2 a
+configuration mistake (one paragraph, no traceback), 3 a fit stopped after too many bad (NaN/inf) steps in a
+row, with its checkpoint saved, 143 stopped by SIGTERM (after saving `last.ckpt` in a fit).
 """
 
 from __future__ import annotations
@@ -76,9 +77,15 @@ class _DropTips(logging.Filter):
 def main(args: list[str] | None = None) -> PPOCLI:
     """Run a LightningCLI command on `args` (default: the process's arguments), libraries quieted."""
     quiet_libraries()  # before the libraries it quiets are imported by the CLI's modules
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+    from lightning_ppo.checkpointing import TERMINATED_EXIT_CODE
     from lightning_ppo.commands import build_cli
 
-    return build_cli(args, prog=PROG)
+    try:
+        return build_cli(args, prog=PROG)
+    except SIGTERMException:  # Lightning's own SIGTERM stop (before training, or in validate/test/predict)
+        raise SystemExit(TERMINATED_EXIT_CODE) from None
 
 
 def run(args: list[str] | None = None) -> None:

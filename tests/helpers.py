@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -186,3 +187,18 @@ class MarkTrainBatchEnd(Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         self.path.touch()
+
+
+class PauseAtTrainBatchEnd(Callback):
+    """At the end of training batch `batch_idx`, touches `path` and waits until `release` exists: a test can
+    then signal a run in a subprocess that is certainly inside a PPO step (this callback runs before the
+    model's own, which act on held signals)."""
+
+    def __init__(self, path: str, release: str, batch_idx: int = 0) -> None:
+        self.path, self.release, self.batch_idx = Path(path), Path(release), batch_idx
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if batch_idx == self.batch_idx:
+            self.path.touch()
+            while not self.release.exists():
+                time.sleep(0.01)

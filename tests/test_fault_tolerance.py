@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from lightning_ppo.checkpointing import AtomicCheckpointIO
+from lightning_ppo.checkpointing import TERMINATED_EXIT_CODE, AtomicCheckpointIO
 from tests.helpers import cli_seed_args
 
 ROOT = Path(__file__).parents[1]
@@ -118,3 +118,56 @@ def test_ctrl_c_finishes_the_step_and_saves_a_last_checkpoint_that_resumes(tiny_
     assert resumed.wait(timeout=300) == 0, (tmp_path / "resumed.log").read_text()[-3000:]
     assert global_step(last) == steps * OPT_STEPS_PER_PPO_STEP  # the rest of the epoch was trained
     assert sorted(p.name for p in last.parent.iterdir()) == ["last.ckpt"]
+
+
+@pytest.mark.slow
+def test_sigterm_finishes_the_step_saves_a_last_checkpoint_and_exits_143(tiny_assets: Path, tmp_path: Path):
+    version = tmp_path / "runs" / "tiny" / "version_0"
+    steps = 24
+    stepped = tmp_path / "stepped"
+    command = fit_command(
+        tmp_path / "runs",
+        "--trainer.callbacks.init_args.every_n_train_steps", "1000",
+        "--trainer.limit_train_batches", str(steps),
+        "--trainer.callbacks+=tests.helpers.MarkTrainBatchEnd", "--trainer.callbacks.path", str(stepped),
+    )  # fmt: skip
+    log = tmp_path / "terminated.log"
+    run = start(command, log)
+    wait_for(stepped, run)
+    assert run.poll() is None, "the run finished before it could be terminated"
+    run.send_signal(signal.SIGTERM)  # what scancel, Kubernetes and `docker stop` send
+    assert run.wait(timeout=120) == TERMINATED_EXIT_CODE == 143, log.read_text()[-3000:]
+    assert "Saved the checkpoint after SIGTERM" in log.read_text()
+    assert not (version / "export").exists()  # a stopped fit is not a finished one
+
+    last = version / "checkpoints" / "last.ckpt"
+    steps_done = global_step(last)
+    assert 0 < steps_done < steps * OPT_STEPS_PER_PPO_STEP and steps_done % OPT_STEPS_PER_PPO_STEP == 0
+    resumed = start([*command, "--ckpt_path", "last"], tmp_path / "resumed.log")
+    assert resumed.wait(timeout=300) == 0, (tmp_path / "resumed.log").read_text()[-3000:]
+    assert global_step(last) == steps * OPT_STEPS_PER_PPO_STEP
+    assert (version / "export").is_dir()
+
+
+@pytest.mark.slow
+def test_a_second_sigterm_exits_at_once_and_keeps_the_last_checkpoint(tiny_assets: Path, tmp_path: Path):
+    paused, release = tmp_path / "paused", tmp_path / "release"
+    command = fit_command(
+        tmp_path / "runs",
+        "--trainer.callbacks+=tests.helpers.PauseAtTrainBatchEnd", "--trainer.callbacks.path", str(paused),
+        "--trainer.callbacks.release", str(release), "--trainer.callbacks.batch_idx", "1",
+    )  # fmt: skip
+    log = tmp_path / "terminated.log"
+    run = start(command, log)
+    wait_for(paused, run)  # inside the second PPO step; the first one's checkpoint is written
+    run.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + 60
+    while "Received SIGTERM" not in log.read_text():  # the first one is held ...
+        assert run.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
+        time.sleep(0.05)
+    run.send_signal(signal.SIGTERM)  # ... the second one is not: the step never ends
+    assert run.wait(timeout=60) == TERMINATED_EXIT_CODE, log.read_text()[-3000:]
+    assert "Saved the checkpoint after SIGTERM" not in log.read_text()
+    last = tmp_path / "runs" / "tiny" / "version_0" / "checkpoints" / "last.ckpt"
+    assert global_step(last) == OPT_STEPS_PER_PPO_STEP  # the first step's checkpoint, intact
+    assert not [p for p in last.parent.iterdir() if p.name.endswith(".tmp")]
