@@ -10,14 +10,17 @@ import argparse
 import sys
 import warnings
 from pathlib import Path
-from typing import NoReturn
+from typing import Any, NoReturn
 
+from lightning.pytorch import LightningModule
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from lightning_ppo.data import PromptDataModule
 from lightning_ppo.export import ExportOnFitEnd, checkpoint_source, export_policy
 from lightning_ppo.module import PPOModule
 from lightning_ppo.progress_bar import PPOProgressBar
+from lightning_ppo.run_folder import acquire, release, remove_temporary_checkpoints
 
 
 class OneParagraphParser(LightningArgumentParser):
@@ -43,6 +46,21 @@ class PPOCLI(LightningCLI):
             self.trainer_defaults["callbacks"] = [
                 c for c in self.trainer_defaults["callbacks"] if not isinstance(c, PPOProgressBar)
             ]
+
+    def fit(self, model: LightningModule, **kwargs: Any) -> None:
+        """`trainer.fit`, holding the run folder's lock (rank 0): one live fit per folder."""
+        if not self.trainer.is_global_zero:
+            self.trainer.fit(model, **kwargs)
+            return
+        folder = Path(self.trainer.log_dir or self.trainer.default_root_dir)
+        lock = acquire(folder)
+        try:
+            checkpoint = self.trainer.checkpoint_callback
+            dirpath = checkpoint.dirpath if isinstance(checkpoint, ModelCheckpoint) else None
+            remove_temporary_checkpoints(dirpath or folder / "checkpoints")
+            self.trainer.fit(model, **kwargs)
+        finally:
+            release(lock)
 
 
 def build_cli(args: list[str] | None, prog: str) -> PPOCLI:
