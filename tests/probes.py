@@ -19,6 +19,7 @@ from torch.utils.data import DistributedSampler
 
 import lightning_ppo.module as module_file
 from lightning_ppo import update
+from lightning_ppo.compat import cluster_environment
 from lightning_ppo.core import logprobs_from_logits
 
 
@@ -52,6 +53,8 @@ class RankProbe(Callback):
         self.record["start_hash"] = weights_hash(pl_module.policy)
         self.record["num_threads"] = torch.get_num_threads()
         self.record["world_size"] = trainer.world_size
+        self.record["global_rank"] = trainer.global_rank
+        self.record["cluster_environment"] = type(cluster_environment(trainer)).__name__
         if isinstance(trainer.model, DistributedDataParallel):
             trainer.model.register_comm_hook(None, self._counting_allreduce)
         score, ppo_loss = module_file.score_rollout, update.ppo_loss
