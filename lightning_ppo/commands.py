@@ -12,6 +12,7 @@ import warnings
 from pathlib import Path
 from typing import Any, NoReturn
 
+from jsonargparse import Namespace
 from lightning.pytorch import LightningModule
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
@@ -19,6 +20,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning_ppo.data import PromptDataModule
 from lightning_ppo.export import ExportOnFitEnd, checkpoint_source, export_policy
 from lightning_ppo.module import PPOModule
+from lightning_ppo.parallel import cpu_deepspeed_config, on_cpu
 from lightning_ppo.progress_bar import PPOProgressBar
 from lightning_ppo.run_folder import acquire, release, remove_temporary_checkpoints
 
@@ -42,6 +44,17 @@ class PPOCLI(LightningCLI):
         """Build the data module once before the model: its checks are cheap, the model loads weights."""
         config = self.config[self.subcommand] if self.subcommand else self.config
         PromptDataModule(**config.data.as_dict())
+        strategy = cpu_deepspeed_config(config.trainer.get("strategy"))
+        if strategy is not None and on_cpu(config.trainer.get("accelerator")):
+            # Lightning's DeepSpeedStrategy is CUDA-only; every rank prints this note (a rank is unknown yet)
+            print(
+                f"lightning-ppo: trainer.strategy {_describe(config.trainer.strategy)} on CPU processes "
+                f"runs as {strategy['class_path']} {strategy['init_args'] or ''}".rstrip(),
+                file=sys.stderr,
+            )
+            config.trainer.strategy = Namespace(
+                class_path=strategy["class_path"], init_args=Namespace(**strategy["init_args"])
+            )
         if config.trainer.get("enable_progress_bar") is False:  # Lightning refuses a bar callback then
             self.trainer_defaults["callbacks"] = [
                 c for c in self.trainer_defaults["callbacks"] if not isinstance(c, PPOProgressBar)
@@ -61,6 +74,10 @@ class PPOCLI(LightningCLI):
             self.trainer.fit(model, **kwargs)
         finally:
             release(lock)
+
+
+def _describe(strategy: object) -> str:
+    return strategy if isinstance(strategy, str) else str(getattr(strategy, "class_path", strategy))
 
 
 def build_cli(args: list[str] | None, prog: str) -> PPOCLI:

@@ -64,6 +64,41 @@ class CPUDeepSpeedStrategy(PPODeepSpeedStrategy):
         super(DeepSpeedStrategy, self).setup_environment()  # DDPStrategy's: DeepSpeedStrategy's is CUDA-only
 
 
+CPU_DEEPSPEED = "lightning_ppo.parallel.CPUDeepSpeedStrategy"
+LIGHTNING_DEEPSPEED = ("lightning.pytorch.strategies.DeepSpeedStrategy", "DeepSpeedStrategy")
+
+
+def on_cpu(accelerator: Any) -> bool:
+    """Whether a `trainer.accelerator` config value means CPU processes ("auto" does without CUDA)."""
+    if isinstance(accelerator, str):
+        return accelerator == "cpu" or (accelerator == "auto" and not torch.cuda.is_available())
+    return "CPUAccelerator" in str(getattr(accelerator, "class_path", type(accelerator).__name__))
+
+
+def cpu_deepspeed_config(strategy: Any) -> dict[str, Any] | None:
+    """For Lightning's DeepSpeed names (`deepspeed`, `deepspeed_stage_3`, ..., or its `DeepSpeedStrategy`
+    class path), the same strategy as `CPUDeepSpeedStrategy`: {"class_path", "init_args"}; else None.
+
+    Lightning's `DeepSpeedStrategy` refuses accelerators other than CUDA; the caller applies this only
+    when the accelerator is the CPU.
+    """
+    if isinstance(strategy, str):
+        from lightning.pytorch.strategies import StrategyRegistry
+
+        # not `StrategyRegistry.get`: it builds the strategy
+        if strategy not in StrategyRegistry.available_strategies():
+            return None
+        entry = StrategyRegistry[strategy]
+        if entry["strategy"] is not DeepSpeedStrategy:
+            return None
+        return {"class_path": CPU_DEEPSPEED, "init_args": dict(entry["init_params"])}
+    class_path = getattr(strategy, "class_path", None)
+    if class_path in LIGHTNING_DEEPSPEED:
+        init_args = getattr(strategy, "init_args", None)
+        return {"class_path": CPU_DEEPSPEED, "init_args": dict(vars(init_args)) if init_args else {}}
+    return None
+
+
 def _skip_shared_memory_comm_build() -> None:
     """Keep DeepSpeed's comm backend from JIT-compiling its shared-memory op (about 150 s of g++ on 2 cores).
 

@@ -152,3 +152,71 @@ def test_the_export_command_consolidates_a_checkpoint_folder(runs, tmp_path: Pat
     assert exported.keys() == expected.keys()
     for name, weight in expected.items():
         torch.testing.assert_close(exported[name], weight, rtol=0, atol=0, msg=name)
+
+
+# Lightning's own names for DeepSpeed on CPU processes: mapped to CPUDeepSpeedStrategy with a one-line note.
+# Each name: a 1-step fit with its end-of-fit export (stage 3 names on 2 ranks). `deepspeed_stage_3` also
+# runs `test` from its ZeRO-3 folder (DeepSpeed #7272 without PPODeepSpeedStrategy); the class-path form
+# maps to the same strategy, and stage 2's `test` takes DeepSpeed's own loading path either way.
+LIGHTNING_NAMES = {
+    "deepspeed": (["--trainer.strategy", "deepspeed"], 2),
+    "deepspeed_stage_2": (["--trainer.strategy", "deepspeed_stage_2"], 2),
+    "deepspeed_stage_3": (["--trainer.strategy", "deepspeed_stage_3"], 3),
+    "DeepSpeedStrategy-stage-3": (
+        [
+            "--trainer.strategy",
+            "lightning.pytorch.strategies.DeepSpeedStrategy",
+            "--trainer.strategy.stage",
+            "3",
+        ],
+        3,
+    ),
+}
+
+
+def run_named(verb: str, name_args: list[str], work: Path, devices: int, *args: str) -> str:
+    """`python -m lightning_ppo VERB` with one of Lightning's DeepSpeed names on CPU; returns its stderr."""
+    command = [
+        sys.executable, "-m", "lightning_ppo", verb, "--config", TINY, *cli_seed_args(),
+        "--trainer.accelerator", "cpu", "--trainer.devices", str(devices), *name_args,
+        "--data.batch_size", "4", "--data.val_size", "4", "--data.test_size", "4",
+        "--model.ppo.mini_batch_size", "4", "--model.ppo.ppo_epochs", "1",
+        "--model.log_samples_every_n_steps", "0", "--trainer.logger.init_args.save_dir", verb,
+        *args,
+    ]  # fmt: skip
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests")]),
+        "OMP_NUM_THREADS": "1",
+    }
+    result = subprocess.run(command, cwd=work, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-4000:]
+    return result.stdout + result.stderr
+
+
+@pytest.mark.parametrize("name", list(LIGHTNING_NAMES))
+def test_lightnings_deepspeed_names_run_on_cpu_processes(name: str, tiny_assets: Path, tmp_path: Path):
+    name_args, stage = LIGHTNING_NAMES[name]
+    devices = 2 if stage == 3 else 1  # ZeRO-3's collectives (gather, synced generation) on 2 ranks
+    output = run_named(
+        "fit", name_args, tmp_path, devices,
+        "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "1", "--trainer.limit_val_batches", "0",
+    )  # fmt: skip
+    assert "CPUDeepSpeedStrategy" in output  # the note says what the name became
+    run = tmp_path / "fit" / "tiny" / "version_0"
+    last = run / "checkpoints" / "last.ckpt"
+    assert last.is_dir()  # a DeepSpeed checkpoint folder
+    shards = list((last / "checkpoint").glob("*model_states.pt"))
+    assert len(shards) == (devices if stage == 3 else 1)
+    exported = policy_weights(run / "export")
+    if name == "deepspeed_stage_3":
+        probe = {
+            "class_path": "zero_probe.TestWeightsProbe",
+            "init_args": {"out_file": str(tmp_path / "t.pt")},
+        }
+        run_named("test", name_args, tmp_path, devices, "--ckpt_path", str(last),
+                  f"--trainer.callbacks+={json.dumps(probe)}")  # fmt: skip
+        tested = torch.load(tmp_path / "t.pt")
+        assert tested.keys() == exported.keys()
+        for weight_name, weight in exported.items():
+            torch.testing.assert_close(tested[weight_name], weight, rtol=0, atol=0, msg=weight_name)
