@@ -40,8 +40,17 @@ class PPOCLI(LightningCLI):
         # prompts are tokenised with the policy's tokenizer
         parser.link_arguments("model.policy", "data.tokenizer")
 
+    def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
+        super().parse_arguments(parser, args)
+        # LightningCLI next parses a --ckpt_path file's saved hyper-parameters over model.*; this run's own
+        # settings are kept instead, and PPOModule.on_load_checkpoint honours or refuses each change
+        # (lightning_ppo.resume)
+        self.requested_config = self.config.clone()
+
     def before_instantiate_classes(self) -> None:
         """Build the data module once before the model: its checks are cheap, the model loads weights."""
+        if self.subcommand:  # the settings as requested, not the checkpoint's (see parse_arguments)
+            self.config[self.subcommand] = self.requested_config[self.subcommand]
         config = self.config[self.subcommand] if self.subcommand else self.config
         PromptDataModule(**config.data.as_dict())
         strategy = cpu_deepspeed_config(config.trainer.get("strategy"))

@@ -57,6 +57,7 @@ from lightning_ppo.parallel import (
     no_backward_sync,
 )
 from lightning_ppo.report import compare_rewards, log_training_histograms
+from lightning_ppo.resume import Change, resume_changes
 from lightning_ppo.rewards import ClassifierReward, RewardModel, score_rollout
 from lightning_ppo.rollout import (
     Rollout,
@@ -202,12 +203,16 @@ class PPOModule(LightningModule):
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         """One Adam (DeepSpeed takes one optimizer): the policy's trainable weights, then the critic's."""
-        lr = self.hparams.learning_rate
-        groups = [{"params": [p for p in self.policy.parameters() if p.requires_grad], "lr": lr}]
+        lrs = self._learning_rates()
+        groups = [{"params": [p for p in self.policy.parameters() if p.requires_grad], "lr": lrs[0]}]
         if self.critic is not None:
-            critic_lr = self.hparams.critic_learning_rate or lr
-            groups.append({"params": list(self.critic.parameters()), "lr": critic_lr})
-        return torch.optim.Adam(groups, lr=lr)
+            groups.append({"params": list(self.critic.parameters()), "lr": lrs[1]})
+        return torch.optim.Adam(groups, lr=lrs[0])
+
+    def _learning_rates(self) -> list[float]:
+        """The learning rate of each parameter group: the policy's, then the critic's if there is one."""
+        lr = self.hparams.learning_rate
+        return [lr] if self.critic is None else [lr, self.hparams.critic_learning_rate or lr]
 
     def setup(self, stage: str) -> None:
         datamodule = getattr(self.trainer, "datamodule", None)
@@ -244,6 +249,10 @@ class PPOModule(LightningModule):
             torch.manual_seed(torch.initial_seed() + self.trainer.global_rank)
 
     def on_train_start(self) -> None:
+        # a resumed fit: Lightning has just restored the checkpoint's optimizer state, learning rates
+        # included; this run's learning rates apply (lightning_ppo.resume)
+        for group, lr in zip(self.optimizers().param_groups, self._learning_rates(), strict=True):
+            group["lr"] = lr
         self._clock.restart()
 
     def on_validation_start(self) -> None:
@@ -286,13 +295,33 @@ class PPOModule(LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         check_checkpoint_version(checkpoint.get("lightning_ppo_version", 1))
+        changes = self._check_resumed_settings(checkpoint)  # before the weights: a refusal, not a shape error
         frozen = self._frozen_state_keys()
         if "state_dict" in checkpoint:  # a DeepSpeed client state has none: the engine restores the weights
             checkpoint["state_dict"].update({k: v for k, v in self.state_dict().items() if k in frozen})
         if "kl_controller" in checkpoint:
             self.kl_ctl.load_state_dict(checkpoint["kl_controller"])
+        if "model.ppo.init_kl_coef" in {change.key for change in changes}:
+            self.kl_ctl.value = self.ppo.init_kl_coef  # a new coefficient to start from, adaptive or fixed
         if "score_moments" in checkpoint:
             self.score_moments.load_state_dict(checkpoint["score_moments"])
+
+    def _check_resumed_settings(self, checkpoint: dict[str, Any]) -> list[Change]:
+        """Compare this run's settings with the checkpoint's (`lightning_ppo.resume`): refuse the ones that
+        cannot change, and print (rank 0) the ones that take effect. A fit compares the data's too."""
+        saved = checkpoint.get("hyper_parameters")
+        if not saved:
+            return []
+        trainer = self._trainer
+        command = str(trainer.state.fn.value) if trainer is not None and trainer.state.fn else "fit"
+        datamodule = getattr(trainer, "datamodule", None) if command == "fit" else None
+        saved_data = checkpoint.get("datamodule_hyper_parameters") if datamodule is not None else None
+        data = datamodule.hparams if saved_data is not None else None
+        changes = resume_changes(saved, self.hparams, saved_data, data, command)
+        if trainer is None or trainer.is_global_zero:
+            for change in changes:
+                print(f"lightning-ppo: changed since the checkpoint, in effect: {change.describe()}")
+        return changes
 
     def _frozen_state_keys(self) -> set[str]:
         """Frozen weights of the registered models: a LoRA policy's base (tied names included).

@@ -1,12 +1,16 @@
-"""Resuming with other settings: which changes take effect and which are refused, naming each."""
+"""Resuming with other settings: safe changes take effect and are printed, the others exit 2 naming them."""
 
 from __future__ import annotations
 
 import inspect
 from dataclasses import fields
+from pathlib import Path
 
 import pytest
+import torch
+import yaml
 
+from lightning_ppo import cli
 from lightning_ppo.config import PPOConfig
 from lightning_ppo.data import PromptDataModule
 from lightning_ppo.errors import ConfigError
@@ -15,7 +19,9 @@ from lightning_ppo.module import PPOModule
 from lightning_ppo.resume import IGNORED, REFUSED, SAFE, compare_settings, resume_changes
 from lightning_ppo.rollout import SamplingConfig
 from lightning_ppo.shaping import ShapingConfig
+from tests.helpers import cli_seed_args
 
+TINY = str(Path(__file__).parents[1] / "configs" / "tiny.yaml")
 SECTIONS = {"ppo": PPOConfig, "sampling": SamplingConfig, "shaping": ShapingConfig, "lora": LoraOptions}
 
 # ------------------------------------------------------------------------------------------------
@@ -94,3 +100,117 @@ def test_unsafe_changes_are_refused_in_one_message_naming_each_key_and_both_valu
     assert [(c.key, bool(c.refused)) for c in lora] == [("model.lora.r", True), ("model.lora.dropout", False)]
     with pytest.raises(ConfigError, match=r"To test this checkpoint, give the checkpoint's values"):
         resume_changes(SAVED_MODEL, {**SAVED_MODEL, "policy": "other"}, command="test")
+
+
+# ------------------------------------------------------------------------------------------------
+# Through the command line, from a tiny fit's checkpoint
+
+
+def tiny_args(root: Path, *args: str) -> list[str]:
+    """PPO steps of 8 prompts and 1 optimizer step each, no validation, no sample tables."""
+    return [
+        "--config", TINY, *cli_seed_args(),
+        "--trainer.max_epochs", "1", "--trainer.limit_val_batches", "0",
+        "--data.batch_size", "8", "--data.val_size", "8",
+        "--model.ppo.mini_batch_size", "8", "--model.ppo.ppo_epochs", "1",
+        "--model.log_samples_every_n_steps", "0",
+        "--trainer.logger.init_args.save_dir", str(root),
+        *args,
+    ]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def fitted(tiny_assets: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The log folder of a 2-step tiny fit (export/, and checkpoints/last.ckpt saved mid-epoch)."""
+    root = tmp_path_factory.mktemp("fit")
+    args = ["--trainer.max_steps", "2", "--trainer.callbacks.init_args.every_n_train_steps", "1"]
+    done = cli.main(["fit", *tiny_args(root, *args)])
+    return Path(done.trainer.log_dir)
+
+
+@pytest.mark.slow
+def test_changed_safe_settings_take_effect_and_are_printed(fitted: Path, tmp_path: Path, capsys):
+    resumed = cli.main(
+        [
+            "fit", *tiny_args(tmp_path, "--trainer.max_steps", "3"),
+            "--ckpt_path", str(fitted / "checkpoints" / "last.ckpt"),
+            "--model.learning_rate", "5e-4",
+            "--model.ppo.cliprange", "0.1",
+            "--model.ppo.adap_kl_ctrl", "false", "--model.ppo.init_kl_coef", "0.3",
+        ]
+    )  # fmt: skip
+    assert resumed.trainer.global_step == 3  # one more PPO step after the checkpoint's 2
+    assert [group["lr"] for group in resumed.trainer.optimizers[0].param_groups] == [5e-4]
+    assert resumed.model.ppo.cliprange == 0.1
+    assert resumed.model.kl_ctl.value == 0.3  # fixed now, from the new coefficient
+    saved = yaml.safe_load((Path(resumed.trainer.log_dir) / "config.yaml").read_text())
+    assert saved["model"]["learning_rate"] == 5e-4
+    assert saved["model"]["ppo"]["cliprange"] == 0.1
+    out = capsys.readouterr().out
+    for line in (
+        "model.learning_rate: 0.001 -> 0.0005",
+        "model.ppo.cliprange: 0.2 -> 0.1",
+        "model.ppo.adap_kl_ctrl: true -> false",
+        "model.ppo.init_kl_coef: 0.05 -> 0.3",
+    ):
+        assert line in out, out
+
+
+REFUSED_RUNS = {
+    "estimator": (
+        ["--model.ppo.advantage_estimator", "reinforce_pp"],
+        ['model.ppo.advantage_estimator (checkpoint "gae", requested "reinforce_pp"'],
+    ),
+    "lora": (["--model.lora.r", "8"], ['model.lora (checkpoint null, requested {"r": 8']),
+    "batch_size": (["--data.batch_size", "16"], ["data.batch_size (checkpoint 8, requested 16"]),
+    "two_keys": (
+        ["--data.seed", "1", "--model.reward_label", "NEGATIVE"],
+        [
+            "data.seed (checkpoint 0, requested 1",
+            'model.reward_label (checkpoint "POSITIVE", requested "NEGATIVE"',
+        ],
+    ),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", list(REFUSED_RUNS))
+def test_a_change_that_cannot_take_effect_exits_2_naming_the_keys(fitted: Path, tmp_path: Path, capsys, case):
+    args, expected = REFUSED_RUNS[case]
+    checkpoint = str(fitted / "checkpoints" / "last.ckpt")
+    with pytest.raises(SystemExit) as exit_info:
+        cli.run(["fit", *tiny_args(tmp_path, *args), "--ckpt_path", checkpoint])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    paragraph = err[err.index("lightning-ppo: error: --ckpt_path") :].strip()
+    assert "\n" not in paragraph, err
+    for part in expected:
+        assert part in paragraph, paragraph
+    assert "--model.policy <log_dir>/export" in paragraph
+
+
+@pytest.mark.slow
+def test_another_policy_is_refused_by_test_too_and_the_documented_fresh_start_works(
+    fitted: Path, tmp_path: Path, capsys
+):
+    export = fitted / "export"
+    with pytest.raises(SystemExit) as exit_info:
+        cli.run(
+            ["test", *tiny_args(tmp_path), "--model.policy", str(export), "--ckpt_path",
+             str(fitted / "checkpoints" / "last.ckpt")]
+        )  # fmt: skip
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert f'model.policy (checkpoint "tiny:policy", requested "{export}"' in err
+    assert "To test this checkpoint" in err
+
+    # what the refusal advises: a new fit from the exported policy, with the refused settings changed
+    fresh = cli.main(
+        ["fit", *tiny_args(tmp_path, "--trainer.max_steps", "1"), "--model.policy", str(export),
+         "--data.batch_size", "16", "--model.ppo.advantage_estimator", "reinforce_pp"]
+    )  # fmt: skip
+    assert fresh.trainer.global_step == 2  # one PPO step: 16 rows, 2 optimizer steps of 8
+    tuned = torch.load(fitted / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
+    start = PPOModule(policy=str(export), reward_model="tiny:reward").policy.lm.state_dict()
+    for name, weight in start.items():  # the fresh fit started from the tuned weights
+        torch.testing.assert_close(weight, tuned[f"policy.lm.{name}"], rtol=0, atol=0)
