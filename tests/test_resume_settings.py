@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import json
 from dataclasses import fields
 from pathlib import Path
 
@@ -214,3 +215,41 @@ def test_another_policy_is_refused_by_test_too_and_the_documented_fresh_start_wo
     start = PPOModule(policy=str(export), reward_model="tiny:reward").policy.lm.state_dict()
     for name, weight in start.items():  # the fresh fit started from the tuned weights
         torch.testing.assert_close(weight, tuned[f"policy.lm.{name}"], rtol=0, atol=0)
+
+
+@pytest.mark.slow
+def test_a_run_stopped_for_bad_steps_resumes_from_its_checkpoint_with_the_setting_changed(
+    tiny_assets: Path, tmp_path: Path, capsys
+):
+    """The README's advice: a NaN-only reward stops the run; it resumes with a higher bad-step limit and
+    the classifier reward (a changed model.reward is not compared: checkpoints do not save it)."""
+    nan_reward = json.dumps(
+        {
+            "class_path": "lightning_ppo.rewards.FunctionReward",
+            "init_args": {"function": "tests.reward_helpers:nan_score"},
+        }
+    )
+    args = ["--trainer.limit_train_batches", "4"]
+    with pytest.raises(SystemExit) as exit_info:
+        cli.run(
+            [
+                "fit",
+                *tiny_args(
+                    tmp_path, *args, "--model.max_consecutive_bad_steps", "2", f"--model.reward={nan_reward}"
+                ),
+            ]
+        )
+    assert exit_info.value.code == 3
+    (stopped,) = tmp_path.glob("tiny/version_0/checkpoints/bad-steps.ckpt")
+    capsys.readouterr()
+
+    resumed = cli.main(
+        ["fit", *tiny_args(tmp_path, *args, "--model.max_consecutive_bad_steps", "5"),
+         "--ckpt_path", str(stopped)]
+    )  # fmt: skip
+    assert resumed.model.faults.stop_checkpoint is None
+    # the checkpoint was saved inside the last bad PPO step, so the resume does it again: steps 2-4, each
+    # now with its optimizer step
+    assert resumed.trainer.global_step == 3
+    assert resumed.model.faults.max_consecutive_bad_steps == 5
+    assert "model.max_consecutive_bad_steps: 2 -> 5" in capsys.readouterr().out
