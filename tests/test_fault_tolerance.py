@@ -171,3 +171,41 @@ def test_a_second_sigterm_exits_at_once_and_keeps_the_last_checkpoint(tiny_asset
     last = tmp_path / "runs" / "tiny" / "version_0" / "checkpoints" / "last.ckpt"
     assert global_step(last) == OPT_STEPS_PER_PPO_STEP  # the first step's checkpoint, intact
     assert not [p for p in last.parent.iterdir() if p.name.endswith(".tmp")]
+
+
+def children_of(pid: int) -> list[int]:
+    """The live child processes of `pid` (Linux /proc)."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:  # the process ended while listing
+            continue
+        if int(fields[1]) == pid and fields[0] != "Z":
+            found.append(int(stat.parent.name))
+    return found
+
+
+@pytest.mark.slow
+def test_a_killed_ddp_rank_ends_the_other_and_leaves_the_last_checkpoint(tiny_assets: Path, tmp_path: Path):
+    """SIGKILL of rank 1 (as the OOM killer does) while both ranks are inside the second PPO step: rank 0
+    fails in its next collective instead of waiting for ever, and the first step's checkpoint is intact."""
+    paused, release = tmp_path / "paused", tmp_path / "release"
+    command = fit_command(
+        tmp_path / "runs", "--trainer.strategy", "ddp", "--trainer.devices", "2",
+        "--trainer.callbacks+=tests.helpers.PauseAtTrainBatchEnd", "--trainer.callbacks.path", str(paused),
+        "--trainer.callbacks.release", str(release), "--trainer.callbacks.batch_idx", "1",
+    )  # fmt: skip
+    log = tmp_path / "ddp.log"
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env.pop("OMP_NUM_THREADS", None)
+    run = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT)
+    wait_for(paused, run, timeout=300)
+    (rank_1,) = children_of(run.pid)  # Lightning's launcher starts rank 1 as a child of rank 0
+    os.kill(rank_1, signal.SIGKILL)
+    release.touch()
+    # a hang here (a rank waiting for ever in a collective) is the failure this test exists for
+    assert run.wait(timeout=300) != 0, log.read_text()[-3000:]
+    last = tmp_path / "runs" / "tiny" / "version_0" / "checkpoints" / "last.ckpt"
+    assert global_step(last) == OPT_STEPS_PER_PPO_STEP
+    assert not [p for p in last.parent.iterdir() if p.name.endswith(".tmp")]
