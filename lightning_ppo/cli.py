@@ -27,19 +27,21 @@ COMMANDS = {
     "test": "reference vs tuned policy on held-out prompts: summary and a per-prompt CSV",
     "predict": "continue the prompts of data.predict_file with the tuned policy, as JSON lines",
     "export": "write a checkpoint's policy as a Hugging Face folder (--ckpt_path, --output_dir, --merge)",
+    "serve-reward": "serve a reward over HTTP, for model.reward RemoteReward (--reward, --port)",
 }
 USAGE = f"""usage: {PROG} {{{",".join(COMMANDS)}}} [--config FILE ...] [--KEY VALUE ...]
 
 PPO fine-tuning of a language model against a reward model, on PyTorch Lightning.
 
 commands:
-{chr(10).join(f"  {name:<10}{text}" for name, text in COMMANDS.items())}
+{chr(10).join(f"  {name:<14}{text}" for name, text in COMMANDS.items())}
 
 examples:
   {PROG} fit --config configs/tiny.yaml        offline CPU demo
   {PROG} fit --config configs/gpt2.yaml        the notebook's task on a GPU
   {PROG} test --config configs/tiny.yaml --ckpt_path runs/tiny/version_0/checkpoints/last.ckpt
   {PROG} export --ckpt_path runs/tiny/version_0/checkpoints/last.ckpt --output_dir tuned
+  {PROG} serve-reward --reward lightning_ppo.rewards.ClassifierReward --reward.source MODEL --port 8000
   {PROG} fit --help                            every key of a command, with its default
   {PROG} fit --config configs/tiny.yaml --print_config
 """
@@ -105,6 +107,12 @@ def run(args: list[str] | None = None) -> None:
         from lightning_ppo.commands import export_command
 
         export_command(given[1:], prog=f"{PROG} export")
+        return
+    if given[0] == "serve-reward":
+        quiet_libraries()
+        from lightning_ppo.remote import serve_command
+
+        serve_command(given[1:], prog=f"{PROG} serve-reward")
         return
     try:
         cli = main(args)
