@@ -249,10 +249,9 @@ class PPOModule(LightningModule):
             torch.manual_seed(torch.initial_seed() + self.trainer.global_rank)
 
     def on_train_start(self) -> None:
-        # a resumed fit: Lightning has just restored the checkpoint's optimizer state, learning rates
-        # included; this run's learning rates apply (lightning_ppo.resume)
-        for group, lr in zip(self.optimizers().param_groups, self._learning_rates(), strict=True):
-            group["lr"] = lr
+        if self.trainer.ckpt_path is not None:  # Adam's state was restored with the checkpoint's rates
+            for group, lr in zip(self.optimizers().param_groups, self._learning_rates(), strict=True):
+                group["lr"] = lr  # this run's apply (lightning_ppo.resume)
         self._clock.restart()
 
     def on_validation_start(self) -> None:
