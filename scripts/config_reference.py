@@ -104,7 +104,8 @@ def documented_keys(cls: type, prefix: str) -> Iterator[tuple[str, str, Any]]:
     parser.add_class_arguments(cls, prefix, fail_untyped=False, sub_configs=True)  # as LightningCLI does
     for action in parser._actions:
         key = action.dest
-        if key.startswith(prefix + ".") and not key.endswith(".help"):
+        child = key.startswith(prefix + ".") and key.count(".") == prefix.count(".") + 1
+        if child and action.default is not argparse.SUPPRESS:  # not `--x.help` nor a group's config file
             yield key, action.help or "", action.default
 
 
@@ -114,12 +115,15 @@ def sections() -> Iterator[tuple[str, type, list[tuple[str, str, str, str]]]]:
     while pending:
         prefix, cls = pending.pop(0)
         hints = type_hints(cls)
-        rows, groups = [], []
-        for key, help_text, default in documented_keys(cls, prefix):
-            hint = hints.get(key.rsplit(".", 1)[1], Any)
-            rows.append((key, format_type(hint), format_default(default), help_text))
-            if dataclasses.is_dataclass(strip_none(hint)):
-                groups.append((key, strip_none(hint)))
+        rows = [
+            (key, format_type(hints.get(key.rsplit(".", 1)[1], Any)), format_default(default), help_text)
+            for key, help_text, default in documented_keys(cls, prefix)
+        ]
+        groups = [
+            (f"{prefix}.{name}", strip_none(hint))
+            for name, hint in hints.items()
+            if dataclasses.is_dataclass(strip_none(hint))
+        ]
         yield prefix, cls, rows
         pending[:0] = groups  # a group's table right after its parent's
 
