@@ -1,1 +1,1 @@
-"""Measurements that back the README's figures; run each as `python -m benchmarks.<name>`."""
+"""Measurements behind docs/performance.md and docs/estimators.md; run as `python -m benchmarks.<name>`."""

@@ -39,7 +39,7 @@ class PPOConfig:
         packing: Run each forward without padding gaps: rows laid out prompt-then-response from column 0
             and grouped into length buckets (`lightning_ppo.packing`), the LM head only at the real
             response tokens. Same losses and statistics as one padded forward, within float32 rounding.
-            False: one forward over the padded minibatch (before 0.3; about a third of its positions are
+            False: one forward over the padded minibatch (about a third of its positions are
             padding at the notebook's lengths).
         length_buckets: With packing, the most forwards a minibatch (or a no-grad pass) is cut into, rows
             grouped by length to minimise padding; each forward has a fixed cost, so more is not always
