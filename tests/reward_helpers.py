@@ -17,3 +17,8 @@ def response_length(texts: list[str], queries: list[str], responses: list[str]) 
 def nan_score(texts: list[str], queries: list[str], responses: list[str]) -> list[float]:
     """A broken reward model: every score is NaN, so every PPO batch is skipped."""
     return [float("nan")] * len(texts)
+
+
+def huge_score(texts: list[str], queries: list[str], responses: list[str]) -> list[float]:
+    """A finite but huge constant score (1e30): beyond the ±1e20 of TensorBoard's default histogram bins."""
+    return [1e30] * len(texts)
