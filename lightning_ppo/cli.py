@@ -93,13 +93,13 @@ def run(args: list[str] | None = None) -> None:
         if not given:
             raise SystemExit(CONFIG_ERROR_EXIT_CODE)
         return
-    if given[0] == "export":
-        quiet_libraries()
-        from lightning_ppo.commands import export_command
-
-        export_command(given[1:], prog=f"{PROG} export")
-        return
     try:
+        if given[0] == "export":
+            quiet_libraries()
+            from lightning_ppo.commands import export_command
+
+            export_command(given[1:], prog=f"{PROG} export")
+            return
         cli = main(args)
     except Exception as error:
         config_error = config_error_in(error)  # also when jsonargparse wrapped it while building a class

@@ -12,8 +12,9 @@ import warnings
 from pathlib import Path
 from typing import NoReturn
 
-from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI
 
+from lightning_ppo.checkpointing import LIGHTNING_KEYWORDS, read_checkpoint
 from lightning_ppo.data import PromptDataModule
 from lightning_ppo.export import ExportOnFitEnd, checkpoint_source, export_policy
 from lightning_ppo.module import PPOModule
@@ -34,6 +35,22 @@ class PPOCLI(LightningCLI):
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         # prompts are tokenised with the policy's tokenizer
         parser.link_arguments("model.policy", "data.tokenizer")
+
+    def parse_arguments(self, parser: LightningArgumentParser, args: ArgsType) -> None:
+        """Parse; then make checkpoint loading weights-only unless `--weights_only false` is given, and
+        check a `--ckpt_path` file before Lightning reads its hyper-parameters (a damaged one would end in
+        a bare EOFError or UnpicklingError there)."""
+        super().parse_arguments(parser, args)
+        subcommand = self.config.get("subcommand")
+        config = self.config[subcommand] if subcommand else self.config
+        if "weights_only" not in config:
+            return
+        if config.weights_only is None:  # Lightning's None leaves the choice to torch.load
+            config.weights_only = True
+        ckpt_path = config.get("ckpt_path")
+        local = ckpt_path and ckpt_path not in LIGHTNING_KEYWORDS and "://" not in str(ckpt_path)
+        if local and not Path(ckpt_path).is_dir():  # a DeepSpeed checkpoint is a folder of shards
+            read_checkpoint(ckpt_path, mmap=True, weights_only=config.weights_only)
 
     def before_instantiate_classes(self) -> None:
         """Build the data module once before the model: its checks are cheap, the model loads weights."""
@@ -80,8 +97,10 @@ def export_command(args: list[str], prog: str = "python -m lightning_ppo export"
     parsed = parser.parse_args(args)
     if not Path(parsed.ckpt_path).exists():
         parser.error(f"--ckpt_path {parsed.ckpt_path!r} does not exist")
+    if not Path(parsed.ckpt_path).is_dir():  # a damaged or unsafe file: a ConfigError (one paragraph)
+        read_checkpoint(parsed.ckpt_path, mmap=True, unsafe_advice="export reads only weights-only ones")
     source = checkpoint_source(parsed.ckpt_path)
-    module = PPOModule.load_from_checkpoint(source, map_location="cpu", weights_only=False)
+    module = PPOModule.load_from_checkpoint(source, map_location="cpu", weights_only=True)
     folder = export_policy(module, parsed.output_dir, merge=parsed.merge)
     print(f"Exported the policy of {parsed.ckpt_path} to {folder}")
     return folder

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -16,8 +17,12 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from torch.utils.tensorboard import SummaryWriter
 
 from lightning_ppo import cli, report
+from lightning_ppo.checkpointing import AtomicCheckpointIO, read_checkpoint
+from lightning_ppo.commands import export_command
+from lightning_ppo.config import PPOConfig
 from lightning_ppo.errors import ConfigError
 from lightning_ppo.rewards import FunctionReward, RewardModel, WeightedSumReward, as_scores, call_reward
+from lightning_ppo.shaping import ShapingConfig
 from tests.helpers import cli_seed_args
 
 ROOT = Path(__file__).parents[1]
@@ -135,3 +140,100 @@ def test_a_reward_class_returning_texts_is_named_also_inside_a_weighted_sum() ->
         summed(TEXTS, TEXTS, TEXTS)
     with pytest.raises(ConfigError, match=r"returned a Tensor of dtype torch.float32 and shape \(3, 1\)"):
         as_scores(torch.zeros(3, 1), 3, "R")
+
+
+# ------------------------------------------------------------------------------------------------
+# 3. Checkpoints load weights-only; a damaged one is named with the checkpoint to use instead
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tiny_assets: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The last.ckpt of a one-step fit: what this project writes (RNG states, loops, KL controller...)."""
+    root = tmp_path_factory.mktemp("fit")
+    cli.main(["fit", "--config", TINY, *cli_seed_args(), *short_fit(root)])
+    (path,) = root.glob("tiny/version_0/checkpoints/last.ckpt")
+    return path
+
+
+def test_a_real_checkpoint_resumes_and_exports_weights_only(
+    checkpoint: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    asked: list[object] = []
+    load = torch.load
+    monkeypatch.setattr(torch, "load", lambda *a, **k: asked.append(k.get("weights_only")) or load(*a, **k))
+    resumed = cli.main(
+        ["fit", "--config", TINY, *cli_seed_args(), *short_fit(tmp_path), "--ckpt_path", str(checkpoint),
+         "--trainer.limit_train_batches", "2"]
+    )  # fmt: skip
+    assert resumed.trainer.global_step > 0 and resumed.config.fit.weights_only is True
+    assert len(asked) >= 3 and set(asked) == {True}  # our check, Lightning's hparams, the restore
+    asked.clear()
+    export_command(["--ckpt_path", str(checkpoint), "--output_dir", str(tmp_path / "export")])
+    assert (tmp_path / "export" / "config.json").is_file() and set(asked) == {True}
+
+
+def damage(path: Path, how: str, good: Path) -> None:
+    if how == "empty":
+        path.write_bytes(b"")
+    elif how == "random":
+        path.write_bytes(torch.randint(0, 256, (4096,), dtype=torch.uint8).numpy().tobytes())
+    else:  # truncated mid-write, as a full disk or a killed copy leaves it
+        data = good.read_bytes()
+        path.write_bytes(data[: len(data) // 2])
+
+
+@pytest.mark.parametrize("how", ["empty", "random", "truncated"])
+@pytest.mark.parametrize("command", ["fit", "test", "export"])
+def test_a_damaged_checkpoint_exits_2_naming_it_and_the_previous_one(
+    how: str,
+    command: str,
+    checkpoint: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """Was a bare `EOFError`, or torch's advice to retry with `weights_only=False` (unsafe)."""
+    folder = tmp_path / "checkpoints"
+    folder.mkdir()
+    previous = folder / "epoch=0-step=8.ckpt"
+    previous.write_bytes(checkpoint.read_bytes())
+    damaged = folder / "last.ckpt"
+    damage(damaged, how, checkpoint)
+    if command == "export":
+        args = ["lightning-ppo", "export", "--ckpt_path", str(damaged), "--output_dir", str(tmp_path / "out")]
+        monkeypatch.setattr(sys, "argv", args)
+        with pytest.raises(SystemExit) as exit_info:
+            cli.run()
+        code, err = exit_info.value.code, capsys.readouterr().err
+        assert "Traceback" not in err
+        line = err.splitlines()[-1]
+    else:
+        args = ["--ckpt_path", str(damaged), "--trainer.logger.init_args.save_dir", str(tmp_path)]
+        code, line = run_cli(capsys, monkeypatch, command, *args)
+    assert code == 2
+    assert line.startswith(f"lightning-ppo: error: --ckpt_path '{damaged}' cannot be read as a checkpoint: ")
+    assert f"e.g. --ckpt_path {previous} " in line and "weights_only=False" not in line
+    assert not list(tmp_path.glob("tiny/version_*"))  # stopped before any run started
+
+
+def test_the_checkpoint_io_names_a_damaged_file_lightning_found_itself(tmp_path: Path) -> None:
+    """`--ckpt_path last` resolves inside the Trainer: the plugin that reads it names the file."""
+    (tmp_path / "last.ckpt").write_bytes(b"")
+    with pytest.raises(ConfigError, match=r"last\.ckpt' cannot be read .* it is empty \(0 bytes\)") as error:
+        AtomicCheckpointIO().load_checkpoint(tmp_path / "last.ckpt")
+    assert f"No other checkpoint is in {tmp_path}" in str(error.value)
+
+
+def test_an_old_checkpoint_with_pickled_options_loads_weights_only(tmp_path: Path) -> None:
+    """Checkpoints of lightning-ppo 0.1 pickled PPOConfig (named lightning_ppo.module.PPOConfig)."""
+    import lightning_ppo.module  # noqa: F401  (registers the option classes as safe)
+
+    torch.save({"hyper_parameters": {"ppo": PPOConfig(mini_batch_size=8), "shaping": ShapingConfig()}},
+               tmp_path / "old.ckpt")  # fmt: skip
+    assert read_checkpoint(tmp_path / "old.ckpt")["hyper_parameters"]["ppo"].mini_batch_size == 8
+
+
+def test_a_checkpoint_holding_other_objects_is_refused_not_loaded_unsafely(tmp_path: Path) -> None:
+    torch.save({"state_dict": {}, "thing": SimpleNamespace(a=1)}, tmp_path / "odd.ckpt")
+    with pytest.raises(ConfigError, match=r"holds types\.SimpleNamespace, which loading with weights_only"):
+        read_checkpoint(tmp_path / "odd.ckpt")
