@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 from functools import partial
 from pathlib import Path
@@ -26,6 +27,14 @@ def load_prompt_dataset(source: str) -> DatasetDict:
     """Load a `save_to_disk` folder, a json/jsonl/csv/parquet file or folder of them, or a hub dataset."""
     path = Path(source)
     if path.is_dir() and any((path / name).is_file() for name in ("dataset_dict.json", "dataset_info.json")):
+        empty = empty_saved_splits(path)
+        if empty:  # `load_from_disk` fails on them with a bare IndexError
+            where = "its dataset" if empty == [None] else f"split {', '.join(map(repr, empty))}"
+            raise ConfigError(
+                f"data.dataset={source!r}: the `save_to_disk` folder {path.absolute()} holds 0 rows in "
+                f"{where}; save the texts again with rows in every split, or point data.dataset at another "
+                "dataset"
+            )
         loaded = load_from_disk(source)
         return loaded if isinstance(loaded, DatasetDict) else DatasetDict(train=loaded)
     if path.is_file():
@@ -36,6 +45,20 @@ def load_prompt_dataset(source: str) -> DatasetDict:
         return load_dataset(FILE_BUILDERS[path.suffix], data_files=source)  # one "train" split
     # A hub name, or a local folder of data files (`datasets` infers the format and splits from file names).
     return load_dataset(source)
+
+
+def empty_saved_splits(folder: Path) -> list[str | None]:
+    """The splits of a `save_to_disk` folder saved with 0 rows (no data files); [None]: a 0-row Dataset."""
+    if (folder / "dataset_dict.json").is_file():
+        splits = json.loads((folder / "dataset_dict.json").read_text(encoding="utf-8"))["splits"]
+        states = {split: folder / split / "state.json" for split in splits}
+    else:
+        states = {None: folder / "state.json"}
+    return [
+        split
+        for split, state in states.items()
+        if state.is_file() and not json.loads(state.read_text(encoding="utf-8")).get("_data_files")
+    ]
 
 
 def numbered(prompts: Dataset) -> Dataset:

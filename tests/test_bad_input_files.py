@@ -13,6 +13,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from datasets import Dataset, DatasetDict
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch.utils.tensorboard import SummaryWriter
 
@@ -20,6 +21,7 @@ from lightning_ppo import cli, report
 from lightning_ppo.checkpointing import AtomicCheckpointIO, read_checkpoint
 from lightning_ppo.commands import export_command
 from lightning_ppo.config import PPOConfig
+from lightning_ppo.data import PromptDataModule
 from lightning_ppo.errors import ConfigError
 from lightning_ppo.rewards import FunctionReward, RewardModel, WeightedSumReward, as_scores, call_reward
 from lightning_ppo.shaping import ShapingConfig
@@ -237,3 +239,32 @@ def test_a_checkpoint_holding_other_objects_is_refused_not_loaded_unsafely(tmp_p
     torch.save({"state_dict": {}, "thing": SimpleNamespace(a=1)}, tmp_path / "odd.ckpt")
     with pytest.raises(ConfigError, match=r"holds types\.SimpleNamespace, which loading with weights_only"):
         read_checkpoint(tmp_path / "odd.ckpt")
+
+
+# ------------------------------------------------------------------------------------------------
+# 4. Data files that hold nothing, or are not UTF-8
+
+
+def data_setup_error(dataset: Path, stage: str = "fit", **options: object) -> str:
+    data = PromptDataModule(dataset=str(dataset), tokenizer="tiny:policy", batch_size=8, **options)
+    with pytest.raises(ConfigError) as error:
+        data.setup(stage)
+    return str(error.value)
+
+
+@pytest.mark.parametrize(
+    ("splits", "where"),
+    [({"train": []}, "split 'train'"), ({"train": ["a"], "test": []}, "split 'test'"), (None, "its dataset")],
+)
+def test_an_empty_save_to_disk_dataset_is_named(
+    splits: dict[str, list[str]] | None, where: str, tmp_path: Path, tiny_assets: Path
+) -> None:
+    """Was `IndexError: list index out of range` inside `datasets.load_from_disk`."""
+    if splits is None:  # a Dataset, not a DatasetDict
+        saved = Dataset.from_dict({"text": []})
+    else:
+        saved = DatasetDict({name: Dataset.from_dict({"text": texts}) for name, texts in splits.items()})
+    saved.save_to_disk(tmp_path / "saved")
+    message = data_setup_error(tmp_path / "saved")
+    assert message.startswith(f"data.dataset={str(tmp_path / 'saved')!r}: the `save_to_disk` folder ")
+    assert f"{tmp_path / 'saved'} holds 0 rows in {where}; save the texts again" in message
