@@ -21,6 +21,23 @@ from lightning_ppo.models import load_tokenizer
 from lightning_ppo.resumable import resumable_loader
 
 FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
+TEXT_SUFFIXES = (".json", ".jsonl", ".csv", ".tsv", ".txt")  # data files read as text: UTF-8 only
+
+
+def check_utf8(path: Path, key: str) -> None:
+    """Refuse a text file that is not UTF-8: `datasets` fails on it deep in its builders, or reads a JSON
+    lines file as mojibake. Line by line is exact: no UTF-8 sequence holds the newline byte."""
+    with path.open("rb") as file:
+        for number, line in enumerate(file, start=1):
+            try:
+                line.decode("utf-8")
+            except UnicodeDecodeError as error:
+                bad = line[error.start : error.start + 1].hex()
+                raise ConfigError(
+                    f"{key}: the file {str(path)!r} is not UTF-8 text (byte {error.start + 1} of line "
+                    f"{number} is 0x{bad}); it must be UTF-8. Save it again as UTF-8, e.g. `iconv -f latin1 "
+                    f"-t utf-8 {path} > {path.with_stem(path.stem + '-utf8')}`"
+                ) from error
 
 
 def load_prompt_dataset(source: str) -> DatasetDict:
@@ -42,8 +59,14 @@ def load_prompt_dataset(source: str) -> DatasetDict:
             raise ConfigError(f"data.dataset: the file {source!r} is empty; give a file with texts")
         if path.suffix not in FILE_BUILDERS:
             raise ConfigError(f"data.dataset: cannot read {source!r}; use one of {sorted(FILE_BUILDERS)}")
+        if path.suffix in TEXT_SUFFIXES:
+            check_utf8(path, "data.dataset")
         return load_dataset(FILE_BUILDERS[path.suffix], data_files=source)  # one "train" split
     # A hub name, or a local folder of data files (`datasets` infers the format and splits from file names).
+    if path.is_dir():
+        for file in sorted(path.rglob("*")):
+            if file.suffix in TEXT_SUFFIXES and file.is_file() and not file.name.startswith("."):
+                check_utf8(file, "data.dataset")
     return load_dataset(source)
 
 
@@ -314,6 +337,7 @@ class PromptDataModule(LightningDataModule):
                 "data.predict_file is not set: give a .txt (one prompt per line) or .jsonl file"
             )
         path = Path(self.predict_file)
+        check_utf8(path, "data.predict_file")
         if path.suffix == ".txt":
             lines = path.read_text(encoding="utf-8").splitlines()
             records = Dataset.from_dict({"prompt": [line for line in lines if line.strip()]})

@@ -268,3 +268,40 @@ def test_an_empty_save_to_disk_dataset_is_named(
     message = data_setup_error(tmp_path / "saved")
     assert message.startswith(f"data.dataset={str(tmp_path / 'saved')!r}: the `save_to_disk` folder ")
     assert f"{tmp_path / 'saved'} holds 0 rows in {where}; save the texts again" in message
+
+
+LATIN1_TEXT = "un film très réussi, " * 12  # é and è are one byte each in Latin-1, invalid as UTF-8
+
+
+@pytest.mark.parametrize(
+    ("name", "content"),
+    [
+        ("reviews.csv", f"text\n{LATIN1_TEXT}\n"),
+        ("reviews.jsonl", json.dumps({"text": LATIN1_TEXT}, ensure_ascii=False) + "\n"),
+        ("reviews.json", json.dumps([{"text": LATIN1_TEXT}], ensure_ascii=False)),
+        ("folder/train.csv", f"text\n{LATIN1_TEXT}\n"),
+    ],
+)
+def test_a_data_file_that_is_not_utf8_is_named(
+    name: str, content: str, tmp_path: Path, tiny_assets: Path
+) -> None:
+    """Was a bare `DatasetGenerationError` (CSV, JSON), or JSON lines read as mojibake without a word."""
+    path = tmp_path / name
+    path.parent.mkdir(exist_ok=True)
+    path.write_bytes(content.encode("latin-1"))
+    message = data_setup_error(path.parent if name.startswith("folder/") else path, min_text_length=10)
+    number, line = next((n, line) for n, line in enumerate(content.splitlines(), 1) if "è" in line)
+    where = f"(byte {line.index('è') + 1} of line {number} "  # Latin-1: one byte per character
+    assert message.startswith(f"data.dataset: the file {str(path)!r} is not UTF-8 text {where}")
+    assert "is 0xe8); it must be UTF-8. Save it again as UTF-8" in message
+
+
+@pytest.mark.parametrize("name", ["prompts.txt", "prompts.jsonl"])
+def test_a_predict_file_that_is_not_utf8_is_named(name: str, tmp_path: Path, tiny_assets: Path) -> None:
+    """Was a bare `UnicodeDecodeError` naming neither the file nor data.predict_file."""
+    path = tmp_path / name
+    line = LATIN1_TEXT if name.endswith(".txt") else json.dumps({"prompt": LATIN1_TEXT}, ensure_ascii=False)
+    path.write_bytes(line.encode("latin-1") + b"\n")
+    message = data_setup_error(tmp_path, "predict", predict_file=str(path))
+    assert message.startswith(f"data.predict_file: the file {str(path)!r} is not UTF-8 text (byte ")
+    assert "of line 1 is 0xe8); it must be UTF-8" in message
