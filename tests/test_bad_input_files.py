@@ -305,3 +305,16 @@ def test_a_predict_file_that_is_not_utf8_is_named(name: str, tmp_path: Path, tin
     message = data_setup_error(tmp_path, "predict", predict_file=str(path))
     assert message.startswith(f"data.predict_file: the file {str(path)!r} is not UTF-8 text (byte ")
     assert "of line 1 is 0xe8); it must be UTF-8" in message
+
+
+# ------------------------------------------------------------------------------------------------
+# 5. Trainer settings that ended inside the training step
+
+
+def test_a_fit_in_precision_64_true_trains_in_float64(tiny_assets: Path, tmp_path: Path) -> None:
+    """Was a dtype mismatch (`scatter(): Expected self.dtype to be equal to src.dtype`) in the backward."""
+    fitted = cli.main(
+        ["fit", "--config", TINY, *cli_seed_args(), *short_fit(tmp_path), "--trainer.precision", "64-true"]
+    )
+    assert fitted.trainer.global_step > 0
+    assert {p.dtype for p in fitted.model.policy.parameters()} == {torch.float64}
