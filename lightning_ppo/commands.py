@@ -16,6 +16,7 @@ from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCL
 
 from lightning_ppo.checkpointing import LIGHTNING_KEYWORDS, read_checkpoint
 from lightning_ppo.data import PromptDataModule
+from lightning_ppo.errors import check_number
 from lightning_ppo.export import ExportOnFitEnd, checkpoint_source, export_policy
 from lightning_ppo.module import PPOModule
 from lightning_ppo.progress_bar import PPOProgressBar
@@ -56,6 +57,14 @@ class PPOCLI(LightningCLI):
         """Build the data module once before the model: its checks are cheap, the model loads weights."""
         config = self.config[self.subcommand] if self.subcommand else self.config
         PromptDataModule(**config.data.as_dict())
+        # 0 batches between validations ended in a ZeroDivisionError inside Lightning's fit loop
+        check_number(
+            "trainer.val_check_interval",
+            config.trainer.get("val_check_interval"),
+            0,
+            open_low=True,
+            optional=True,
+        )
         if config.trainer.get("enable_progress_bar") is False:  # Lightning refuses a bar callback then
             self.trainer_defaults["callbacks"] = [
                 c for c in self.trainer_defaults["callbacks"] if not isinstance(c, PPOProgressBar)

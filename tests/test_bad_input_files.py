@@ -318,3 +318,17 @@ def test_a_fit_in_precision_64_true_trains_in_float64(tiny_assets: Path, tmp_pat
     )
     assert fitted.trainer.global_step > 0
     assert {p.dtype for p in fitted.model.policy.parameters()} == {torch.float64}
+
+
+@pytest.mark.parametrize("value", ["0", "-2", "0.0"])
+def test_a_val_check_interval_of_zero_exits_2_naming_it(
+    value: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Was `ZeroDivisionError: integer modulo by zero` in Lightning's fit loop, after the models loaded."""
+    code, line = run_cli(
+        capsys, monkeypatch, "fit", *short_fit(tmp_path), "--trainer.val_check_interval", value
+    )
+    assert code == 2
+    assert (
+        line == f"lightning-ppo: error: trainer.val_check_interval must be a number > 0 or null, got {value}"
+    )
