@@ -337,10 +337,18 @@ class PromptDataModule(LightningDataModule):
                 "data.predict_file is not set: give a .txt (one prompt per line) or .jsonl file"
             )
         path = Path(self.predict_file)
+        if not path.is_file():
+            raise ConfigError(f"data.predict_file {str(path)!r}: no such file ({path.absolute()})")
         check_utf8(path, "data.predict_file")
+        no_prompts = ConfigError(
+            f"data.predict_file {str(path)!r} holds no prompts, so predict would write nothing; give a .txt "
+            "file with one prompt per non-blank line, or .jsonl records with a 'prompt' field"
+        )
         if path.suffix == ".txt":
             lines = path.read_text(encoding="utf-8").splitlines()
             records = Dataset.from_dict({"prompt": [line for line in lines if line.strip()]})
+        elif not path.read_bytes().strip():  # `datasets` reads no columns from it
+            raise no_prompts
         else:
             records = load_dataset("json", data_files=str(path), split="train")
         column = "prompt" if "prompt" in records.column_names else self.text_column
@@ -350,7 +358,10 @@ class PromptDataModule(LightningDataModule):
                 f"it has {records.column_names}"
             )
         lengths = np.full(len(records), self.predict_prompt_max_tokens)
-        return numbered(self._tokenize(records, column, lengths))
+        prompts = self._tokenize(records, column, lengths)
+        if len(prompts) == 0:
+            raise no_prompts
+        return numbered(prompts)
 
     def _check_enough_train_prompts(self, num_texts: int) -> None:
         """Each rank needs one full batch: `batch_size` prompts per rank (the last partial one is dropped)."""

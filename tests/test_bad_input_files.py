@@ -332,3 +332,26 @@ def test_a_val_check_interval_of_zero_exits_2_naming_it(
     assert (
         line == f"lightning-ppo: error: trainer.val_check_interval must be a number > 0 or null, got {value}"
     )
+
+
+@pytest.mark.parametrize(
+    ("name", "content"), [("prompts.txt", ""), ("blank.txt", "\n  \n"), ("prompts.jsonl", "")]
+)
+def test_predict_on_a_file_without_prompts_exits_2_naming_it(
+    name: str,
+    content: str,
+    tiny_assets: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """Was exit 0 with an empty predictions file (.txt), or `datasets`' error on a file without columns."""
+    path = tmp_path / name
+    path.write_text(content)
+    args = ["--data.predict_file", str(path), "--trainer.logger.init_args.save_dir", str(tmp_path)]
+    code, line = run_cli(capsys, monkeypatch, "predict", *args)
+    assert code == 2
+    assert line.startswith(
+        f"lightning-ppo: error: data.predict_file {str(path)!r} holds no prompts, so predict "
+    )
+    assert not list(tmp_path.glob("tiny/version_*/predictions.jsonl"))
