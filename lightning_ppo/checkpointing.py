@@ -6,6 +6,7 @@ run continues as if it had never stopped (same prompts, same sampling noise, sam
 
 from __future__ import annotations
 
+import errno
 import os
 import pickle
 import random
@@ -27,7 +28,7 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities import rank_zero_info
 
 from lightning_ppo.compat import cluster_environment
-from lightning_ppo.errors import ConfigError
+from lightning_ppo.errors import ConfigError, DiskFullError
 
 # The layout of what `PPOModule` adds to a checkpoint. 1: before lightning-ppo 0.2 (no version key);
 # 2: the same keys, now versioned. A checkpoint of a later layout is refused with its version named.
@@ -108,6 +109,15 @@ def unreadable_checkpoint_message(path: Path, reason: str) -> str:
     )
 
 
+def intact_checkpoint(path: Path) -> str | None:
+    """After a failed write of `path`: its previous version (the rename never happened), else the newest
+    other checkpoint in its folder, else None."""
+    if path.is_file():
+        return str(path)
+    others = [p for p in path.parent.glob("*.ckpt") if not p.name.startswith(".")]
+    return str(max(others, key=lambda p: p.stat().st_mtime)) if others else None
+
+
 class AtomicCheckpointIO(TorchCheckpointIO):
     """Writes each checkpoint to a temporary file in the same folder, fsyncs it, then renames it in place.
 
@@ -129,8 +139,10 @@ class AtomicCheckpointIO(TorchCheckpointIO):
                 handle.flush()
                 os.fsync(handle.fileno())
             os.replace(tmp, path)  # atomic on POSIX
-        except BaseException:
+        except BaseException as error:
             tmp.unlink(missing_ok=True)
+            if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise DiskFullError(str(path), intact_checkpoint(path)) from error
             raise
 
     def load_checkpoint(

@@ -3,7 +3,8 @@
 `python -m lightning_ppo --help` lists the commands without importing torch or Lightning, so it answers at
 once; `python -m lightning_ppo fit --help` shows every `model.*`/`data.*`/`trainer.*` key through
 LightningCLI (`commands.py`). Exit codes: 0 done, 2 a configuration mistake (one paragraph, no
-traceback), 3 a fit stopped after too many bad (NaN/inf) steps in a row, with its checkpoint saved.
+traceback), 3 a fit stopped after too many bad (NaN/inf) steps in a row, with its checkpoint saved,
+4 the disk filled up while a checkpoint was written (one paragraph naming the intact one to resume from).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import sys
 import warnings
 from typing import TYPE_CHECKING
 
-from lightning_ppo.errors import config_error_in
+from lightning_ppo.errors import DiskFullError, config_error_in, error_in
 
 if TYPE_CHECKING:
     from lightning_ppo.commands import PPOCLI
@@ -43,6 +44,7 @@ examples:
   {PROG} fit --config configs/tiny.yaml --print_config
 """
 CONFIG_ERROR_EXIT_CODE = 2
+DISK_FULL_EXIT_CODE = 4
 
 
 def quiet_libraries() -> None:
@@ -85,7 +87,8 @@ def run(args: list[str] | None = None) -> None:
     """The console entry point: a configuration mistake prints one paragraph (no traceback) and exits 2.
 
     A fit stopped for too many bad steps in a row exits 3 (`nan_guard.BAD_STEPS_EXIT_CODE`), after saving its
-    checkpoint. Any other exception keeps its traceback: it is a bug or a fault worth reporting.
+    checkpoint; a checkpoint write that found the disk full exits 4, naming the intact checkpoint. Any other
+    exception keeps its traceback: it is a bug or a fault worth reporting.
     """
     given = sys.argv[1:] if args is None else args
     if not given or given[0] in ("-h", "--help"):
@@ -102,6 +105,10 @@ def run(args: list[str] | None = None) -> None:
             return
         cli = main(args)
     except Exception as error:
+        disk_full = error_in(error, DiskFullError)
+        if disk_full is not None:
+            print(f"lightning-ppo: error: {disk_full.advice()}", file=sys.stderr)
+            raise SystemExit(DISK_FULL_EXIT_CODE) from None
         config_error = config_error_in(error)  # also when jsonargparse wrapped it while building a class
         if config_error is None:
             raise

@@ -6,7 +6,9 @@ that replaces it.
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 import sys
 from pathlib import Path
 from types import SimpleNamespace
@@ -355,3 +357,34 @@ def test_predict_on_a_file_without_prompts_exits_2_naming_it(
         f"lightning-ppo: error: data.predict_file {str(path)!r} holds no prompts, so predict "
     )
     assert not list(tmp_path.glob("tiny/version_*/predictions.jsonl"))
+
+
+# ------------------------------------------------------------------------------------------------
+# 6. A full disk while a checkpoint is written
+
+
+def test_a_full_disk_while_checkpointing_exits_4_naming_the_intact_checkpoint(
+    tiny_assets: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Was the right errno (ENOSPC) at the end of a long traceback. The disk 'fills' during the second save:
+    its writes start, then fail as a full disk fails them."""
+    save = torch.save
+
+    def save_until_full(checkpoint: dict, handle: object, *args: object, **kwargs: object) -> None:
+        if checkpoint.get("global_step", 0) < 160:  # the second save: 2 x every_n_train_steps=80
+            return save(checkpoint, handle, *args, **kwargs)
+        handle.write(b"PK\x03\x04" + bytes(1000))  # a partial write, then no space left
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(torch, "save", save_until_full)
+    fit = [*short_fit(tmp_path), "--trainer.limit_train_batches", "20"]  # 8 optimizer steps per PPO step
+    code, line = run_cli(capsys, monkeypatch, "fit", *fit)
+    monkeypatch.setattr(torch, "save", save)
+    (folder,) = tmp_path.glob("tiny/version_0/checkpoints")
+    previous = next(p for p in [folder / "last.ckpt", folder / "epoch=0-step=80.ckpt"] if p.is_file())
+    assert code == 4 == cli.DISK_FULL_EXIT_CODE
+    assert line.startswith("lightning-ppo: error: disk full while writing the checkpoint ")
+    assert f"; the previous checkpoint {previous} is intact. Free space on that disk and resume with " in line
+    assert line.endswith(f"--ckpt_path {previous}")
+    assert read_checkpoint(previous)["global_step"] == 80
+    assert not [p.name for p in folder.iterdir() if p.name.endswith(".tmp")]
