@@ -6,9 +6,14 @@ run continues as if it had never stopped (same prompts, same sampling noise, sam
 
 from __future__ import annotations
 
+import errno
 import os
+import pickle
 import random
+import re
 import signal
+import zipfile
+from collections.abc import Callable
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -23,7 +28,7 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities import rank_zero_info
 
 from lightning_ppo.compat import cluster_environment
-from lightning_ppo.errors import ConfigError
+from lightning_ppo.errors import ConfigError, DiskFullError
 
 # A fit stopped by SIGTERM (scancel, a preempting scheduler, Kubernetes, `docker stop`) exits with the
 # shell's code for death by that signal, after saving `last.ckpt`: not 0, which would report success.
@@ -41,6 +46,80 @@ def check_checkpoint_version(version: int) -> None:
             f"--ckpt_path: the checkpoint has lightning-ppo checkpoint version {version}, but this "
             f"lightning-ppo reads versions 1 to {CHECKPOINT_VERSION}: upgrade lightning-ppo to load it"
         )
+
+
+LIGHTNING_KEYWORDS = ("last", "hpc", "registry")  # `--ckpt_path` values Lightning resolves itself
+
+
+def read_checkpoint(
+    path: str | Path,
+    map_location: str | Callable | None = "cpu",
+    weights_only: bool = True,
+    mmap: bool = False,
+    unsafe_advice: str = "if you trust its source, pass --weights_only false",
+) -> dict[str, Any]:
+    """`torch.load` of a checkpoint file, weights-only by default (a checkpoint cannot run code then).
+
+    A file that cannot be read (empty, truncated, random bytes, not a checkpoint) is a `ConfigError` that
+    names it and the other checkpoints beside it; so is one that holds objects weights-only loading refuses
+    (`unsafe_advice` says what to do). Never retried with unsafe loading.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"--ckpt_path {str(path)!r}: no such checkpoint file ({path.absolute()})")
+    if path.stat().st_size == 0:
+        reason = "it is empty (0 bytes)"
+    elif not zipfile.is_zipfile(path):  # what torch.save writes, since torch 1.6
+        reason = "it is not a zip archive, as torch.save writes"
+    else:
+        try:
+            return torch.load(path, map_location=map_location, weights_only=weights_only, mmap=mmap)
+        except pickle.UnpicklingError as error:
+            refused = re.search(r"Unsupported global: GLOBAL (\S+)", str(error))
+            if refused:
+                raise ConfigError(
+                    f"--ckpt_path {str(path)!r}: the checkpoint holds {refused.group(1)}, which loading with "
+                    f"weights_only=True refuses (unpickling it could run code); {unsafe_advice}"
+                ) from error
+            reason = _first_sentence(error)
+        except (EOFError, RuntimeError, KeyError, ValueError, OSError, zipfile.BadZipFile) as error:
+            reason = _first_sentence(error)
+    raise ConfigError(unreadable_checkpoint_message(path, reason))
+
+
+def _first_sentence(error: BaseException) -> str:
+    text = " ".join(str(error).split()) or type(error).__name__
+    return f"torch.load said: {text.split('. ')[0][:200]}"
+
+
+def unreadable_checkpoint_message(path: Path, reason: str) -> str:
+    """The paragraph for a damaged checkpoint: which file, why, and which checkpoints to use instead."""
+    others = sorted(
+        (p for p in path.parent.glob("*.ckpt") if p.name != path.name and not p.name.startswith(".")),
+        key=lambda p: p.stat().st_mtime,
+        reverse=True,
+    )
+    if others:
+        names = ", ".join(p.name for p in others[:5])
+        instead = (
+            f"Use the previous checkpoint instead, e.g. --ckpt_path {others[0]} (the newest other "
+            f"one in {path.parent}, newest first: {names})"
+        )
+    else:
+        instead = f"No other checkpoint is in {path.parent}: use an earlier copy or start without --ckpt_path"
+    return (
+        f"--ckpt_path {str(path)!r} cannot be read as a checkpoint: {reason}. The file is damaged or not a "
+        f"checkpoint. {instead}."
+    )
+
+
+def intact_checkpoint(path: Path) -> str | None:
+    """After a failed write of `path`: its previous version (the rename never happened), else the newest
+    other checkpoint in its folder, else None."""
+    if path.is_file():
+        return str(path)
+    others = [p for p in path.parent.glob("*.ckpt") if not p.name.startswith(".")]
+    return str(max(others, key=lambda p: p.stat().st_mtime)) if others else None
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -64,9 +143,22 @@ class AtomicCheckpointIO(TorchCheckpointIO):
                 handle.flush()
                 os.fsync(handle.fileno())
             os.replace(tmp, path)  # atomic on POSIX
-        except BaseException:
+        except BaseException as error:
             tmp.unlink(missing_ok=True)
+            if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise DiskFullError(str(path), intact_checkpoint(path)) from error
             raise
+
+    def load_checkpoint(
+        self,
+        path: str | Path,
+        map_location: Callable | None = lambda storage, loc: storage,
+        weights_only: bool | None = None,
+    ) -> dict[str, Any]:
+        """Weights-only unless `weights_only=False` is asked for; a damaged local file is a `ConfigError`."""
+        if "://" in str(path):  # remote (fsspec): Lightning's own loading
+            return super().load_checkpoint(path, map_location, weights_only)
+        return read_checkpoint(path, map_location, weights_only is not False)
 
 
 def collect_rng_states() -> dict[str, Any]:

@@ -1,10 +1,12 @@
-"""Command line: `python -m lightning_ppo {fit,validate,test,predict,export} --config configs/tiny.yaml`.
+"""Command line: `python -m lightning_ppo {fit,validate,test,predict,export,serve-reward} ...`.
 
 `python -m lightning_ppo --help` lists the commands without importing torch or Lightning, so it answers at
 once; `python -m lightning_ppo fit --help` shows every `model.*`/`data.*`/`trainer.*` key through
-LightningCLI (`commands.py`). Exit codes: 0 done, 1 stopped by Ctrl-C (after saving `last.ckpt`), 2 a
-configuration mistake (one paragraph, no traceback), 3 a fit stopped after too many bad (NaN/inf) steps in a
-row, with its checkpoint saved, 143 stopped by SIGTERM (after saving `last.ckpt` in a fit).
+LightningCLI (`commands.py`). Exit codes: 0 done; 1 stopped by Ctrl-C (after saving `last.ckpt`), a
+remote reward's server that gave no usable scores (one paragraph), or a crash (a traceback); 2 a
+configuration mistake (one paragraph, no traceback); 3 a fit stopped after too many bad (NaN/inf) steps in
+a row, with its checkpoint saved; 4 the disk filled up while a checkpoint was written (one paragraph naming
+the intact one to resume from); 143 stopped by SIGTERM (after saving `last.ckpt` in a fit).
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import sys
 import warnings
 from typing import TYPE_CHECKING
 
-from lightning_ppo.errors import config_error_in
+from lightning_ppo.errors import DiskFullError, RemoteRewardError, config_error_in, error_in
 
 if TYPE_CHECKING:
     from lightning_ppo.commands import PPOCLI
@@ -46,6 +48,7 @@ examples:
   {PROG} fit --config configs/tiny.yaml --print_config
 """
 CONFIG_ERROR_EXIT_CODE = 2
+DISK_FULL_EXIT_CODE = 4
 
 
 def quiet_libraries() -> None:
@@ -94,7 +97,8 @@ def run(args: list[str] | None = None) -> None:
     """The console entry point: a configuration mistake prints one paragraph (no traceback) and exits 2.
 
     A fit stopped for too many bad steps in a row exits 3 (`nan_guard.BAD_STEPS_EXIT_CODE`), after saving its
-    checkpoint. Any other exception keeps its traceback: it is a bug or a fault worth reporting.
+    checkpoint; a checkpoint write that found the disk full exits 4, naming the intact checkpoint. Any other
+    exception keeps its traceback: it is a bug or a fault worth reporting.
     """
     given = sys.argv[1:] if args is None else args
     if not given or given[0] in ("-h", "--help"):
@@ -102,21 +106,33 @@ def run(args: list[str] | None = None) -> None:
         if not given:
             raise SystemExit(CONFIG_ERROR_EXIT_CODE)
         return
-    if given[0] == "export":
-        quiet_libraries()
-        from lightning_ppo.commands import export_command
-
-        export_command(given[1:], prog=f"{PROG} export")
-        return
-    if given[0] == "serve-reward":
-        quiet_libraries()
-        from lightning_ppo.remote import serve_command
-
-        serve_command(given[1:], prog=f"{PROG} serve-reward")
-        return
     try:
+        if given[0] == "export":
+            quiet_libraries()
+            from lightning_ppo.commands import export_command
+
+            export_command(given[1:], prog=f"{PROG} export")
+            return
+        if given[0] == "serve-reward":
+            quiet_libraries()
+            from lightning_ppo.remote import serve_command
+
+            serve_command(given[1:], prog=f"{PROG} serve-reward")
+            return
         cli = main(args)
     except Exception as error:
+        disk_full = error_in(error, DiskFullError)
+        if disk_full is not None:
+            print(f"lightning-ppo: error: {disk_full.advice()}", file=sys.stderr)
+            raise SystemExit(DISK_FULL_EXIT_CODE) from None
+        remote = error_in(error, RemoteRewardError)
+        if remote is not None:  # the server's fault, not a bug here: one paragraph, exit 1
+            print(
+                f"lightning-ppo: error: {remote} The step was not trained; the checkpoints written so far "
+                "are intact: resume with --ckpt_path last once the server answers.",
+                file=sys.stderr,
+            )
+            raise SystemExit(1) from None
         config_error = config_error_in(error)  # also when jsonargparse wrapped it while building a class
         if config_error is None:
             raise

@@ -15,9 +15,11 @@ from typing import Any, NoReturn
 from jsonargparse import Namespace
 from lightning.pytorch import LightningModule
 from lightning.pytorch.callbacks import ModelCheckpoint
-from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI
 
+from lightning_ppo.checkpointing import LIGHTNING_KEYWORDS, read_checkpoint
 from lightning_ppo.data import PromptDataModule
+from lightning_ppo.errors import check_number
 from lightning_ppo.export import ExportOnFitEnd, checkpoint_source, export_policy
 from lightning_ppo.module import PPOModule
 from lightning_ppo.parallel import cpu_deepspeed_config, on_cpu
@@ -40,8 +42,20 @@ class PPOCLI(LightningCLI):
         # prompts are tokenised with the policy's tokenizer
         parser.link_arguments("model.policy", "data.tokenizer")
 
-    def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
+    def parse_arguments(self, parser: LightningArgumentParser, args: ArgsType) -> None:
+        """Parse; then make checkpoint loading weights-only unless `--weights_only false` is given, and
+        check a `--ckpt_path` file before Lightning reads its hyper-parameters (a damaged one would end in
+        a bare EOFError or UnpicklingError there)."""
         super().parse_arguments(parser, args)
+        subcommand = self.config.get("subcommand")
+        config = self.config[subcommand] if subcommand else self.config
+        if "weights_only" in config:
+            if config.weights_only is None:  # Lightning's None leaves the choice to torch.load
+                config.weights_only = True
+            ckpt_path = config.get("ckpt_path")
+            local = ckpt_path and ckpt_path not in LIGHTNING_KEYWORDS and "://" not in str(ckpt_path)
+            if local and not Path(ckpt_path).is_dir():  # a DeepSpeed checkpoint is a folder of shards
+                read_checkpoint(ckpt_path, mmap=True, weights_only=config.weights_only)
         # LightningCLI next parses a --ckpt_path file's saved hyper-parameters over model.*; this run's own
         # settings are kept instead, and PPOModule.on_load_checkpoint honours or refuses each change
         # (lightning_ppo.resume)
@@ -53,6 +67,14 @@ class PPOCLI(LightningCLI):
             self.config[self.subcommand] = self.requested_config[self.subcommand]
         config = self.config[self.subcommand] if self.subcommand else self.config
         PromptDataModule(**config.data.as_dict())
+        # 0 batches between validations ended in a ZeroDivisionError inside Lightning's fit loop
+        check_number(
+            "trainer.val_check_interval",
+            config.trainer.get("val_check_interval"),
+            0,
+            open_low=True,
+            optional=True,
+        )
         strategy = cpu_deepspeed_config(config.trainer.get("strategy"))
         if strategy is not None and on_cpu(config.trainer.get("accelerator")):
             # Lightning's DeepSpeedStrategy is CUDA-only; every rank prints this note (a rank is unknown yet)
@@ -124,8 +146,10 @@ def export_command(args: list[str], prog: str = "python -m lightning_ppo export"
     parsed = parser.parse_args(args)
     if not Path(parsed.ckpt_path).exists():
         parser.error(f"--ckpt_path {parsed.ckpt_path!r} does not exist")
+    if not Path(parsed.ckpt_path).is_dir():  # a damaged or unsafe file: a ConfigError (one paragraph)
+        read_checkpoint(parsed.ckpt_path, mmap=True, unsafe_advice="export reads only weights-only ones")
     source = checkpoint_source(parsed.ckpt_path)
-    module = PPOModule.load_from_checkpoint(source, map_location="cpu", weights_only=False)
+    module = PPOModule.load_from_checkpoint(source, map_location="cpu", weights_only=True)
     folder = export_policy(module, parsed.output_dir, merge=parsed.merge)
     print(f"Exported the policy of {parsed.ckpt_path} to {folder}")
     return folder

@@ -19,20 +19,25 @@ KL_PENALTIES = ("kl", "abs", "mse", "full", "k3")
 _GAE_MATRIX_MAX_T = 256
 
 
+def upcast(logits: Tensor) -> Tensor:
+    """Logits in float32 at least: bf16/fp16 ones are cast up, float64 ones (precision 64-true) kept."""
+    return logits.to(torch.promote_types(logits.dtype, torch.float32))
+
+
 def logprobs_from_logits(logits: Tensor, tokens: Tensor) -> Tensor:
-    """Float32 log-probability of each taken token; logits are cast first so bf16 stays safe.
+    """Float32 log-probability of each taken token (float64 of float64 logits); cast first, so bf16 is safe.
 
     Naive equivalent: `log_softmax(logits, -1).gather(-1, tokens[..., None])[..., 0]`. Any leading shape:
     (B, T, V) logits and (B, T) tokens, or (n, V) and (n,).
     """
-    logits = logits.float()  # (B, T, V)
+    logits = upcast(logits)  # (B, T, V)
     taken = logits.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)  # (B, T)
     return taken - logits.logsumexp(-1)
 
 
 def entropy_from_logits(logits: Tensor) -> Tensor:
-    """Float32 entropy of each token's distribution: `logsumexp(l) - sum(softmax(l) * l)`."""
-    logits = logits.float()  # (B, T, V)
+    """Float32 (or float64) entropy of each token's distribution: `logsumexp(l) - sum(softmax(l) * l)`."""
+    logits = upcast(logits)  # (B, T, V)
     return logits.logsumexp(-1) - (logits.softmax(-1) * logits).sum(-1)  # (B, T)
 
 
@@ -294,10 +299,10 @@ class _LogprobsAndEntropy(torch.autograd.Function):
         rows = max(1, _FUSED_CHUNK_ELEMENTS // max(1, logits[0].numel()))
         lse, logprobs, entropy = [], [], []
         for chunk, chunk_tokens in zip(logits.split(rows), tokens.split(rows), strict=True):
-            upcast = chunk.float()  # (b, R, V) cast once
-            chunk_lse = upcast.logsumexp(-1, keepdim=True)  # (b, R, 1)
-            taken = upcast.gather(-1, chunk_tokens.unsqueeze(-1)).squeeze(-1)  # (b, R)
-            log_distribution = upcast - chunk_lse  # (b, R, V) log-softmax from the same lse
+            upcast_chunk = upcast(chunk)  # (b, R, V) cast once
+            chunk_lse = upcast_chunk.logsumexp(-1, keepdim=True)  # (b, R, 1)
+            taken = upcast_chunk.gather(-1, chunk_tokens.unsqueeze(-1)).squeeze(-1)  # (b, R)
+            log_distribution = upcast_chunk - chunk_lse  # (b, R, V) log-softmax from the same lse
             # -sum(p * log p) equals lse - sum(p * l) but skips that difference of two large numbers:
             # 5-10x closer to a float64 reference on logits of scale 4-30.
             entropy.append(-log_distribution.exp().mul_(log_distribution).sum(-1))  # (b, R)
@@ -312,15 +317,18 @@ class _LogprobsAndEntropy(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_logprobs: Tensor, grad_entropy: Tensor | None) -> tuple[Tensor, None]:
         # d log p_y / d l = onehot(y) - softmax(l), built in one float32 (B, R, V) buffer (bf16 logits
-        # promote against the float32 lse) instead of autograd's separate gather and logsumexp gradients.
+        # promote against the float32 lse; float64 ones stay float64) instead of autograd's separate
+        # gather and logsumexp gradients.
         logits, lse, tokens = ctx.saved_tensors
-        grad = (logits - lse).exp_().mul_(-grad_logprobs.unsqueeze(-1))  # (B, R, V) float32
+        grad_logprobs = grad_logprobs.to(lse.dtype)  # the loss may hand back another float type
+        grad = (logits - lse).exp_().mul_(-grad_logprobs.unsqueeze(-1))  # (B, R, V) float32 or float64
         grad.scatter_add_(-1, tokens.unsqueeze(-1), grad_logprobs.unsqueeze(-1))
         return grad.to(logits.dtype), None
 
 
 def logprobs_and_entropy(logits: Tensor, tokens: Tensor) -> tuple[Tensor, Tensor]:
-    """Float32 taken-token log-probs and entropies, (B, R) each, from one logsumexp over (B, R, V) logits.
+    """Float32 (float64 of float64 logits) taken-token log-probs and entropies, (B, R) each, from one
+    logsumexp over (B, R, V) logits.
 
     Naive equivalent: `(logprobs_from_logits(logits, tokens), entropy_from_logits(logits.detach()))`.
     Only the log-probs carry a gradient: the entropy is a logged statistic (there is no entropy bonus).

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 from functools import partial
 from pathlib import Path
@@ -20,12 +21,37 @@ from lightning_ppo.models import load_tokenizer
 from lightning_ppo.resumable import resumable_loader
 
 FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
+TEXT_SUFFIXES = (".json", ".jsonl", ".csv", ".tsv", ".txt")  # data files read as text: UTF-8 only
+
+
+def check_utf8(path: Path, key: str) -> None:
+    """Refuse a text file that is not UTF-8: `datasets` fails on it deep in its builders, or reads a JSON
+    lines file as mojibake. Line by line is exact: no UTF-8 sequence holds the newline byte."""
+    with path.open("rb") as file:
+        for number, line in enumerate(file, start=1):
+            try:
+                line.decode("utf-8")
+            except UnicodeDecodeError as error:
+                bad = line[error.start : error.start + 1].hex()
+                raise ConfigError(
+                    f"{key}: the file {str(path)!r} is not UTF-8 text (byte {error.start + 1} of line "
+                    f"{number} is 0x{bad}); it must be UTF-8. Save it again as UTF-8, e.g. `iconv -f latin1 "
+                    f"-t utf-8 {path} > {path.with_stem(path.stem + '-utf8')}`"
+                ) from error
 
 
 def load_prompt_dataset(source: str) -> DatasetDict:
     """Load a `save_to_disk` folder, a json/jsonl/csv/parquet file or folder of them, or a hub dataset."""
     path = Path(source)
     if path.is_dir() and any((path / name).is_file() for name in ("dataset_dict.json", "dataset_info.json")):
+        empty = empty_saved_splits(path)
+        if empty:  # `load_from_disk` fails on them with a bare IndexError
+            where = "its dataset" if empty == [None] else f"split {', '.join(map(repr, empty))}"
+            raise ConfigError(
+                f"data.dataset={source!r}: the `save_to_disk` folder {path.absolute()} holds 0 rows in "
+                f"{where}; save the texts again with rows in every split, or point data.dataset at another "
+                "dataset"
+            )
         loaded = load_from_disk(source)
         return loaded if isinstance(loaded, DatasetDict) else DatasetDict(train=loaded)
     if path.is_file():
@@ -33,9 +59,29 @@ def load_prompt_dataset(source: str) -> DatasetDict:
             raise ConfigError(f"data.dataset: the file {source!r} is empty; give a file with texts")
         if path.suffix not in FILE_BUILDERS:
             raise ConfigError(f"data.dataset: cannot read {source!r}; use one of {sorted(FILE_BUILDERS)}")
+        if path.suffix in TEXT_SUFFIXES:
+            check_utf8(path, "data.dataset")
         return load_dataset(FILE_BUILDERS[path.suffix], data_files=source)  # one "train" split
     # A hub name, or a local folder of data files (`datasets` infers the format and splits from file names).
+    if path.is_dir():
+        for file in sorted(path.rglob("*")):
+            if file.suffix in TEXT_SUFFIXES and file.is_file() and not file.name.startswith("."):
+                check_utf8(file, "data.dataset")
     return load_dataset(source)
+
+
+def empty_saved_splits(folder: Path) -> list[str | None]:
+    """The splits of a `save_to_disk` folder saved with 0 rows (no data files); [None]: a 0-row Dataset."""
+    if (folder / "dataset_dict.json").is_file():
+        splits = json.loads((folder / "dataset_dict.json").read_text(encoding="utf-8"))["splits"]
+        states = {split: folder / split / "state.json" for split in splits}
+    else:
+        states = {None: folder / "state.json"}
+    return [
+        split
+        for split, state in states.items()
+        if state.is_file() and not json.loads(state.read_text(encoding="utf-8")).get("_data_files")
+    ]
 
 
 def numbered(prompts: Dataset) -> Dataset:
@@ -291,9 +337,18 @@ class PromptDataModule(LightningDataModule):
                 "data.predict_file is not set: give a .txt (one prompt per line) or .jsonl file"
             )
         path = Path(self.predict_file)
+        if not path.is_file():
+            raise ConfigError(f"data.predict_file {str(path)!r}: no such file ({path.absolute()})")
+        check_utf8(path, "data.predict_file")
+        no_prompts = ConfigError(
+            f"data.predict_file {str(path)!r} holds no prompts, so predict would write nothing; give a .txt "
+            "file with one prompt per non-blank line, or .jsonl records with a 'prompt' field"
+        )
         if path.suffix == ".txt":
             lines = path.read_text(encoding="utf-8").splitlines()
             records = Dataset.from_dict({"prompt": [line for line in lines if line.strip()]})
+        elif not path.read_bytes().strip():  # `datasets` reads no columns from it
+            raise no_prompts
         else:
             records = load_dataset("json", data_files=str(path), split="train")
         column = "prompt" if "prompt" in records.column_names else self.text_column
@@ -303,7 +358,10 @@ class PromptDataModule(LightningDataModule):
                 f"it has {records.column_names}"
             )
         lengths = np.full(len(records), self.predict_prompt_max_tokens)
-        return numbered(self._tokenize(records, column, lengths))
+        prompts = self._tokenize(records, column, lengths)
+        if len(prompts) == 0:
+            raise no_prompts
+        return numbered(prompts)
 
     def _check_enough_train_prompts(self, num_texts: int) -> None:
         """Each rank needs one full batch: `batch_size` prompts per rank (the last partial one is dropped)."""

@@ -1,16 +1,48 @@
 """The one exception type for user mistakes; it imports nothing, so pure modules can raise it too."""
 
+from typing import TypeVar
+
+E = TypeVar("E", bound=BaseException)
+
 
 class ConfigError(ValueError):
     """A mistake in the configuration or the files it names; the message says which key and what to do."""
 
 
+class RemoteRewardError(RuntimeError):
+    """A reward server gave no usable scores: the message names the URL, the fault and what to check."""
+
+
+class DiskFullError(OSError):
+    """A checkpoint write that ran out of space (ENOSPC, EDQUOT); `previous` is the intact checkpoint."""
+
+    def __init__(self, path: str, previous: str | None) -> None:
+        super().__init__(f"disk full while writing {path}")
+        self.path, self.previous = path, previous
+
+    def advice(self) -> str:
+        """One paragraph: what failed, what is intact, what to do."""
+        if self.previous is None:
+            kept = "no earlier checkpoint is in that folder. Free space on that disk and start the fit again"
+        else:
+            kept = (
+                f"the previous checkpoint {self.previous} is intact. Free space on that disk and resume with "
+                f"--ckpt_path {self.previous}"
+            )
+        return f"disk full while writing the checkpoint {self.path} (nothing of it was kept); {kept}"
+
+
 def config_error_in(error: BaseException) -> ConfigError | None:
     """The `ConfigError` behind `error`, if any: jsonargparse re-raises errors of the classes it builds."""
+    return error_in(error, ConfigError)
+
+
+def error_in(error: BaseException, kind: type[E]) -> E | None:
+    """The first exception of type `kind` in `error`'s chain of causes and contexts, if any."""
     seen: set[int] = set()
     current: BaseException | None = error
     while current is not None and id(current) not in seen:
-        if isinstance(current, ConfigError):
+        if isinstance(current, kind):
             return current
         seen.add(id(current))
         current = current.__cause__ or current.__context__

@@ -71,6 +71,11 @@ from lightning_ppo.update import TrainerHooks, ppo_epochs
 
 __all__ = ["PPOConfig", "PPOModule"]  # PPOConfig: checkpoints pickled before 0.2 name it here
 
+# Checkpoints are loaded weights-only (`checkpointing.read_checkpoint`); older ones pickled these option
+# classes in their hyper-parameters (PPOConfig also under this module's name), so allow them by name.
+_OPTION_CLASSES = [PPOConfig, SamplingConfig, ShapingConfig, LoraOptions]
+torch.serialization.add_safe_globals([*_OPTION_CLASSES, (PPOConfig, f"{__name__}.PPOConfig")])
+
 
 class PPOModule(LightningModule):
     """PPO fine-tuning of a causal LM against a reward model, with a frozen reference for the KL penalty.

@@ -20,14 +20,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from lightning_ppo.errors import ConfigError, check_number
+from lightning_ppo.errors import ConfigError, RemoteRewardError, check_number
 from lightning_ppo.rewards import RewardModel
 
 RETRIED_HTTP_CODES = frozenset({408, 429, 500, 502, 503, 504})
-
-
-class RemoteRewardError(RuntimeError):
-    """The reward server gave no usable scores: the message names the URL, the fault and what to check."""
 
 
 class _Retry(Exception):

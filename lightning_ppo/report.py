@@ -132,6 +132,27 @@ def finite_pairs(reference: Tensor, tuned: Tensor) -> tuple[Tensor, Tensor, int]
     return reference[keep], tuned[keep], int((~keep).sum())
 
 
+def histogram_edges(values: Any) -> Any:
+    """Bin edges (at most `_MAX_BINS` bins) for the finite float64 `values` (n,), n >= 1, of any size.
+
+    numpy's own edges fail on a constant (or nearly constant) array of large values: it widens the range
+    by 0.5, which is below the spacing of floats near 1e16 and up, so no bin has a width. The range is
+    widened here by a part of the values' size instead.
+    """
+    import numpy as np
+
+    values = np.asarray(values, dtype=np.float64)
+    low, high = float(values.min()), float(values.max())
+    scale = max(abs(low), abs(high))
+    if high - low <= scale * 1e-6:  # (nearly) constant: one bin centred on the values
+        pad = max(0.5, scale * 1e-6)
+        return np.array([low - pad, high + pad])
+    edges = np.histogram_bin_edges(values, bins="auto")
+    if len(edges) > _MAX_BINS + 1:  # "auto" follows the Freedman-Diaconis width, which outliers can shrink
+        edges = np.histogram_bin_edges(values, bins=_MAX_BINS)
+    return edges
+
+
 def reward_histogram(reference: Tensor, tuned: Tensor, comparison: RewardComparison) -> Figure:
     """Overlaid histograms of reference and tuned rewards on shared bins; means solid, medians dashed.
 
@@ -144,10 +165,7 @@ def reward_histogram(reference: Tensor, tuned: Tensor, comparison: RewardCompari
 
     reference, tuned, _ = finite_pairs(reference, tuned)
     values = {"reference": reference.numpy(), "tuned": tuned.numpy()}
-    pooled = np.concatenate(list(values.values()))
-    bins = np.histogram_bin_edges(pooled, bins="auto")
-    if len(bins) > _MAX_BINS + 1:  # "auto" follows the Freedman-Diaconis width, which outliers can shrink
-        bins = np.histogram_bin_edges(pooled, bins=_MAX_BINS)
+    bins = histogram_edges(np.concatenate(list(values.values())))
     figure = Figure(figsize=(FIGURE_SIZE[0] / FIGURE_DPI, FIGURE_SIZE[1] / FIGURE_DPI), dpi=FIGURE_DPI)
     FigureCanvasAgg(figure)
     axes = figure.add_subplot()
@@ -202,11 +220,13 @@ def log_training_histograms(experiment: Any, step: int, reward: Tensor, kl: Tens
 
     `experiment` is a TensorBoard `SummaryWriter` (anything with `add_histogram`); for others this does
     nothing. Non-finite values are left out: numpy cannot bin them, and the NaN count is logged elsewhere.
+    The bins come from the values (`histogram_edges`): TensorBoard's default bins end at +-1e20 and would
+    leave a larger reward out (all of them out: "The histogram is empty").
     """
     if not hasattr(experiment, "add_histogram"):
         return
     for tag, values in (("histograms/reward", reward), ("histograms/kl", kl)):
-        values = values.detach().float().cpu().flatten()  # (B,) float32
+        values = values.detach().double().cpu().flatten()  # (B,) float64
         values = values[torch.isfinite(values)]
         if values.numel():
-            experiment.add_histogram(tag, values, global_step=step)
+            experiment.add_histogram(tag, values, global_step=step, bins=histogram_edges(values.numpy()))

@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import importlib
-from collections.abc import Callable
+import numbers
+import reprlib
+from collections.abc import Callable, Iterable
+from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, PreTrainedTokenizerBase
@@ -31,7 +35,63 @@ def score_rollout(
     texts = decode_rows(tokenizer, rollout.input_ids, rollout.attention_mask)
     queries = decode_rows(tokenizer, rollout.query_ids, rollout.attention_mask[:, : rollout.response_start])
     responses = decode_rows(tokenizer, rollout.response_ids, rollout.response_mask)
-    return reward(texts, queries, responses).to(rollout.input_ids.device), responses
+    return call_reward(reward, texts, queries, responses).to(rollout.input_ids.device), responses
+
+
+def call_reward(reward: RewardModel, texts: list[str], queries: list[str], responses: list[str]) -> Tensor:
+    """`reward(texts, queries, responses)` as scores (B,) float32, or a `ConfigError` naming the reward."""
+    kind = type(reward)
+    return as_scores(reward(texts, queries, responses), len(texts), f"{kind.__module__}.{kind.__qualname__}")
+
+
+def as_scores(returned: Any, count: int, reward: str) -> Tensor:
+    """What a reward returned for `count` texts as scores (count,) float32; else a `ConfigError` that names
+    `reward`, what it returned and what it must return. NaN/inf scores pass: `nan_guard` skips their batch.
+    """
+    detail = ""
+    if isinstance(returned, (Tensor, np.ndarray)):
+        array = torch.as_tensor(returned) if _is_real_array(returned) else None
+        if array is not None and tuple(array.shape) == (count,):
+            return array.float()
+        what = f"a {type(returned).__name__} of dtype {returned.dtype} and shape {tuple(returned.shape)}"
+        if array is None and returned.size and returned.ndim:
+            detail = f" (first element {_short(returned.flatten()[0].item())})"
+    elif isinstance(returned, (str, bytes, dict)) or not isinstance(returned, Iterable):
+        what = "None" if returned is None else f"a {type(returned).__name__}, {_short(returned)},"
+    else:  # a list, tuple or other iterable of numbers
+        elements = list(returned)
+        bad = [(i, e) for i, e in enumerate(elements) if not _is_number(e)]
+        if not bad and len(elements) == count:
+            return torch.tensor([float(e) for e in elements], dtype=torch.float32)
+        what = f"a {type(returned).__name__} of {len(elements)} element(s)"
+        if bad:
+            position, first = bad[0]
+            detail = f" (element {position} is {type(first).__name__}: {_short(first)})"
+    raise ConfigError(
+        f"model.reward: the reward {reward} returned {what} for {count} texts{detail}; it must return one "
+        f"finite float per text (a list of {count} floats or a float tensor of shape ({count},)). Fix the "
+        "reward."
+    )
+
+
+def _is_real_array(array: Tensor | np.ndarray) -> bool:
+    if isinstance(array, Tensor):
+        return not array.dtype.is_complex
+    return array.dtype.kind in "biuf"
+
+
+def _is_number(value: Any) -> bool:
+    if isinstance(value, (Tensor, np.ndarray)):  # a 0-d tensor or array, e.g. one score of a model
+        return value.ndim == 0 and _is_real_array(value)
+    return isinstance(value, numbers.Real)
+
+
+def _short(value: Any) -> str:
+    """A repr of `value` cut to about 40 characters."""
+    short = reprlib.Repr()
+    short.maxstring = short.maxother = 40
+    short.maxlist = short.maxdict = 3
+    return short.repr(value)
 
 
 class ClassifierReward(RewardModel):
@@ -106,13 +166,9 @@ class FunctionReward(RewardModel):
         self._function = import_function(function)
 
     def forward(self, texts: list[str], queries: list[str], responses: list[str]) -> Tensor:
-        scores = torch.as_tensor(self._function(texts, queries, responses), dtype=torch.float32)
-        if scores.shape != (len(texts),):
-            raise ValueError(
-                f"reward function {self.function} returned shape {tuple(scores.shape)}; "
-                f"it must return one score per text ({len(texts)})"
-            )
-        return scores
+        function = self._function
+        name = f"{getattr(function, '__module__', '?')}.{getattr(function, '__qualname__', repr(function))}"
+        return as_scores(function(texts, queries, responses), len(texts), f"function {name}")
 
 
 class WeightedSumReward(RewardModel):
@@ -130,4 +186,4 @@ class WeightedSumReward(RewardModel):
 
     def forward(self, texts: list[str], queries: list[str], responses: list[str]) -> Tensor:
         pairs = zip(self.rewards, self.weights, strict=True)
-        return torch.stack([w * r(texts, queries, responses).float().cpu() for r, w in pairs]).sum(0)
+        return torch.stack([w * call_reward(r, texts, queries, responses).cpu() for r, w in pairs]).sum(0)

@@ -17,3 +17,23 @@ def response_length(texts: list[str], queries: list[str], responses: list[str]) 
 def nan_score(texts: list[str], queries: list[str], responses: list[str]) -> list[float]:
     """A broken reward model: every score is NaN, so every PPO batch is skipped."""
     return [float("nan")] * len(texts)
+
+
+def huge_score(texts: list[str], queries: list[str], responses: list[str]) -> list[float]:
+    """A finite but huge constant score (1e30): beyond the ±1e20 of TensorBoard's default histogram bins."""
+    return [1e30] * len(texts)
+
+
+def labels(texts: list[str], queries: list[str], responses: list[str]) -> list[str]:
+    """A broken reward: labels instead of scores (was `ValueError: too many dimensions 'str'`)."""
+    return ["POSITIVE"] * len(texts)
+
+
+def nothing_for_the_last(texts: list[str], queries: list[str], responses: list[str]) -> list[float | None]:
+    """A broken reward: None for one text (was `TypeError: must be real number, not NoneType`)."""
+    return [1.0] * (len(texts) - 1) + [None]
+
+
+def one_short(texts: list[str], queries: list[str], responses: list[str]) -> list[float]:
+    """A broken reward: a score too few."""
+    return [1.0] * (len(texts) - 1)

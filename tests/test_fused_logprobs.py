@@ -94,3 +94,12 @@ def test_fused_gradient_flows_through_a_head_and_matches_a_float64_log_softmax()
 
     assert_close(head.weight.grad.double(), reference_head.weight.grad, rtol=1e-5, atol=1e-6)
     assert_close(head.bias.grad.double(), reference_head.bias.grad, rtol=1e-5, atol=1e-6)
+
+
+def test_fused_on_float64_logits_stays_float64_and_passes_gradcheck(chunk_elements: int) -> None:
+    """Precision 64-true: was `scatter(): Expected self.dtype to be equal to src.dtype` in the backward."""
+    logits = torch.randn(2, 3, 11, dtype=torch.float64, requires_grad=True)  # (B, R, V)
+    tokens = torch.randint(0, 11, (2, 3))  # (B, R)
+    logprobs, entropy = core.logprobs_and_entropy(logits, tokens)
+    assert logprobs.dtype == entropy.dtype == core.logprobs_from_logits(logits, tokens).dtype == torch.float64
+    assert torch.autograd.gradcheck(lambda x: core.logprobs_and_entropy(x, tokens)[0], (logits,))

@@ -235,3 +235,23 @@ def test_a_fit_with_the_served_classifier_logs_what_a_local_one_does(
                               "--model.reward.url", served_classifier))  # fmt: skip
     assert len(local["env/reward_mean"]) == 2 and all(map(math.isfinite, local["env/reward_mean"].values()))
     assert compare(local, served, atol=0.0, ignore=("time/",)) == []
+
+
+@pytest.mark.slow
+def test_a_fit_whose_reward_server_is_down_stops_with_one_paragraph(
+    tiny_assets: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with socket.socket() as probe:  # a port nobody listens on
+        probe.bind(("127.0.0.1", 0))
+        url = f"http://127.0.0.1:{probe.getsockname()[1]}/"
+    args = ["fit", "--config", str(ROOT / "configs" / "tiny.yaml"), *cli_seed_args(),
+            "--trainer.limit_train_batches", "1", "--data.batch_size", "16",
+            "--model.ppo.mini_batch_size", "8", "--trainer.logger.init_args.save_dir", str(tmp_path),
+            "--model.reward", "lightning_ppo.remote.RemoteReward", "--model.reward.url", url,
+            "--model.reward.retries", "1", "--model.reward.backoff", "0"]  # fmt: skip
+    monkeypatch.setattr(sys, "argv", ["lightning-ppo", *args])
+    with pytest.raises(SystemExit) as exit_info:
+        cli.run()
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 1 and "Traceback" not in err
+    assert f"lightning-ppo: error: remote reward {url}: no answer after 2 attempts" in err.splitlines()[-1]
