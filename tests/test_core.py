@@ -71,8 +71,8 @@ def test_logprobs_from_logits_matches_log_softmax_loop() -> None:
             log_norm = math.log(sum(math.exp(float(v)) for v in row))
             expected[b, t] = float(row[tokens[b, t]]) - log_norm
     out = core.logprobs_from_logits(logits, tokens)
-    assert out.dtype == torch.float32
-    assert_close(out, expected.float(), rtol=1e-6, atol=1e-6)
+    assert out.dtype == torch.float64  # float64 logits (precision 64-true) stay float64
+    assert_close(out, expected, rtol=1e-6, atol=1e-6)
 
 
 def test_logprobs_from_bf16_logits_are_float32_and_exact_for_the_upcast_logits() -> None:
@@ -90,7 +90,7 @@ def test_logprobs_from_bf16_logits_are_float32_and_exact_for_the_upcast_logits()
 def test_entropy_from_logits_matches_loop() -> None:
     logits = torch.randn(3, 4, 9, dtype=torch.float64) * 2
     out = core.entropy_from_logits(logits)
-    assert out.dtype == torch.float32
+    assert out.dtype == torch.float64  # float64 logits (precision 64-true) stay float64
     for b in range(3):
         for t in range(4):
             weights = [math.exp(float(v)) for v in logits[b, t]]
