@@ -50,9 +50,9 @@ SHAPES = {"small": dict(n_layer=4, n_embd=192, n_head=4, vocab=4096), "gpt2-124m
 # name -> PPOModule keyword arguments ("ppo": PPOConfig fields); "baseline" is the old behaviour of every
 # switch.
 VARIANTS: dict[str, dict[str, Any]] = {
-    "baseline": dict(sampling=SamplingConfig(decoder="generate"), ppo=dict(packing=False)),
+    "baseline": dict(sampling=SamplingConfig(engine="generate"), ppo=dict(packing=False)),
     "decode loop": dict(sampling=SamplingConfig(decoder="loop"), ppo=dict(packing=False)),
-    "packed update": dict(sampling=SamplingConfig(decoder="generate"), ppo=dict(packing=True)),
+    "packed update": dict(sampling=SamplingConfig(engine="generate"), ppo=dict(packing=True)),
     "both": dict(sampling=SamplingConfig(decoder="loop"), ppo=dict(packing=True)),
 }
 
@@ -143,7 +143,7 @@ def rollout_sweep(
     counts: dict[str, tuple[int, int]] = {}
     for round_ in range(repeats + 1):  # round 0 warms up
         for k in decoders:
-            module.sampling = replace(default, decoder=k)
+            module.sampling = replace(default, engine=k)
             start = time.perf_counter()
             rollout = module._sample(module.policy.lm, batch, lengths)
             if round_:

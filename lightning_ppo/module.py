@@ -36,6 +36,7 @@ from lightning_ppo.experience import (
     rollout_passes,
     rollout_statistics,
 )
+from lightning_ppo.generation import GenerationEngine, build_engine
 from lightning_ppo.loading import check_fits_context
 from lightning_ppo.lora import LoraOptions, apply_lora
 from lightning_ppo.models import (
@@ -64,7 +65,6 @@ from lightning_ppo.rollout import (
     SamplingConfig,
     draw_response_lengths,
     rollout_from_token_lists,
-    sample_responses,
 )
 from lightning_ppo.shaping import RunningMoments, ShapingConfig, shape_scores
 from lightning_ppo.update import TrainerHooks, ppo_epochs
@@ -179,6 +179,8 @@ class PPOModule(LightningModule):
         self._sequence_kls = torch.zeros(0)  # (B,) the last PPO step's per-sequence KL
         self.test_rows: list[dict[str, Any]] = []
         self._clock = StepClock()
+        self._engine: GenerationEngine | None = None
+        self._engine_kind: str | None = None
 
     @property
     def ref_policy(self) -> torch.nn.Module | None:
@@ -257,6 +259,8 @@ class PPOModule(LightningModule):
         if self.trainer.ckpt_path is not None:  # Adam's state was restored with the checkpoint's rates
             for group, lr in zip(self.optimizers().param_groups, self._learning_rates(), strict=True):
                 group["lr"] = lr  # this run's apply (lightning_ppo.resume)
+            if self._engine is not None:
+                self._engine.weights_changed()
         self._clock.restart()
 
     def on_validation_start(self) -> None:
@@ -436,24 +440,28 @@ class PPOModule(LightningModule):
             if self.ppo.max_grad_norm is not None and not clips_in_engine(self.trainer.strategy):
                 self.clip_gradients(optimizer, gradient_clip_val=self.ppo.max_grad_norm)
             optimizer.step()
+            if self._engine is not None:
+                self._engine.weights_changed()
         optimizer.zero_grad()
 
     # ----------------------------------------------------------------------------------------------
     # Sampling and scoring, shared by training, validation, test and predict (one response per prompt
     # outside training)
 
+    @property
+    def engine(self) -> GenerationEngine:
+        """This rank's generation engine (`model.sampling.engine`), built on first use."""
+        if self._engine is None or self._engine_kind != self.sampling.engine:
+            pad, eos = self.tokenizer.pad_token_id, self.tokenizer.eos_token_id
+            self._engine = build_engine(self.sampling, self.policy.lm, pad, eos)
+            self._engine_kind = self.sampling.engine
+        return self._engine
+
     def _sample(self, model: nn.Module, batch: dict[str, Any], lengths: Tensor) -> Rollout:
         strategy = self._trainer.strategy if self._trainer is not None and model is self.policy.lm else None
         with eval_mode(model), gathered_for_generation(strategy, self.policy) as synced_gpus:
-            return sample_responses(
-                model,
-                batch["input_ids"],
-                batch["attention_mask"],
-                lengths,
-                self.sampling,
-                pad_token_id=self.tokenizer.pad_token_id,
-                eos_token_id=self.tokenizer.eos_token_id,
-                synced_gpus=synced_gpus,
+            return self.engine.sample(
+                model, batch["input_ids"], batch["attention_mask"], lengths, self.sampling, synced_gpus
             )
 
     def _shape_scores(self, scores: Tensor, rollout: Rollout) -> Tensor:

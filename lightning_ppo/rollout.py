@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import inspect
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, get_args
 
 import torch
 from torch import Tensor
@@ -23,6 +23,27 @@ from transformers import (
 from lightning_ppo.errors import ConfigError, check_number
 from lightning_ppo.models import position_ids_from_mask
 
+EngineName = Literal["loop", "generate", "vllm"]
+ENGINES = get_args(EngineName)
+
+
+@dataclass
+class VLLMOptions:
+    """Options of the vLLM engine (`model.sampling.engine: vllm`).
+
+    Args:
+        gpu_memory_utilization: Share of the GPU's memory vLLM may take (weights and KV cache).
+        cpu_kv_cache_gib: On CPU, GiB of KV cache (vLLM's `VLLM_CPU_KVCACHE_SPACE`; its default takes
+            most of the machine's memory).
+        max_model_len: Longest prompt + response vLLM is built for; null: the policy's context.
+        sleep_between_rollouts: On CUDA, release the KV cache while the PPO epochs run (sleep mode).
+    """
+
+    gpu_memory_utilization: float = 0.3
+    cpu_kv_cache_gib: float = 1.0
+    max_model_len: int | None = None
+    sleep_between_rollouts: bool = True
+
 
 @dataclass
 class SamplingConfig:
@@ -38,11 +59,13 @@ class SamplingConfig:
             runs out of memory.
         cache_implementation: Key/value cache of `generate`: null (dynamic) or "static" (preallocated;
             on CUDA, transformers then compiles the decoding step with torch.compile). "static" samples with
-            `generate`, whatever `decoder` says: a preallocated cache cannot drop rows.
-        decoder: "loop" decodes each row only up to its own drawn length or EOS, dropping finished rows from
-            the batch and the KV cache (no wasted positions); "generate" is one HF `generate` call per batch
-            up to the longest drawn length, each row then cut (about 37% of decoded positions wasted at
-            lengths 4-15). Both sample from the same distribution. Under ZeRO-3 it is "generate".
+            `generate` whatever `engine` says: a preallocated cache cannot drop rows.
+        engine: What samples (`lightning_ppo.generation`): "loop" decodes each row only up to its own
+            length or EOS, dropping finished rows from the batch and the KV cache; "generate" is one HF
+            `generate` call per batch up to the longest length, each row then cut; "vllm" is an in-process
+            vLLM engine (`pip install .[vllm]`), synced with the policy's weights after every PPO step.
+            Under ZeRO-3 "loop" samples with `generate`.
+        vllm: Options of the vLLM engine; null: their defaults.
         num_samples_per_prompt: Responses sampled per training prompt (k, the group of GRPO and RLOO), all
             in the same batched sampling; a batch of B prompts rolls out B x k rows. The k samples of a
             prompt share one drawn response length. Validation, test and predict sample one per prompt.
@@ -55,8 +78,10 @@ class SamplingConfig:
     top_p: float = 1.0
     batch_size: int | None = None
     cache_implementation: str | None = None
-    decoder: Literal["loop", "generate"] = "loop"
+    engine: EngineName = "loop"
     num_samples_per_prompt: int = 1
+    vllm: VLLMOptions | None = None
+    decoder: str | None = None  # renamed `engine`: set, it is refused with the new name
 
     def __post_init__(self) -> None:
         check_number("model.sampling.response_min_length", self.response_min_length, 1, integer=True)
@@ -71,8 +96,14 @@ class SamplingConfig:
         check_number("model.sampling.top_k", self.top_k, 0, integer=True)
         check_number("model.sampling.top_p", self.top_p, 0, 1, open_low=True)
         check_number("model.sampling.batch_size", self.batch_size, 1, integer=True, optional=True)
-        if self.decoder not in ("loop", "generate"):
-            raise ConfigError(f'model.sampling.decoder must be "loop" or "generate", got {self.decoder!r}')
+        if self.decoder is not None:
+            raise ConfigError(
+                f"model.sampling.decoder was renamed model.sampling.engine (loop, generate or vllm); write "
+                f"`engine: {self.decoder}` instead of `decoder: {self.decoder}`"
+            )
+        if self.engine not in ENGINES:
+            choices = ", ".join(ENGINES)
+            raise ConfigError(f"model.sampling.engine must be one of {choices}, got {self.engine!r}")
         check_number("model.sampling.num_samples_per_prompt", self.num_samples_per_prompt, 1, integer=True)
 
 
@@ -234,12 +265,12 @@ def sample_responses(
 ) -> Rollout:
     """Sample a response for every left-padded prompt, `config.batch_size` prompts per chunk.
 
-    Each row stops at its drawn length or first EOS (kept). `config.decoder="loop"` decodes no position past
-    that (`_sample_loop`); HF `generate` (`_sample_generate`) is used for `decoder="generate"` and where the
+    Each row stops at its drawn length or first EOS (kept). `config.engine="loop"` decodes no position past
+    that (`_sample_loop`); HF `generate` (`_sample_generate`) is used for `engine="generate"` and where the
     loop cannot apply: `synced_gpus` (ZeRO-3: every rank must run a forward per step until all ranks are
     done, for the gathered weights) and `cache_implementation="static"` (a preallocated cache keeps its rows).
     """
-    use_loop = config.decoder == "loop" and not synced_gpus and config.cache_implementation is None
+    use_loop = config.engine == "loop" and not synced_gpus and config.cache_implementation is None
     chunk = config.batch_size or input_ids.shape[0]
     parts = []
     for ids, mask, chunk_lengths in zip(

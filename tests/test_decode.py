@@ -1,4 +1,4 @@
-"""The decoding loop (`model.sampling.decoder: loop`) against HF `generate` and a full forward."""
+"""The decoding loop (`model.sampling.engine: loop`) against HF `generate` and a full forward."""
 
 from __future__ import annotations
 
@@ -226,10 +226,10 @@ def test_decoded_positions_are_the_forwarded_rows_and_all_useful(batch_size: int
     assert len(forwarded) == sum(int(chunk.max()) for chunk in per_row_steps.split(batch_size or 16))
 
 
-def test_generate_decoder_decodes_every_row_to_the_longest_length() -> None:
+def test_generate_engine_decodes_every_row_to_the_longest_length() -> None:
     lm = random_lm()
     input_ids, attention_mask, lengths = prompts(16, seed=4)
-    rollout = sample(lm, input_ids, attention_mask, lengths, eos=None, decoder="generate")
+    rollout = sample(lm, input_ids, attention_mask, lengths, eos=None, engine="generate")
     assert rollout.decoded_positions == 16 * int(lengths.max())
     assert rollout.useful_positions == int(lengths.sum())
 
@@ -243,6 +243,13 @@ def test_chunks_give_the_same_greedy_rollout_as_the_whole_batch() -> None:
     assert_same_greedy_tokens(lm, whole, kept_tokens(chunked))  # chunks of 6 rows: other kernel shapes
 
 
-def test_unknown_decoder_names_the_key() -> None:
-    with pytest.raises(ConfigError, match="model.sampling.decoder"):
-        SamplingConfig(decoder="beam")
+def test_unknown_engine_names_the_key() -> None:
+    with pytest.raises(ConfigError, match="model.sampling.engine must be one of loop, generate, vllm"):
+        SamplingConfig(engine="beam")
+
+
+def test_the_old_decoder_key_names_the_new_one() -> None:
+    with pytest.raises(
+        ConfigError, match="model.sampling.decoder was renamed model.sampling.engine.*engine: generate"
+    ):
+        SamplingConfig(decoder="generate")

@@ -241,7 +241,7 @@ def test_score_lands_on_eos_and_nothing_after_it(
 ) -> None:
     module = make_module()
     # scripted `generate` below: the loop would not call it
-    module.sampling = SamplingConfig(response_min_length=6, response_max_length=6, decoder="generate")
+    module.sampling = SamplingConfig(response_min_length=6, response_max_length=6, engine="generate")
     eos, word = module.tokenizer.eos_token_id, module.tokenizer.convert_tokens_to_ids("Ġgreat")
     responses = torch.full((BATCH, 6), word)  # (B, 6) rows 2.. have no EOS
     responses[0, 2] = eos  # ends early: EOS third, then tokens that must not count

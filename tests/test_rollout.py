@@ -73,7 +73,7 @@ def test_sample_responses_layout_and_single_generate_call():
     new_tokens = torch.tensor([[31, 32, eos, 34, 35], [41, 42, 43, 44, 45]])
     model = ScriptedLM(new_tokens)
     lengths = torch.tensor([5, 3])
-    one_call = SamplingConfig(decoder="generate")
+    one_call = SamplingConfig(engine="generate")
     rollout = sample_responses(
         model, input_ids, attention_mask, lengths, one_call, pad_token_id=pad, eos_token_id=eos
     )
@@ -97,12 +97,12 @@ def test_rollout_micro_batches_give_the_same_layout_as_one_call():
         input_ids,
         attention_mask,
         lengths,
-        SamplingConfig(decoder="generate"),
+        SamplingConfig(engine="generate"),
         pad,
         eos,
     )
     chunked_model = ChunkedScriptedLM(new_tokens)
-    chunked_config = SamplingConfig(batch_size=2, decoder="generate")
+    chunked_config = SamplingConfig(batch_size=2, engine="generate")
     chunked = sample_responses(chunked_model, input_ids, attention_mask, lengths, chunked_config, pad, eos)
     assert chunked_model.calls == 2
     assert chunked.input_ids.tolist() == whole.input_ids.tolist()
@@ -162,7 +162,7 @@ def test_synced_gpus_samples_with_one_generate_call_per_chunk() -> None:
     model = PromptEchoLM()
     model.generate = lambda synced_gpus, **kwargs: PromptEchoLM.generate(model, **kwargs)
     config = SamplingConfig(batch_size=16)
-    assert config.decoder == "loop"
+    assert config.engine == "loop"
     rollout = sample_responses(model, input_ids, attention_mask, lengths, config, 0, None, synced_gpus=True)
     assert [rows for rows, _ in model.calls] == [16, 16]
     assert rollout.query_ids.tolist() == input_ids.tolist()
@@ -193,7 +193,7 @@ def tiny_lm_and_prompts(tiny_assets: Path, rows: int) -> tuple:
 def test_one_call_equals_todays_single_generate_for_the_same_seed(tiny_assets: Path) -> None:
     lm, tokenizer, input_ids, attention_mask = tiny_lm_and_prompts(tiny_assets, 16)
     pad, eos = tokenizer.pad_token_id, tokenizer.eos_token_id
-    config = SamplingConfig(decoder="generate")
+    config = SamplingConfig(engine="generate")
     torch.manual_seed(seeded(3))
     lengths = draw_response_lengths(16, config, torch.device("cpu"))
     rollout = sample_responses(lm, input_ids, attention_mask, lengths, config, pad, eos)
@@ -225,7 +225,7 @@ def test_greedy_loop_equals_one_generate_call_on_a_real_model(tiny_assets: Path)
         head.bias[eos] = -1e4  # greedy, the tiny model would emit EOS at once and every call stop there
     lengths = torch.randint(4, 16, (64,), generator=torch.Generator().manual_seed(seeded(0)))
     one = sample_responses(
-        lm, input_ids, attention_mask, lengths, SamplingConfig(top_k=1, decoder="generate"), pad, eos
+        lm, input_ids, attention_mask, lengths, SamplingConfig(top_k=1, engine="generate"), pad, eos
     )
     loop = sample_responses(lm, input_ids, attention_mask, lengths, SamplingConfig(top_k=1), pad, eos)
     assert_same_greedy_tokens(lm, one, kept_tokens(loop))  # the loop drops rows: other kernel shapes
@@ -242,7 +242,7 @@ def test_loop_sampling_keeps_lengths_and_statistics(tiny_assets: Path) -> None:
     pad, eos = tokenizer.pad_token_id, tokenizer.eos_token_id
     drawn, kept, histograms = {}, {}, {}
     for decoder in ("generate", "loop"):
-        config = SamplingConfig(decoder=decoder)
+        config = SamplingConfig(engine=decoder)
         torch.manual_seed(seeded(0))
         drawn[decoder] = draw_response_lengths(rows, config, torch.device("cpu"))
         rollout = sample_responses(lm, input_ids, attention_mask, drawn[decoder], config, pad, eos)

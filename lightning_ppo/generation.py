@@ -1,0 +1,67 @@
+"""The generation engine: the seam between the trainer and whatever samples responses.
+
+An engine takes left-padded prompts, one length limit per row and the sampling settings, and returns a
+`Rollout`. The trainer tells it when the policy's weights changed, so an engine that holds its own copy of
+the weights (vLLM) syncs them before it samples again.
+"""
+
+from __future__ import annotations
+
+from torch import Tensor, nn
+
+from lightning_ppo.rollout import Rollout, SamplingConfig, sample_responses
+
+
+class GenerationEngine:
+    """Samples responses to prompts; `model.sampling.engine` picks the implementation."""
+
+    def sample(
+        self,
+        model: nn.Module,
+        input_ids: Tensor,
+        attention_mask: Tensor,
+        lengths: Tensor,
+        config: SamplingConfig,
+        synced_gpus: bool = False,
+    ) -> Rollout:
+        """Responses of `model` to the prompts (B, P), row i stopping at EOS or `lengths[i]` tokens."""
+        raise NotImplementedError
+
+    def weights_changed(self) -> None:
+        """The trained policy's weights changed (an optimizer step, a resume)."""
+
+
+class HuggingFaceEngine(GenerationEngine):
+    """The decoding loop or one `generate` call on the model itself (`rollout.sample_responses`)."""
+
+    def __init__(self, pad_token_id: int, eos_token_id: int | None) -> None:
+        self.pad_token_id, self.eos_token_id = pad_token_id, eos_token_id
+
+    def sample(
+        self,
+        model: nn.Module,
+        input_ids: Tensor,
+        attention_mask: Tensor,
+        lengths: Tensor,
+        config: SamplingConfig,
+        synced_gpus: bool = False,
+    ) -> Rollout:
+        return sample_responses(
+            model,
+            input_ids,
+            attention_mask,
+            lengths,
+            config,
+            pad_token_id=self.pad_token_id,
+            eos_token_id=self.eos_token_id,
+            synced_gpus=synced_gpus,
+        )
+
+
+def build_engine(config: SamplingConfig, policy: nn.Module, pad_token_id: int, eos_token_id: int | None):
+    """The engine `config.engine` names, for `policy` (the trained LM)."""
+    if config.engine == "vllm":
+        from lightning_ppo.vllm_engine import VLLMEngine  # vLLM is an optional extra
+
+        return VLLMEngine(policy, config.vllm, pad_token_id, eos_token_id)
+    return HuggingFaceEngine(pad_token_id, eos_token_id)
