@@ -6,9 +6,7 @@ real token. Formulas follow TRL 0.11's legacy PPOTrainer; nothing here syncs hos
 `masked_var(unbiased=True)` (and so `masked_whiten`), which checks the token count.
 """
 
-import math
 from collections.abc import Callable
-from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -33,12 +31,6 @@ def logprobs_from_logits(logits: Tensor, tokens: Tensor) -> Tensor:
     logits = upcast(logits)  # (B, T, V)
     taken = logits.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)  # (B, T)
     return taken - logits.logsumexp(-1)
-
-
-def entropy_from_logits(logits: Tensor) -> Tensor:
-    """Float32 (or float64) entropy of each token's distribution: `logsumexp(l) - sum(softmax(l) * l)`."""
-    logits = upcast(logits)  # (B, T, V)
-    return logits.logsumexp(-1) - (logits.softmax(-1) * logits).sum(-1)  # (B, T)
 
 
 def _zero_outside(x: Tensor, mask: Tensor) -> Tensor:
@@ -137,19 +129,6 @@ def compute_rewards(
     on_last = (positions == last.unsqueeze(1)) & mask.bool()  # (B, T) empty rows: all False
     rewards = non_score_rewards + on_last * scores.unsqueeze(1).to(non_score_rewards.dtype)
     return rewards, non_score_rewards, kl
-
-
-def compute_gae(
-    values: Tensor, rewards: Tensor, mask: Tensor, gamma: float, lam: float
-) -> tuple[Tensor, Tensor]:
-    """Generalised advantage estimates and returns (= advantages + masked values), not whitened.
-
-    Naive equivalent (TRL): loop t from T-1 down to 0, `delta = r_t + gamma * V_{t+1} - V_t` with
-    V_T = 0, `A_t = delta + gamma * lam * A_{t+1}`. Values and rewards are masked first.
-    """
-    values = _zero_outside(values, mask)  # (B, T)
-    advantages = _gae(values, _zero_outside(rewards, mask), gamma, lam)
-    return advantages, advantages + values
 
 
 def compute_advantages(
@@ -281,9 +260,7 @@ class FixedKLController:
         self.value = state_dict["value"]
 
 
-# ================================================================ issues 13 and 14
-# Fused log-probs and entropy (the PPO loss), critic-free advantage estimators, length buckets (packed
-# forwards), and a paired bootstrap interval (the test report).
+# ---------------------------------------------------------------- fused log-probs, critic-free estimators
 # GRPO's KL-in-loss term is `masked_mean(kl_penalty(logprobs, ref_logprobs, "k3"), mask)`.
 
 
@@ -327,13 +304,10 @@ class _LogprobsAndEntropy(torch.autograd.Function):
 
 
 def logprobs_and_entropy(logits: Tensor, tokens: Tensor) -> tuple[Tensor, Tensor]:
-    """Float32 (float64 of float64 logits) taken-token log-probs and entropies, (B, R) each, from one
-    logsumexp over (B, R, V) logits.
+    """Taken-token log-probs (with gradient) and entropies (a statistic), float32 or more, from one logsumexp.
 
-    Naive equivalent: `(logprobs_from_logits(logits, tokens), entropy_from_logits(logits.detach()))`.
-    Only the log-probs carry a gradient: the entropy is a logged statistic (there is no entropy bonus).
-    Lower peak memory than the pair: the forward works in chunks, the backward holds one (B, R, V) buffer.
-    Also (n, V) logits of n tokens (n,): the chunks are then runs of tokens.
+    Naive equivalent: `logprobs_from_logits(logits, tokens)` and `logsumexp(l) - sum(softmax(l) * l)`;
+    less peak memory, as the forward works in chunks. (B, R, V) logits, or (n, V) of n tokens.
     """
     return _LogprobsAndEntropy.apply(logits, tokens)
 
@@ -408,96 +382,3 @@ def reinforce_pp_advantages(
     var = total_sq / count - mean**2
     advantages = (returns - mean) * var.clamp(min=1e-8).rsqrt()  # float64 statistics
     return _zero_outside(advantages.to(rewards.dtype), mask)  # (B, R)
-
-
-def padded_tokens(lengths: Tensor, micro_batches: list[Tensor]) -> tuple[int, int]:
-    """(useful, computed) tokens when each micro-batch is padded to its longest row: padding waste."""
-    useful = sum(int(lengths[rows].sum()) for rows in micro_batches)
-    computed = sum(len(rows) * int(lengths[rows].max()) for rows in micro_batches if len(rows))
-    return useful, computed
-
-
-def length_buckets(lengths: Tensor, max_buckets: int) -> tuple[list[Tensor], int, int]:
-    """Rows grouped into at most `max_buckets` buckets minimising the positions computed when each bucket
-    is padded to its longest row: a batched forward per bucket, or a `generate` call per bucket.
-
-    A bucket costs rows x its longest length. Optimal buckets are runs of the rows sorted by length (a row
-    never gains from joining a bucket with a longer maximum than a shorter row's), so a dynamic programme
-    over the m distinct lengths finds them in O(m^2 * max_buckets); ties go to fewer buckets. Returns (row
-    indices per bucket, shortest first; computed positions; useful positions = sum of lengths).
-    """
-    if max_buckets < 1:
-        raise ValueError(f"length_buckets needs max_buckets >= 1, got {max_buckets}")
-    values, counts = torch.unique(lengths, return_counts=True)  # (m,) ascending, (m,)
-    values, counts = values.tolist(), counts.tolist()
-    m = len(values)
-    rows_before = [0]
-    for count in counts:
-        rows_before.append(rows_before[-1] + count)
-    # best[g][j]: cheapest cover of the j shortest distinct lengths with g buckets; cut[g][j]: its last start.
-    best = [[0] + [math.inf] * m] + [[math.inf] * (m + 1) for _ in range(max_buckets)]
-    cut = [[0] * (m + 1) for _ in range(max_buckets + 1)]
-    for g in range(1, max_buckets + 1):
-        for j in range(1, m + 1):
-            for i in range(j):
-                cost = best[g - 1][i] + (rows_before[j] - rows_before[i]) * values[j - 1]
-                if cost < best[g][j]:
-                    best[g][j], cut[g][j] = cost, i
-    buckets = min(range(max_buckets + 1), key=lambda g: (best[g][m], g))
-    bounds, j = [], m
-    for g in range(buckets, 0, -1):
-        bounds.append((cut[g][j], j))
-        j = cut[g][j]
-    groups = [
-        torch.nonzero((lengths >= values[i]) & (lengths <= values[j - 1])).squeeze(1) for i, j in bounds[::-1]
-    ]
-    return groups, int(best[buckets][m]), int(lengths.sum())
-
-
-# Bootstrap indices are drawn in chunks of about this many (32 MiB of int64) to bound memory.
-_BOOTSTRAP_CHUNK_DRAWS = 2**22
-
-
-class PairedDifference(NamedTuple):
-    """Mean of paired differences (tuned - reference) and its percentile-bootstrap interval."""
-
-    mean: float
-    low: float
-    high: float
-
-
-def paired_bootstrap_ci(
-    tuned: Tensor, reference: Tensor, n_resamples: int = 10_000, confidence: float = 0.95, seed: int = 0
-) -> PairedDifference:
-    """Mean of `tuned - reference` over the same prompts, (n,) each, with a percentile-bootstrap interval.
-
-    Resamples prompts with replacement from a seeded `torch.Generator` (Efron & Tibshirani 1993, ch. 13).
-    Naive equivalent: for each of n_resamples draws of n indices, average the differences at them; the
-    interval is the (1 - confidence) / 2 and (1 + confidence) / 2 linear-interpolated quantiles.
-    """
-    differences = (tuned.double() - reference.double()).flatten()  # (n,)
-    n = differences.numel()
-    if n < 2:
-        raise ValueError(f"a bootstrap interval needs at least 2 paired samples, got {n}")
-    differences = differences.cpu()
-    generator = torch.Generator().manual_seed(seed)
-    rows = max(1, _BOOTSTRAP_CHUNK_DRAWS // n)  # chunks draw the same stream as one (n_resamples, n) call
-    means = torch.cat(
-        [
-            differences[torch.randint(n, (min(rows, n_resamples - start), n), generator=generator)].mean(1)
-            for start in range(0, n_resamples, rows)
-        ]
-    )  # (n_resamples,)
-    tail = (1 - confidence) / 2
-    low, high = torch.quantile(means, torch.tensor([tail, 1 - tail], dtype=torch.float64)).tolist()
-    return PairedDifference(float(differences.mean()), low, high)
-
-
-def prompts_for_half_width(sd: float, half_width: float, z: float = 1.96) -> int:
-    """Prompts n needed for a 95% interval half-width `z * sd / sqrt(n)` of at most `half_width`.
-
-    `sd` is the standard deviation of the paired differences (tuned - reference) over prompts.
-    """
-    if sd < 0 or half_width <= 0:
-        raise ValueError(f"need sd >= 0 and half_width > 0, got sd={sd}, half_width={half_width}")
-    return max(2, math.ceil((z * sd / half_width) ** 2))

@@ -2,7 +2,7 @@
 
 A rollout's layout (left-padded prompt, response from column P, right padding) pads every row to the
 longest prompt plus the longest response of the batch: about a third of a PPO forward at the notebook's
-lengths. Here rows are bucketed by their real length (`core.length_buckets`) and each bucket is laid out
+lengths. Here rows are bucketed by their real length (`length_buckets`) and each bucket is laid out
 prompt-then-response from column 0, right-padded to the bucket's longest row, so the padding left is the
 spread of lengths within a bucket. Per-token outputs come back in the rollout's (N, R) response layout and
 row order, so losses and statistics are computed exactly as on the padded batch.
@@ -10,13 +10,12 @@ row order, so losses and statistics are computed exactly as on the padded batch.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
-
-from lightning_ppo.core import length_buckets
 
 
 @dataclass
@@ -102,7 +101,7 @@ def plan_buckets(totals: Tensor, max_buckets: int, max_rows: int | None = None) 
 
     The number of forwards depends only on the number of rows, never on the lengths, so every rank runs
     as many (ZeRO-3 gathers the sharded weights in each forward: unequal counts would hang). Rows sorted
-    by length are cut into equal chunks of at most `max_rows`; each chunk takes `core.length_buckets`'
+    by length are cut into equal chunks of at most `max_rows`; each chunk takes `length_buckets`'
     optimal buckets, the largest split in two while there are fewer than `max_buckets`.
     """
     order = torch.argsort(totals, stable=True)  # (n,)
@@ -115,6 +114,43 @@ def plan_buckets(totals: Tensor, max_buckets: int, max_rows: int | None = None) 
             parts[largest : largest + 1] = list(parts[largest].tensor_split(2))
         buckets += parts
     return buckets
+
+
+def length_buckets(lengths: Tensor, max_buckets: int) -> tuple[list[Tensor], int, int]:
+    """Rows grouped into at most `max_buckets` buckets minimising the positions computed when each bucket
+    is padded to its longest row: a batched forward per bucket, or a `generate` call per bucket.
+
+    A bucket costs rows x its longest length. Optimal buckets are runs of the rows sorted by length (a row
+    never gains from joining a bucket with a longer maximum than a shorter row's), so a dynamic programme
+    over the m distinct lengths finds them in O(m^2 * max_buckets); ties go to fewer buckets. Returns (row
+    indices per bucket, shortest first; computed positions; useful positions = sum of lengths).
+    """
+    if max_buckets < 1:
+        raise ValueError(f"length_buckets needs max_buckets >= 1, got {max_buckets}")
+    values, counts = torch.unique(lengths, return_counts=True)  # (m,) ascending, (m,)
+    values, counts = values.tolist(), counts.tolist()
+    m = len(values)
+    rows_before = [0]
+    for count in counts:
+        rows_before.append(rows_before[-1] + count)
+    # best[g][j]: cheapest cover of the j shortest distinct lengths with g buckets; cut[g][j]: its last start.
+    best = [[0] + [math.inf] * m] + [[math.inf] * (m + 1) for _ in range(max_buckets)]
+    cut = [[0] * (m + 1) for _ in range(max_buckets + 1)]
+    for g in range(1, max_buckets + 1):
+        for j in range(1, m + 1):
+            for i in range(j):
+                cost = best[g - 1][i] + (rows_before[j] - rows_before[i]) * values[j - 1]
+                if cost < best[g][j]:
+                    best[g][j], cut[g][j] = cost, i
+    buckets = min(range(max_buckets + 1), key=lambda g: (best[g][m], g))
+    bounds, j = [], m
+    for g in range(buckets, 0, -1):
+        bounds.append((cut[g][j], j))
+        j = cut[g][j]
+    groups = [
+        torch.nonzero((lengths >= values[i]) & (lengths <= values[j - 1])).squeeze(1) for i, j in bounds[::-1]
+    ]
+    return groups, int(best[buckets][m]), int(lengths.sum())
 
 
 def spread(values: Tensor, mask: Tensor) -> Tensor:

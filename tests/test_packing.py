@@ -10,14 +10,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from lightning_ppo.core import length_buckets, padded_tokens
 from lightning_ppo.data import collate_prompts
 from lightning_ppo.experience import make_experience, rollout_passes
 from lightning_ppo.module import PPOModule
-from lightning_ppo.packing import RowLengths, bucketed, pack_rows, plan_buckets, spread
+from lightning_ppo.packing import RowLengths, bucketed, length_buckets, pack_rows, plan_buckets, spread
 from lightning_ppo.rollout import Rollout, draw_response_lengths
 from lightning_ppo.update import TrainerHooks, ppo_epochs, ppo_loss
-from tests.helpers import seeded
+from tests.helpers import padded_tokens, seeded
 
 PROMPTS = [
     "the movie",
