@@ -181,7 +181,7 @@ def restore_rng_states(states: dict[str, Any]) -> None:
     random.setstate(states["python"])
 
 
-class FaultTolerance(Callback):
+class SafeCheckpoints(Callback):
     """Installs `AtomicCheckpointIO`, checkpoints every rank's RNG states, and acts on signals between steps.
 
     - Validation runs on a side RNG stream: the training stream is put back after it, so a resumed run
@@ -202,6 +202,10 @@ class FaultTolerance(Callback):
         self._pending: set[int] = set()
         self._launcher: Any = None
         self._last_saved_step = -1
+
+    @property
+    def state_key(self) -> str:
+        return "FaultTolerance"  # the class's former name, under which checkpoints hold its state
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:  # a user's own plugin stays

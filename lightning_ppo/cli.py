@@ -144,12 +144,12 @@ def run(args: list[str] | None = None) -> None:
 def _exit_if_stopped_for_bad_steps(cli: PPOCLI) -> None:
     from lightning_ppo.nan_guard import BAD_STEPS_EXIT_CODE
 
-    stop_checkpoint = cli.model.faults.stop_checkpoint
-    if stop_checkpoint is not None:  # every rank exits with the code; rank 0 says why
+    guard = cli.model.bad_numbers
+    if guard.stop_checkpoint is not None:  # every rank exits with the code; rank 0 says why
         if cli.trainer.is_global_zero:
             print(
-                f"lightning-ppo: error: stopped after {cli.model.faults.consecutive_bad_steps} bad steps in "
-                f"a row (NaN/inf; see the log above); last good state: {stop_checkpoint}",
+                f"lightning-ppo: error: stopped after {guard.consecutive_bad_steps} bad steps in "
+                f"a row (NaN/inf; see the log above); last good state: {guard.stop_checkpoint}",
                 file=sys.stderr,
             )
         raise SystemExit(BAD_STEPS_EXIT_CODE)

@@ -1,7 +1,7 @@
 """Experience for the PPO epochs: the no-grad passes over a scored rollout, per-token rewards, advantages.
 
 Plain functions over explicit models and tensors (steps 3-5 of a PPO iteration, TRL 0.11's order):
-`rollout_passes` (old log-probs and values, reference log-probs), `per_token_rewards` (`-kl_coef * kl`
+`forward_passes` (old log-probs and values, reference log-probs), `per_token_rewards` (`-kl_coef * kl`
 plus the score on the last token), then `make_experience` (the advantages of `model.ppo.advantage_estimator`:
 GAE with returns, or a critic-free estimator).
 """
@@ -77,7 +77,7 @@ class Experience:
 
 
 @dataclass
-class RolloutPasses:
+class ForwardPasses:
     """The no-grad passes over a rollout, masked to its response tokens."""
 
     logprobs: Tensor  # (B, R) float32 log pi_old(a_t | s_t)
@@ -95,13 +95,13 @@ class Rewards:
     kls: Tensor  # (B, R) the chosen KL estimator per token (TRL's `kls`)
 
 
-def rollout_passes(
+def forward_passes(
     models: PPOModels,
     rollout: Rollout,
     chunk: int | None = None,
     full_kl: bool = False,
     length_buckets: int | None = None,
-) -> RolloutPasses:
+) -> ForwardPasses:
     """One no-grad forward of the policy (log-probs and values) and one of the reference, in eval mode.
 
     `chunk` rows per forward (None: the whole batch); `full_kl` also keeps both full log-distributions.
@@ -112,14 +112,15 @@ def rollout_passes(
     with torch.no_grad(), eval_mode(*trainable):
         if length_buckets is None:
             parts = [
-                _passes(models, part, full_kl) for part in rollout.split(chunk or rollout.input_ids.shape[0])
+                _forward_rows(models, part, full_kl)
+                for part in rollout.split(chunk or rollout.input_ids.shape[0])
             ]
             outputs = [torch.cat(column) for column in zip(*parts, strict=True)]
         else:
             lengths = RowLengths.of(rollout.attention_mask, rollout.response_start, rollout.response_mask)
             outputs, _ = bucketed(
                 # the heads only on the real tokens, unless both full distributions are kept
-                lambda rows: _passes(models, rows, full_kl, None if full_kl else rows.response_mask),
+                lambda rows: _forward_rows(models, rows, full_kl, None if full_kl else rows.response_mask),
                 rollout.input_ids,
                 rollout.response_start,
                 lengths,
@@ -129,7 +130,7 @@ def rollout_passes(
             )
     mask = rollout.response_mask
     outputs = [pad_responses(output, mask.shape[1]) for output in outputs]  # trailing all-masked columns
-    return RolloutPasses(
+    return ForwardPasses(
         logprobs=outputs[0] * mask,
         values=outputs[1] * mask,
         ref_logprobs=outputs[2] * mask,
@@ -137,7 +138,7 @@ def rollout_passes(
     )
 
 
-def _passes(
+def _forward_rows(
     models: PPOModels, rows: Rollout | PackedRows, full_kl: bool, token_mask: Tensor | None = None
 ) -> tuple[Tensor, ...]:
     """Log-probs, values (zeros without a value model) and reference log-probs of the response tokens,
@@ -165,7 +166,7 @@ def _passes(
 
 
 def per_token_rewards(
-    scores: Tensor, passes: RolloutPasses, mask: Tensor, kl_coef: float, config: PPOConfig
+    scores: Tensor, passes: ForwardPasses, mask: Tensor, kl_coef: float, config: PPOConfig
 ) -> Rewards:
     """`-kl_coef * kl` on every response token, plus each (shaped) score (B,) on its last token."""
     kl_inputs = passes.full if passes.full is not None else (passes.logprobs, passes.ref_logprobs)
@@ -175,7 +176,7 @@ def per_token_rewards(
 
 def make_experience(
     rollout: Rollout,
-    passes: RolloutPasses,
+    passes: ForwardPasses,
     rewards: Tensor,
     config: PPOConfig,
     samples_per_prompt: int = 1,
@@ -238,7 +239,7 @@ def critic_free_advantages(
 
 
 def rollout_statistics(
-    rollout: Rollout, passes: RolloutPasses, rewards: Rewards, scores: Tensor, all_raw_scores: Tensor
+    rollout: Rollout, passes: ForwardPasses, rewards: Rewards, scores: Tensor, all_raw_scores: Tensor
 ) -> dict[str, Tensor]:
     """TRL's statistics of a rollout: rewards over every rank's raw scores, the rest of this rank's rows."""
     mask = rollout.response_mask

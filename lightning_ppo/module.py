@@ -16,7 +16,7 @@ from torch import Tensor, nn
 
 from lightning_ppo.checkpointing import (
     CHECKPOINT_VERSION,
-    FaultTolerance,
+    SafeCheckpoints,
     check_checkpoint_version,
 )
 from lightning_ppo.compat import logging_step
@@ -30,10 +30,10 @@ from lightning_ppo.evaluation import (
     write_test_report,
 )
 from lightning_ppo.experience import (
-    RolloutPasses,
+    ForwardPasses,
+    forward_passes,
     make_experience,
     per_token_rewards,
-    rollout_passes,
     rollout_statistics,
 )
 from lightning_ppo.generation import GenerationEngine, build_engine
@@ -50,7 +50,7 @@ from lightning_ppo.models import (
     make_reference,
 )
 from lightning_ppo.monitoring import PhaseTimer, StepClock, samples_table
-from lightning_ppo.nan_guard import FaultGuard
+from lightning_ppo.nan_guard import BadNumberGuard
 from lightning_ppo.parallel import (
     clips_in_engine,
     configure_deepspeed,
@@ -67,7 +67,7 @@ from lightning_ppo.rollout import (
     rollout_from_token_lists,
 )
 from lightning_ppo.shaping import RunningMoments, ShapingConfig, shape_scores
-from lightning_ppo.update import TrainerHooks, ppo_epochs
+from lightning_ppo.update import UpdateContext, ppo_epochs
 
 __all__ = ["PPOConfig", "PPOModule"]  # PPOConfig: checkpoints pickled before 0.2 name it here
 
@@ -174,7 +174,7 @@ class PPOModule(LightningModule):
             self.kl_ctl = AdaptiveKLController(self.ppo.init_kl_coef, self.ppo.target, self.ppo.horizon)
         else:
             self.kl_ctl = FixedKLController(self.ppo.init_kl_coef)
-        self.faults = FaultGuard(max_consecutive_bad_steps)
+        self.bad_numbers = BadNumberGuard(max_consecutive_bad_steps)
         self.held_out = HeldOutResults()
         self._sequence_kls = torch.zeros(0)  # (B,) the last PPO step's per-sequence KL
         self.test_rows: list[dict[str, Any]] = []
@@ -192,10 +192,10 @@ class PPOModule(LightningModule):
         return self._frozen["reward"]
 
     @property
-    def hooks(self) -> TrainerHooks:
+    def update_context(self) -> UpdateContext:
         """How the PPO epochs reach the optimizer and the other ranks, through Lightning."""
         strategy = self.trainer.strategy
-        return TrainerHooks(
+        return UpdateContext(
             backward=self.manual_backward,
             no_sync=lambda last: no_backward_sync(strategy, last_micro_batch=last),
             optimizer_step=self._optimizer_step,
@@ -206,7 +206,7 @@ class PPOModule(LightningModule):
     # Lightning plumbing
 
     def configure_callbacks(self) -> list[Callback]:
-        return [JsonlPredictionWriter(), FaultTolerance()]
+        return [JsonlPredictionWriter(), SafeCheckpoints()]
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         """One Adam (DeepSpeed takes one optimizer): the policy's trainable weights, then the critic's."""
@@ -360,7 +360,7 @@ class PPOModule(LightningModule):
         metrics.update(self._clock.lap(timer))
         self._log_metrics(metrics)  # 8. log (reduced across ranks)
         self._log_samples(batch["query"], responses, scores, self._sequence_kls)
-        self.faults.stop_if_failing(self.trainer)
+        self.bad_numbers.stop_if_failing(self.trainer)
 
     def step(
         self, queries: list[Tensor], responses: list[Tensor], scores: list[Tensor] | Tensor
@@ -382,7 +382,7 @@ class PPOModule(LightningModule):
         rollout = rollout_from_token_lists(queries, responses, self.tokenizer.pad_token_id, self.device)
         scores = torch.stack([torch.as_tensor(score, dtype=torch.float32).reshape(()) for score in scores])
         metrics = self._step(rollout, scores.to(self.device), PhaseTimer(self.device))
-        self.faults.stop_if_failing(self.trainer)
+        self.bad_numbers.stop_if_failing(self.trainer)
         names = list(metrics)
         means = self.trainer.strategy.reduce(torch.stack([metrics[n].float().to(self.device) for n in names]))
         return dict(zip(names, means.tolist(), strict=True))
@@ -394,8 +394,8 @@ class PPOModule(LightningModule):
         self._sequence_kls = torch.zeros(0)  # stays empty when the batch is skipped
         full_kl = self.ppo.kl_penalty == "full"
         with timer("forward"):  # 3. old log-probs and values, reference log-probs
-            passes = self._rollout_passes(rollout, full_kl)
-        usable, fault_metrics = self.faults.check_rollout(
+            passes = self._forward_passes(rollout, full_kl)
+        usable, fault_metrics = self.bad_numbers.check_rollout(
             strategy, raw_scores, passes.logprobs, passes.values, passes.ref_logprobs
         )
         if not usable:  # NaN/inf rewards, log-probs or values: skip the batch (lightning_ppo.nan_guard)
@@ -414,7 +414,7 @@ class PPOModule(LightningModule):
             lambda x: strategy.reduce(x, reduce_op="sum"),
         )
         with timer("optimize"):  # 6. PPO epochs over shuffled minibatches
-            train_stats = ppo_epochs(self.models, experience, self.ppo, self.hooks)
+            train_stats = ppo_epochs(self.models, experience, self.ppo, self.update_context)
         # TRL's objective/kl: per-sequence sums of the chosen estimator (the kls compute_rewards returns)
         self._sequence_kls = rewards.kls.sum(-1)  # (B,) for the histograms of `_log_samples`
         mean_kl = strategy.reduce(self._sequence_kls.mean(), reduce_op="mean")
@@ -427,7 +427,7 @@ class PPOModule(LightningModule):
             "objective/kl": mean_kl,
             "objective/kl_coef": torch.tensor(kl_coef),
             "ppo/learning_rate": torch.tensor(lr),
-            "ppo/skipped_optimizer_steps": self.faults.pop_skipped_optimizer_steps(),
+            "ppo/skipped_optimizer_steps": self.bad_numbers.pop_skipped_optimizer_steps(),
             **train_stats,
             **fault_metrics,
             **timer.metrics(),
@@ -436,7 +436,7 @@ class PPOModule(LightningModule):
     def _optimizer_step(self, step_loss: Tensor) -> None:
         """Step the optimizer unless the step's loss is NaN/inf on some rank; clip first if asked."""
         optimizer = self.optimizers()
-        if self.faults.step_is_finite(self.trainer.strategy, step_loss):  # else skip the step
+        if self.bad_numbers.step_is_finite(self.trainer.strategy, step_loss):  # else skip the step
             if self.ppo.max_grad_norm is not None and not clips_in_engine(self.trainer.strategy):
                 self.clip_gradients(optimizer, gradient_clip_val=self.ppo.max_grad_norm)
             optimizer.step()
@@ -475,13 +475,13 @@ class PPOModule(LightningModule):
         """Every rank's values of `x`, flattened into one (world * N,) tensor."""
         return self.all_gather(x).reshape(-1)
 
-    def _rollout_passes(self, rollout: Rollout, full_kl: bool = False) -> RolloutPasses:
+    def _forward_passes(self, rollout: Rollout, full_kl: bool = False) -> ForwardPasses:
         buckets = self.ppo.length_buckets if self.ppo.packing else None
-        return rollout_passes(self.models, rollout, self.hparams.forward_batch_size, full_kl, buckets)
+        return forward_passes(self.models, rollout, self.hparams.forward_batch_size, full_kl, buckets)
 
     def _sequence_kl(self, rollout: Rollout) -> Tensor:
         """Sampled KL(policy || reference) of each response, summed over its tokens. (B,)"""
-        passes = self._rollout_passes(rollout)
+        passes = self._forward_passes(rollout)
         return (passes.logprobs - passes.ref_logprobs).sum(-1)
 
     # ----------------------------------------------------------------------------------------------

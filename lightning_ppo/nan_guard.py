@@ -31,7 +31,7 @@ STOP_CHECKPOINT = "bad-steps.ckpt"
 BAD_STEPS_EXIT_CODE = 3  # the command line's exit code after such a stop (2 is a configuration mistake)
 
 
-class FaultGuard:
+class BadNumberGuard:
     """Decides whether a rollout or an optimizer step is usable, counts the faults, and stops the run."""
 
     def __init__(self, max_consecutive_bad_steps: int) -> None:

@@ -1,7 +1,7 @@
 """The PPO epochs (step 6 of a PPO iteration): shuffled minibatches, the clipped losses, one optimizer step
 per backward batch, TRL's skipped minibatches and early stop.
 
-Plain functions over explicit models, an `Experience`, and `TrainerHooks`: how the update reaches the
+Plain functions over explicit models, an `Experience`, and `UpdateContext`: how the update reaches the
 optimizer and the other ranks (backward, DDP's no-sync, a checked optimizer step, a mean over ranks).
 """
 
@@ -30,7 +30,7 @@ from lightning_ppo.packing import PackedRows, bucketed, spread
 
 
 @dataclass
-class TrainerHooks:
+class UpdateContext:
     """What the PPO epochs ask of the trainer; the module builds it from Lightning's manual optimisation."""
 
     backward: Callable[[Tensor], None]  # `manual_backward`
@@ -40,7 +40,7 @@ class TrainerHooks:
 
 
 def ppo_epochs(
-    models: PPOModels, experience: Experience, config: PPOConfig, hooks: TrainerHooks
+    models: PPOModels, experience: Experience, config: PPOConfig, context: UpdateContext
 ) -> dict[str, Tensor]:
     """`ppo_epochs` passes over shuffled backward batches, one optimizer step each; mean statistics.
 
@@ -58,14 +58,14 @@ def ppo_epochs(
             minibatches = backward_rows.split(config.mini_batch_size)
             for i, rows in enumerate(minibatches):
                 # DDP all-reduces the gradients once per optimizer step, on its last minibatch
-                with hooks.no_sync(i == len(minibatches) - 1):
+                with context.no_sync(i == len(minibatches) - 1):
                     loss, minibatch_stats = ppo_loss(models, experience.select(rows), config)
-                    hooks.backward(loss / config.gradient_accumulation_steps)
+                    context.backward(loss / config.gradient_accumulation_steps)
                 step_loss += loss.detach()
                 for name, value in minibatch_stats.items():
                     stats[name].append(value)
-            hooks.optimizer_step(step_loss)
-        if config.early_stopping and kl_too_high(stats["ppo/policy/policykl"][-1], config, hooks):
+            context.optimizer_step(step_loss)
+        if config.early_stopping and kl_too_high(stats["ppo/policy/policykl"][-1], config, context):
             break
     means = {name: torch.stack(values).float().mean() for name, values in stats.items()}
     if "ppo/val/error" in means:  # TRL's definition, from the minibatch means; critic-free: no values
@@ -75,9 +75,9 @@ def ppo_epochs(
     return means
 
 
-def kl_too_high(policykl: Tensor, config: PPOConfig, hooks: TrainerHooks) -> bool:
+def kl_too_high(policykl: Tensor, config: PPOConfig, context: UpdateContext) -> bool:
     """TRL's `_early_stop`: the last minibatch's policy KL, averaged over ranks, above 1.5 x target_kl."""
-    policykl = hooks.mean_over_ranks(policykl.detach().clone())
+    policykl = context.mean_over_ranks(policykl.detach().clone())
     return bool(policykl > 1.5 * config.target_kl)  # the same decision on every rank
 
 
