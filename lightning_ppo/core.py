@@ -7,11 +7,13 @@ real token. Formulas follow TRL 0.11's legacy PPOTrainer; nothing here syncs hos
 """
 
 from collections.abc import Callable
+from typing import Literal, get_args
 
 import torch
 from torch import Tensor
 
-KL_PENALTIES = ("kl", "abs", "mse", "full", "k3")
+KLPenalty = Literal["kl", "abs", "mse", "full", "k3"]  # the per-token KL estimators of `kl_penalty`
+KL_PENALTIES: tuple[str, ...] = get_args(KLPenalty)
 
 # GAE builds a (T, T) float64 discount matrix up to this length and loops over columns beyond it.
 _GAE_MATRIX_MAX_T = 256
@@ -77,7 +79,7 @@ def masked_whiten(x: Tensor, mask: Tensor, shift_mean: bool = True) -> Tensor:
     return whitened if shift_mean else whitened + mean
 
 
-def kl_penalty(logprobs: Tensor, ref_logprobs: Tensor, kind: str = "kl") -> Tensor:
+def kl_penalty(logprobs: Tensor, ref_logprobs: Tensor, kind: KLPenalty = "kl") -> Tensor:
     """Per-token estimate of KL(policy || reference), (B, T), for one of `KL_PENALTIES`.
 
     "kl", "abs", "mse" and "k3" take the (B, T) log-probs of the taken tokens; "full" takes the
@@ -114,7 +116,7 @@ def compute_rewards(
     ref_logprobs: Tensor,
     mask: Tensor,
     kl_coef: float | Tensor,
-    kl_penalty: str = "kl",
+    kl_penalty: KLPenalty = "kl",
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Per-token rewards: `-kl_coef * kl` everywhere, plus each sequence's score on its last real token.
 
@@ -217,7 +219,25 @@ def value_loss(
     return loss, stats
 
 
-class AdaptiveKLController:
+class KLController:
+    """A KL coefficient `value` that checkpoints save and restore; subclasses say how `update` moves it."""
+
+    value: float
+
+    def update(self, current_kl: float | Tensor, n_steps: int) -> None:
+        """Move the coefficient after a batch of n_steps samples whose mean KL was current_kl."""
+        raise NotImplementedError
+
+    def state_dict(self) -> dict[str, float]:
+        """The coefficient, for checkpoints."""
+        return {"value": self.value}
+
+    def load_state_dict(self, state_dict: dict[str, float]) -> None:
+        """Restore the coefficient saved by state_dict."""
+        self.value = state_dict["value"]
+
+
+class AdaptiveKLController(KLController):
     """KL coefficient steered towards a target KL, Ziegler et al. 2019 (arXiv:1909.08593, section 2.2).
 
     `e = clip(kl / target - 1, -0.2, 0.2)`, then `value *= 1 + e * n_steps / horizon`.
@@ -229,20 +249,11 @@ class AdaptiveKLController:
         self.horizon = horizon
 
     def update(self, current_kl: float | Tensor, n_steps: int) -> None:
-        """Move the coefficient after a batch of n_steps samples whose mean KL was current_kl."""
         error = min(max(float(current_kl) / self.target - 1, -0.2), 0.2)
         self.value *= 1 + error * n_steps / self.horizon
 
-    def state_dict(self) -> dict[str, float]:
-        """The coefficient, for checkpoints."""
-        return {"value": self.value}
 
-    def load_state_dict(self, state_dict: dict[str, float]) -> None:
-        """Restore the coefficient saved by state_dict."""
-        self.value = state_dict["value"]
-
-
-class FixedKLController:
+class FixedKLController(KLController):
     """Constant KL coefficient; `update` is a no-op so both controllers are interchangeable."""
 
     def __init__(self, kl_coef: float) -> None:
@@ -250,14 +261,6 @@ class FixedKLController:
 
     def update(self, current_kl: float | Tensor, n_steps: int) -> None:
         """Does nothing: the coefficient is fixed."""
-
-    def state_dict(self) -> dict[str, float]:
-        """The coefficient, for checkpoints."""
-        return {"value": self.value}
-
-    def load_state_dict(self, state_dict: dict[str, float]) -> None:
-        """Restore the coefficient saved by state_dict."""
-        self.value = state_dict["value"]
 
 
 # ---------------------------------------------------------------- fused log-probs, critic-free estimators

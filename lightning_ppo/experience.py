@@ -26,7 +26,14 @@ from lightning_ppo.core import (
     rloo_advantages,
 )
 from lightning_ppo.models import PPOModels, eval_mode
-from lightning_ppo.packing import PackedRows, RowLengths, bucketed, pad_responses, spread
+from lightning_ppo.packing import (
+    PackedRows,
+    RowLengths,
+    bucketed,
+    on_response_tokens,
+    pad_responses,
+    response_inputs,
+)
 from lightning_ppo.rollout import Rollout
 
 PER_TOKEN_FIELDS = ("response_mask", "old_logprobs", "ref_logprobs", "old_values", "advantages", "returns")
@@ -145,16 +152,13 @@ def _forward_rows(
     (B, R) each, then with `full_kl` both log-distributions (B, R, V); not masked.
 
     `token_mask` (B, R) bool: the LM heads run only at its True positions, the log-probs 0 elsewhere."""
-    args = (rows.input_ids, rows.attention_mask, rows.response_start, rows.response_ids.shape[1], token_mask)
+    args = response_inputs(rows, token_mask)
     logits, values = models.logits_and_values(*args)  # (B, R, V) or (n, V), (B, R)
     ref_logits = models.reference_logits(*args)  # (B, R, V) or (n, V)
-    if token_mask is None:
-        logprobs, ref_logprobs = (logprobs_from_logits(x, rows.response_ids) for x in (logits, ref_logits))
-    else:
-        tokens = rows.response_ids[token_mask]  # (n,)
-        logprobs, ref_logprobs = (
-            spread(logprobs_from_logits(x, tokens), token_mask) for x in (logits, ref_logits)
-        )
+    logprobs, ref_logprobs = (
+        on_response_tokens(logprobs_from_logits, x, rows.response_ids, token_mask)
+        for x in (logits, ref_logits)
+    )
     outputs = (
         logprobs,
         torch.zeros(rows.response_ids.shape, device=logprobs.device) if values is None else values,

@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -151,6 +152,28 @@ def length_buckets(lengths: Tensor, max_buckets: int) -> tuple[list[Tensor], int
         torch.nonzero((lengths >= values[i]) & (lengths <= values[j - 1])).squeeze(1) for i, j in bounds[::-1]
     ]
     return groups, int(best[buckets][m]), int(lengths.sum())
+
+
+def response_inputs(rows: Any, token_mask: Tensor | None = None) -> tuple:
+    """`PPOModels.logits_and_values`/`reference_logits` arguments for the responses of `rows` (a rollout,
+    an experience or packed rows); with `token_mask` (b, R) the LM heads run only at its True positions."""
+    return (rows.input_ids, rows.attention_mask, rows.response_start, rows.response_ids.shape[1], token_mask)
+
+
+def on_response_tokens(
+    per_token: Callable[[Tensor, Tensor], Tensor | tuple[Tensor, ...]],
+    logits: Tensor,
+    response_ids: Tensor,
+    token_mask: Tensor | None = None,
+) -> Tensor | tuple[Tensor, ...]:
+    """`per_token(logits, tokens)` laid out (b, R): (b, R, V) logits, or with `token_mask` the (n, V) ones
+    of its True positions, each output spread back with zeros elsewhere."""
+    if token_mask is None:
+        return per_token(logits, response_ids)
+    outputs = per_token(logits, response_ids[token_mask])  # (n,) each
+    if isinstance(outputs, Tensor):
+        return spread(outputs, token_mask)
+    return tuple(spread(x, token_mask) for x in outputs)
 
 
 def spread(values: Tensor, mask: Tensor) -> Tensor:

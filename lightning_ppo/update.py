@@ -26,7 +26,7 @@ from lightning_ppo.core import (
 )
 from lightning_ppo.experience import Experience
 from lightning_ppo.models import PPOModels
-from lightning_ppo.packing import PackedRows, bucketed, spread
+from lightning_ppo.packing import PackedRows, bucketed, on_response_tokens, response_inputs
 
 
 @dataclass
@@ -142,15 +142,9 @@ def _forward(models: PPOModels, batch: Experience, config: PPOConfig) -> tuple[T
         return logprobs, entropy, values, batch.input_ids.numel()
 
     def forward(rows: PackedRows) -> tuple[Tensor, ...]:
-        logits, values = models.logits_and_values(  # logits (n, V): the head only on the n real tokens
-            rows.input_ids,
-            rows.attention_mask,
-            rows.response_start,
-            rows.response_ids.shape[1],
-            rows.response_mask,
-        )
-        tokens = rows.response_ids[rows.response_mask]  # (n,)
-        outputs = tuple(spread(x, rows.response_mask) for x in logprobs_and_entropy(logits, tokens))
+        # logits (n, V): the head only on the n real tokens
+        logits, values = models.logits_and_values(*response_inputs(rows, rows.response_mask))
+        outputs = on_response_tokens(logprobs_and_entropy, logits, rows.response_ids, rows.response_mask)
         return outputs if values is None else (*outputs, values)
 
     all_rows = torch.arange(batch.input_ids.shape[0])
