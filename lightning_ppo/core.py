@@ -1,10 +1,7 @@
 """Pure PPO math for language models: log-probs, masked statistics, KL penalties, GAE, losses, KL control.
 
-Imports only torch so it can be tested without Lightning or transformers. Unless stated otherwise every
-tensor is (B, T) over response tokens, right-padded, with a 0/1 (float or bool) `mask` where 1 marks a
-real token. Formulas follow TRL 0.11's legacy PPOTrainer; nothing here syncs host and device except
-`masked_var(unbiased=True)` (and so `masked_whiten`), which checks the token count.
-"""
+Imports only torch. Tensors are (B, T) over right-padded response tokens with a 0/1 `mask`; formulas follow
+TRL 0.11's legacy PPOTrainer. Only `masked_var(unbiased=True)` (so `masked_whiten`) syncs host and device."""
 
 from collections.abc import Callable
 from typing import Literal, get_args
@@ -142,12 +139,9 @@ def compute_advantages(
     whiten_rewards: bool = False,
     whiten_rewards_masked: bool = False,
 ) -> tuple[Tensor, Tensor]:
-    """Whitened advantages and returns, in TRL 0.11's `compute_advantages` order.
-
-    Masks values and rewards, optionally whitens the rewards (`shift_mean=False`), runs GAE, whitens the
-    advantages over the whole batch. TRL's GAE then reads the whitened rewards on padding too (they are
-    not 0 there); `whiten_rewards_masked` zeroes them again so only real tokens feed the advantages.
-    """
+    """Whitened advantages and returns in TRL 0.11's order: mask, optionally whiten the rewards (mean kept),
+    GAE, whiten the advantages. TRL's GAE then reads whitened rewards on padding; `whiten_rewards_masked`
+    zeroes them there, so that only real tokens feed the advantages."""
     values = _zero_outside(values, mask)  # (B, T)
     rewards = _zero_outside(rewards, mask)  # (B, T)
     if whiten_rewards:
@@ -329,10 +323,7 @@ def grpo_advantages(
 ) -> Tensor:
     """GRPO advantages, (B, R): each sequence's `(r - group mean) / (group std + eps)` on its every token.
 
-    Groups are contiguous: rows [g*k, (g+1)*k) hold prompt g's k samples. `scale_by_std=False` is
-    Dr. GRPO (Liu et al. 2025, arXiv:2503.20783): `r - group mean` only. A group of equal rewards gives 0.
-    Naive equivalent: for each group, for each row i in it, `A[i, t] = (r_i - mean) / (std + eps)` if mask.
-    """
+    Groups are contiguous rows [g*k, (g+1)*k); `scale_by_std=False` is Dr. GRPO (arXiv:2503.20783)."""
     _check_groups(scores.shape[0], k, "GRPO")
     grouped = scores.reshape(-1, k)  # (B / k, k)
     advantages = grouped - grouped.mean(dim=1, keepdim=True)  # (B / k, k)
@@ -346,12 +337,8 @@ def grpo_advantages(
 def rloo_advantages(rewards: Tensor, mask: Tensor, k: int) -> Tensor:
     """RLOO advantages, (B, R): sequence reward minus the mean of the k-1 others of its group, every token.
 
-    `rewards` are the per-token rewards of `compute_rewards` (score on the last token, `-kl_coef * kl`
-    on each), so the sequence reward is `score - kl_coef * sum_t kl_t`: the KL stays in the reward as in
-    Ahmadian et al. 2024 (arXiv:2402.14740) and TRL's RLOOTrainer (`rlhf_reward = scores + non_score_reward`
-    before the leave-one-out baseline). Groups are contiguous rows [g*k, (g+1)*k) (TRL's are k-major).
-    Naive equivalent: `A_i = R_i - sum_{j != i in group} R_j / (k - 1)` on each real token.
-    """
+    The sequence reward sums `compute_rewards`' per-token rewards, so the KL stays in it (arXiv:2402.14740,
+    TRL's RLOOTrainer). Groups are contiguous rows [g*k, (g+1)*k) (TRL's are k-major)."""
     _check_groups(rewards.shape[0], k, "RLOO")
     grouped = masked_sum(rewards, mask, dim=1).view(-1, k)  # (B / k, k) sequence rewards
     baseline = (grouped.sum(dim=1, keepdim=True) - grouped) / (k - 1)  # (B / k, k)
@@ -367,14 +354,10 @@ def masked_moments(x: Tensor, mask: Tensor) -> Tensor:
 def reinforce_pp_advantages(
     rewards: Tensor, mask: Tensor, sum_across_ranks: Callable[[Tensor], Tensor] | None = None
 ) -> Tensor:
-    """REINFORCE++ advantages, (B, R): return-to-go (gamma 1) of per-token rewards, whitened over the batch.
+    """REINFORCE++ advantages (arXiv:2501.03262), (B, R): the whitened return to go (gamma 1) of rewards.
 
-    `rewards` are `compute_rewards`' (score on the last token, `-kl_coef * kl` per token): Hu 2025,
-    arXiv:2501.03262. Mean and biased variance come from `masked_moments`, passed through
-    `sum_across_ranks` (e.g. an all-reduce sum) so every rank whitens with the global batch's statistics;
-    rstd = rsqrt(max(var, 1e-8)) as OpenRLHF's `_normalize_advantages`. Naive equivalent: `G_t = sum_{s>=t}
-    r_s` over real tokens, then `(G - mean) / std` with mean and std over every real token of the batch.
-    """
+    `masked_moments` pass through `sum_across_ranks`: every rank whitens with the global batch's mean and
+    biased variance; rstd = rsqrt(max(var, 1e-8)) as OpenRLHF's `_normalize_advantages`."""
     kept = _zero_outside(rewards, mask)  # (B, R)
     returns = kept.flip(1).cumsum(1).flip(1)  # (B, R) return to go, gamma = 1
     moments = masked_moments(returns, mask)  # (3,)

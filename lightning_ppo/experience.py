@@ -1,10 +1,7 @@
 """Experience for the PPO epochs: the no-grad passes over a scored rollout, per-token rewards, advantages.
 
-Plain functions over explicit models and tensors (steps 3-5 of a PPO iteration, TRL 0.11's order):
-`forward_passes` (old log-probs and values, reference log-probs), `per_token_rewards` (`-kl_coef * kl`
-plus the score on the last token), then `make_experience` (the advantages of `model.ppo.advantage_estimator`:
-GAE with returns, or a critic-free estimator).
-"""
+Steps 3-5 of a PPO iteration as plain functions, in TRL 0.11's order: `forward_passes`,
+`per_token_rewards`, `make_experience`."""
 
 from __future__ import annotations
 
@@ -111,10 +108,8 @@ def forward_passes(
 ) -> ForwardPasses:
     """One no-grad forward of the policy (log-probs and values) and one of the reference, in eval mode.
 
-    `chunk` rows per forward (None: the whole batch); `full_kl` also keeps both full log-distributions.
-    `length_buckets`: packed forwards in that many length buckets (`packing.bucketed`), each cut to
-    `chunk` rows; None: the rollout's padded layout.
-    """
+    `chunk` rows per forward; `full_kl` also keeps both log-distributions; `length_buckets` packs the rows
+    (`packing.bucketed`), None keeps the rollout's padded layout."""
     trainable = [m for m in (models.policy, models.critic) if m is not None]
     with torch.no_grad(), eval_mode(*trainable):
         if length_buckets is None:
@@ -188,10 +183,8 @@ def make_experience(
 ) -> Experience:
     """Advantages of `config.advantage_estimator` from the per-token rewards (B, R), packed for the epochs.
 
-    gae: GAE advantages (whitened) and returns from the values. Critic-free estimators have no returns.
-    Rows [g*k, (g+1)*k) are prompt g's k = `samples_per_prompt` samples (grpo and rloo compare them);
-    `sum_across_ranks` (an all-reduce sum) gives reinforce_pp the global batch's statistics.
-    """
+    Rows [g*k, (g+1)*k) are prompt g's k samples (grpo, rloo); `sum_across_ranks` gives reinforce_pp the
+    global batch's statistics. Critic-free estimators have no returns."""
     mask = rollout.response_mask
     if config.advantage_estimator == "gae":
         advantages, returns = compute_advantages(

@@ -1,12 +1,7 @@
-"""Forward passes without padding compute: rows regrouped by length, each group laid out without gaps.
+"""Forward passes without padding compute: rows bucketed by length, each bucket laid out without gaps.
 
-A rollout's layout (left-padded prompt, response from column P, right padding) pads every row to the
-longest prompt plus the longest response of the batch: about a third of a PPO forward at the notebook's
-lengths. Here rows are bucketed by their real length (`length_buckets`) and each bucket is laid out
-prompt-then-response from column 0, right-padded to the bucket's longest row, so the padding left is the
-spread of lengths within a bucket. Per-token outputs come back in the rollout's (N, R) response layout and
-row order, so losses and statistics are computed exactly as on the padded batch.
-"""
+A bucket's rows run prompt-then-response from column 0; outputs come back in the rollout's (N, R) layout
+and row order, so that losses and statistics are those of the padded batch."""
 
 from __future__ import annotations
 
@@ -79,12 +74,8 @@ def bucketed(
     max_buckets: int,
     max_rows: int | None = None,
 ) -> tuple[tuple[Tensor, ...], int]:
-    """`forward` on the rows in at most `max_buckets` length buckets (each cut to `max_rows` rows);
-    its per-token outputs (b, R_bucket) stitched back to (len(rows), R) in the order of `rows`.
-
-    R is the longest response among `rows`; positions past a row's response are 0. Also returns the
-    number of token positions computed (padding included).
-    """
+    """`forward` on `rows` in at most `max_buckets` length buckets of at most `max_rows` rows; its per-token
+    outputs stitched back to (len(rows), R), zeros past each response, and the positions computed."""
     buckets = plan_buckets(lengths.totals(response_start)[rows], max_buckets, max_rows)
     width = int(lengths.response_len[rows].max())
     parts, computed = [], 0
@@ -100,11 +91,7 @@ def bucketed(
 def plan_buckets(totals: Tensor, max_buckets: int, max_rows: int | None = None) -> list[Tensor]:
     """Row indices of each forward: `min(max_buckets, rows)` length buckets per chunk of `max_rows` rows.
 
-    The number of forwards depends only on the number of rows, never on the lengths, so every rank runs
-    as many (ZeRO-3 gathers the sharded weights in each forward: unequal counts would hang). Rows sorted
-    by length are cut into equal chunks of at most `max_rows`; each chunk takes `length_buckets`'
-    optimal buckets, the largest split in two while there are fewer than `max_buckets`.
-    """
+    The count depends only on the number of rows, so every rank runs as many forwards (ZeRO-3 would hang)."""
     order = torch.argsort(totals, stable=True)  # (n,)
     chunks = 1 if max_rows is None else -(-len(order) // max_rows)
     buckets = []
@@ -118,14 +105,9 @@ def plan_buckets(totals: Tensor, max_buckets: int, max_rows: int | None = None) 
 
 
 def length_buckets(lengths: Tensor, max_buckets: int) -> tuple[list[Tensor], int, int]:
-    """Rows grouped into at most `max_buckets` buckets minimising the positions computed when each bucket
-    is padded to its longest row: a batched forward per bucket, or a `generate` call per bucket.
-
-    A bucket costs rows x its longest length. Optimal buckets are runs of the rows sorted by length (a row
-    never gains from joining a bucket with a longer maximum than a shorter row's), so a dynamic programme
-    over the m distinct lengths finds them in O(m^2 * max_buckets); ties go to fewer buckets. Returns (row
-    indices per bucket, shortest first; computed positions; useful positions = sum of lengths).
-    """
+    """Rows in at most `max_buckets` buckets minimising the sum of rows x longest length (a padded forward or
+    `generate` call per bucket), by a DP over the sorted distinct lengths; ties go to fewer buckets. Returns
+    (row indices per bucket, shortest first; computed positions; useful positions)."""
     if max_buckets < 1:
         raise ValueError(f"length_buckets needs max_buckets >= 1, got {max_buckets}")
     values, counts = torch.unique(lengths, return_counts=True)  # (m,) ascending, (m,)

@@ -43,10 +43,8 @@ def paired_bootstrap_ci(
 ) -> PairedDifference:
     """Mean of `tuned - reference` over the same prompts, (n,) each, with a percentile-bootstrap interval.
 
-    Resamples prompts with replacement from a seeded `torch.Generator` (Efron & Tibshirani 1993, ch. 13).
-    Naive equivalent: for each of n_resamples draws of n indices, average the differences at them; the
-    interval is the (1 - confidence) / 2 and (1 + confidence) / 2 linear-interpolated quantiles.
-    """
+    Naive equivalent (Efron & Tibshirani 1993, ch. 13): average the differences at each of n_resamples seeded
+    draws of n indices; take the linear-interpolated (1 -+ confidence) / 2 quantiles of those means."""
     differences = (tuned.double() - reference.double()).flatten()  # (n,)
     n = differences.numel()
     if n < 2:
@@ -184,10 +182,7 @@ def finite_pairs(reference: Tensor, tuned: Tensor) -> tuple[Tensor, Tensor, int]
 def histogram_edges(values: Any) -> Any:
     """Bin edges (at most `_MAX_BINS` bins) for the finite float64 `values` (n,), n >= 1, of any size.
 
-    numpy's own edges fail on a constant (or nearly constant) array of large values: it widens the range
-    by 0.5, which is below the spacing of floats near 1e16 and up, so no bin has a width. The range is
-    widened here by a part of the values' size instead.
-    """
+    A constant array's range is widened by a part of its size: numpy's +-0.5 vanishes near 1e16 and up."""
     import numpy as np
 
     values = np.asarray(values, dtype=np.float64)
@@ -267,11 +262,8 @@ def log_reward_figure(experiment: Any, figure: Figure, step: int, tag: str = "te
 def log_training_histograms(experiment: Any, step: int, reward: Tensor, kl: Tensor) -> None:
     """Histograms of per-sequence reward and KL, (B,) each, as `histograms/reward` and `histograms/kl`.
 
-    `experiment` is a TensorBoard `SummaryWriter` (anything with `add_histogram`); for others this does
-    nothing. Non-finite values are left out: numpy cannot bin them, and the NaN count is logged elsewhere.
-    The bins come from the values (`histogram_edges`): TensorBoard's default bins end at +-1e20 and would
-    leave a larger reward out (all of them out: "The histogram is empty").
-    """
+    Only for a TensorBoard `SummaryWriter` `experiment`. Non-finite values are left out; bins come from the
+    values (`histogram_edges`), as TensorBoard's default bins end at +-1e20."""
     if not hasattr(experiment, "add_histogram"):
         return
     for tag, values in (("histograms/reward", reward), ("histograms/kl", kl)):

@@ -87,10 +87,8 @@ def shape_scores(
 ) -> Tensor:
     """Shaped scores (B,) from raw scores (B,) and whether each response holds an EOS (B,) bool.
 
-    With score_scaling the moments are first updated with the penalised scores of every rank
-    (`gather`, so all ranks agree), then scores are divided by the running std (and centred on the
-    running mean with score_norm), as TRL's `PPOTrainer.step`; clipping comes last.
-    """
+    As TRL's `PPOTrainer.step`: the missing-EOS penalty, then with score_scaling the running moments of every
+    rank's scores (`gather`) scale (score_norm: and centre) them; clipping comes last."""
     if config.missing_eos_penalty is not None:
         scores = scores - torch.where(has_eos, 0.0, config.missing_eos_penalty).to(scores)
     if config.score_scaling:

@@ -44,10 +44,7 @@ def ppo_epochs(
 ) -> dict[str, Tensor]:
     """`ppo_epochs` passes over shuffled backward batches, one optimizer step each; mean statistics.
 
-    As TRL 0.11: a backward batch is `gradient_accumulation_steps` minibatches of `mini_batch_size` rows,
-    each loss divided by the step count (accelerate's `backward` under `accumulate`). Statistics are per
-    minibatch, averaged over the minibatches of every epoch that ran.
-    """
+    As TRL 0.11: a backward batch is `gradient_accumulation_steps` minibatches, each loss divided by it."""
     batch_size = experience.input_ids.shape[0]
     stats: dict[str, list[Tensor]] = defaultdict(list)
     epochs = 0
@@ -84,13 +81,8 @@ def kl_too_high(policykl: Tensor, config: PPOConfig, context: UpdateContext) -> 
 def ppo_loss(models: PPOModels, batch: Experience, config: PPOConfig) -> tuple[Tensor, dict[str, Tensor]]:
     """Clipped policy loss + vf_coef * clipped value loss on one minibatch, with TRL's statistics.
 
-    With `config.packing`, the forward runs in length buckets without padding gaps (`packing.bucketed`);
-    the per-token log-probs and values come back in the minibatch's layout, so the losses and statistics
-    below are the same masked means over the same tokens as one padded forward.
-
-    Critic-free estimators (no returns) have no value loss; kl_in "loss" adds kl_loss_coef x the masked
-    mean of k3 against the reference (DeepSeekMath's GRPO, arXiv:2402.03300, eq. 4).
-    """
+    Packed and padded forwards give the same masked means. Critic-free estimators have no value loss; kl_in
+    "loss" adds kl_loss_coef x the k3 KL to the reference (DeepSeekMath's GRPO, arXiv:2402.03300, eq. 4)."""
     mask = batch.response_mask
     logprobs, entropy, values, computed = _forward(models, batch, config)
     useful = int(batch.lengths.totals(batch.response_start).sum())
