@@ -63,6 +63,9 @@ REFUSED = {
     "data": {
         "dataset": _PROMPTS,
         "text_column": _PROMPTS,
+        "prompt_column": _PROMPTS,
+        "chat_template": _PROMPTS,
+        "overlong_prompts": _PROMPTS,
         "train_split": _PROMPTS,
         "eval_split": _PROMPTS,
         "eval_fraction": _PROMPTS,
