@@ -1,7 +1,8 @@
-"""Shared fixtures: every cache goes to a session temp folder, and the tiny assets are built once."""
+"""Shared fixtures: the tiny assets are built once per machine and recipe, other caches per session."""
 
 from __future__ import annotations
 
+import hashlib
 import os
 import random
 from collections.abc import Iterator
@@ -19,11 +20,31 @@ from tests.helpers import TEST_SEED, seeded
 os.environ.setdefault("LIGHTNING_PPO_TINY_SEED", str(TEST_SEED))
 
 
+def asset_cache() -> Path:
+    """Where this checkout keeps its tiny assets: a folder per recipe (tiny.py's source), seed, library
+    versions, thread count and CPU kernels, so a kept asset is exactly what a fresh build would give here."""
+    import tokenizers
+    import transformers
+
+    from lightning_ppo import tiny
+
+    key = hashlib.sha256()
+    for part in (
+        Path(tiny.__file__).read_bytes(),
+        os.environ["LIGHTNING_PPO_TINY_SEED"].encode(),
+        " ".join(m.__version__ for m in (torch, transformers, tokenizers, datasets)).encode(),
+        f"{torch.get_num_threads()} {torch.backends.cpu.get_cpu_capability()}".encode(),
+    ):
+        key.update(part)
+    return Path(__file__).parents[1] / ".cache" / "tiny-assets" / key.hexdigest()[:16]
+
+
 @pytest.fixture(scope="session", autouse=True)
 def isolated_caches(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
-    """Point the tiny-asset cache (and the `datasets` file cache) at session temp folders, not the home."""
+    """Tiny assets in this checkout's `.cache/` (built once, `asset_cache`), `datasets`' file cache in a
+    session temp folder; never the home."""
     with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("LIGHTNING_PPO_CACHE", str(tmp_path_factory.mktemp("lightning_ppo_cache")))
+        mp.setenv("LIGHTNING_PPO_CACHE", str(asset_cache()))
         # `datasets` reads its cache root at import time; `load_dataset` looks this attribute up per call.
         mp.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path_factory.mktemp("hf_datasets_cache"))
         yield
