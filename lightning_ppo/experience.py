@@ -238,14 +238,12 @@ def critic_free_advantages(
 
 
 def rollout_statistics(
-    rollout: Rollout, passes: RolloutPasses, rewards: Rewards, scores: Tensor, all_raw_scores: Tensor
+    rollout: Rollout, passes: RolloutPasses, rewards: Rewards, scores: Tensor
 ) -> dict[str, Tensor]:
-    """TRL's statistics of a rollout: rewards over every rank's raw scores, the rest of this rank's rows."""
+    """TRL's statistics of this rank's rows (the reward's, over every rank, are logged from `Scores`)."""
     mask = rollout.response_mask
     prompt_mask = rollout.attention_mask[:, : rollout.response_start]
     return {
-        "env/reward_mean": all_raw_scores.mean(),
-        "env/reward_std": all_raw_scores.std(),
         "objective/entropy": (-passes.logprobs * mask).sum(-1).mean(),
         "ppo/mean_scores": scores.mean(),
         "ppo/std_scores": scores.std(),
