@@ -85,8 +85,10 @@ class CountingModule(PPOModule):
         finally:
             self._in_training_step = False
 
-    def _sample(self, model: torch.nn.Module, batch: dict[str, Any], lengths: torch.Tensor) -> Rollout:
-        rollout = super()._sample(model, batch, lengths)
+    def generate_rollout(
+        self, model: torch.nn.Module, batch: dict[str, Any], lengths: torch.Tensor
+    ) -> Rollout:
+        rollout = super().generate_rollout(model, batch, lengths)
         if getattr(self, "_in_training_step", False):
             self.decode_counts.append((rollout.decoded_positions, rollout.useful_positions))
         return rollout
@@ -145,7 +147,7 @@ def rollout_sweep(
         for k in decoders:
             module.sampling = replace(default, engine=k)
             start = time.perf_counter()
-            rollout = module._sample(module.policy.lm, batch, lengths)
+            rollout = module.generate_rollout(module.policy.lm, batch, lengths)
             if round_:
                 seconds[k].append(time.perf_counter() - start)
             counts[k] = (rollout.decoded_positions, rollout.useful_positions)

@@ -38,7 +38,7 @@ from lightning_ppo.tiny import NEGATIVE_WORDS, NEUTRAL_WORDS, POSITIVE_WORDS, ma
 class OneAtATimeModule(PPOModule):
     """The notebook's rollout: one `generate` call per prompt, unpadded; everything else unchanged."""
 
-    def _sample(self, model: torch.nn.Module, batch: dict, lengths: torch.Tensor) -> Rollout:
+    def generate_rollout(self, model: torch.nn.Module, batch: dict, lengths: torch.Tensor) -> Rollout:
         return sample_one_at_a_time(self, model, batch, lengths)
 
 
@@ -222,14 +222,14 @@ def main() -> None:
 
         repeats = max(args.steps, 1)
         batched = timed_interleaved(
-            {"trainer": lambda: module._sample(lm, batch, lengths), "plain": plain_generate},
+            {"trainer": lambda: module.generate_rollout(lm, batch, lengths), "plain": plain_generate},
             repeats,
             args.warmup,
         )
         single = timed_interleaved(
             {"one per prompt": lambda: sample_one_at_a_time(module, lm, batch, lengths)}, 1, 0
         )
-        rollout = module._sample(lm, batch, lengths)
+        rollout = module.generate_rollout(lm, batch, lengths)
         new_tokens = float(rollout.response_mask.sum())
 
         threads = torch.get_num_threads()

@@ -311,3 +311,34 @@ class FaultTolerance(Callback):
             if signal.getsignal(signum) == self._hold:
                 signal.signal(signum, handler)
         self._held_handlers, self._pending = {}, set()
+
+
+def frozen_state_keys(module: LightningModule) -> set[str]:
+    """Frozen weights of a module's registered models: a LoRA policy's base (tied names included). The
+    reference and the reward model are not registered, so they are never in the state dict."""
+    frozen = {name for name, p in module.named_parameters(remove_duplicate=False) if not p.requires_grad}
+    return frozen & module.state_dict().keys()
+
+
+def save_training_state(module: Any, checkpoint: dict[str, Any]) -> None:
+    """What a PPO checkpoint holds beyond Lightning's: the KL controller and score moments; frozen weights
+    (a LoRA policy's base) are left out, as they are rebuilt from their source on load."""
+    state = checkpoint["state_dict"]
+    for key in frozen_state_keys(module) & state.keys():
+        del state[key]
+    checkpoint["lightning_ppo_version"] = CHECKPOINT_VERSION
+    checkpoint["kl_controller"] = module.kl_ctl.state_dict()
+    checkpoint["score_moments"] = module.score_moments.state_dict()
+
+
+def load_training_state(module: Any, checkpoint: dict[str, Any], changes: list[Any]) -> None:
+    """Restore what `save_training_state` added; `changes` (lightning_ppo.resume) may set a new KL start."""
+    if "state_dict" in checkpoint:  # a DeepSpeed client state has none: the engine restores the weights
+        frozen = frozen_state_keys(module)
+        checkpoint["state_dict"].update({k: v for k, v in module.state_dict().items() if k in frozen})
+    if "kl_controller" in checkpoint:
+        module.kl_ctl.load_state_dict(checkpoint["kl_controller"])
+    if "model.ppo.init_kl_coef" in {change.key for change in changes}:
+        module.kl_ctl.value = module.ppo.init_kl_coef  # a new coefficient to start from, adaptive or fixed
+    if "score_moments" in checkpoint:
+        module.score_moments.load_state_dict(checkpoint["score_moments"])

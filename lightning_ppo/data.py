@@ -11,11 +11,12 @@ from typing import Any
 import torch
 from datasets import Dataset, DatasetDict, load_dataset, load_from_disk
 from lightning import LightningDataModule
+from torch import Tensor
 from torch.utils.data import DataLoader, DistributedSampler
 from transformers import PreTrainedTokenizerBase
 
 from lightning_ppo.errors import ConfigError, check_number
-from lightning_ppo.loading import load_from_source
+from lightning_ppo.loading import check_fits_context, load_from_source
 from lightning_ppo.models import load_tokenizer
 from lightning_ppo.prompts import (
     OVERLONG_CHOICES,
@@ -136,6 +137,23 @@ def collate_prompts(examples: list[dict[str, Any]], pad_token_id: int) -> dict[s
     if "index" in examples[0]:
         batch["index"] = torch.tensor([example["index"] for example in examples], dtype=torch.long)  # (B,)
     return batch
+
+
+def check_prompt_settings(
+    datamodule: Any, stage: str, ppo: Any, sampling: Any, policy: Any, source: str
+) -> None:
+    """Before a run: the batch splits into PPO minibatches, and the longest prompt plus the longest
+    response fits the `policy` LM's context. Settings a data module lacks are not checked."""
+    hparams = getattr(datamodule, "hparams", {})
+
+    def setting(name: str) -> Any:
+        return hparams[name] if name in hparams else getattr(datamodule, name, None)
+
+    if stage == "fit" and setting("batch_size") is not None:
+        ppo.check_batch_size(setting("batch_size"), samples_per_prompt=sampling.num_samples_per_prompt)
+    key = "predict_prompt_max_tokens" if stage == "predict" else "prompt_max_tokens"
+    if setting(key) is not None:
+        check_fits_context(policy.config, setting(key), f"data.{key}", sampling.response_max_length, source)
 
 
 class PromptDataModule(LightningDataModule):
@@ -380,3 +398,18 @@ class PromptDataModule(LightningDataModule):
                 f"{self.hparams.dataset!r} give a prompt ({source.settings}), fewer than "
                 f"data.batch_size={self.hparams.batch_size}{ranks}: {source.hint}, or lower data.batch_size"
             )
+
+
+def repeat_prompts(batch: dict[str, Any], k: int) -> dict[str, Any]:
+    """Each prompt of the batch k times in a row: rows [i*k, (i+1)*k) are prompt i's group."""
+    if k == 1:
+        return batch
+
+    def repeat(value: Any) -> Any:
+        if isinstance(value, Tensor):
+            return value.repeat_interleave(k, dim=0)
+        if isinstance(value, dict):  # the rows' other columns
+            return {name: repeat(column) for name, column in value.items()}
+        return [v for v in value for _ in range(k)]
+
+    return {name: repeat(value) for name, value in batch.items()}

@@ -21,7 +21,67 @@ from torch import Tensor
 from torchmetrics.aggregation import CatMetric
 
 from lightning_ppo.parallel import gather_rows
-from lightning_ppo.report import RewardComparison, log_reward_figure, reward_histogram, save_figure
+from lightning_ppo.report import (
+    RewardComparison,
+    compare_rewards,
+    log_reward_figure,
+    reward_histogram,
+    save_figure,
+)
+from lightning_ppo.rewards import score_rollout
+from lightning_ppo.rollout import draw_response_lengths
+
+
+class Evaluator:
+    """Validation, test and predict of a `PPOModule`: one response per prompt, scored as in training."""
+
+    def __init__(self) -> None:
+        self.held_out = HeldOutResults()
+        self.test_rows: list[dict[str, Any]] = []
+
+    def validation_batch(self, module: Any, batch: dict[str, Any]) -> None:
+        lengths = draw_response_lengths(len(batch["query"]), module.sampling, module.device)
+        rollout = module.generate_rollout(module.policy.lm, batch, lengths)
+        scores, _ = score_rollout(module.reward, module.tokenizer, rollout, batch)
+        self.held_out.update(batch["index"], reward=scores, kl=module.sequence_kl(rollout))
+
+    def validation_end(self, module: Any) -> None:
+        results = self.held_out.compute()
+        rewards = results["reward"]
+        summary = {"val/reward_mean": rewards.mean(), "val/reward_median": rewards.quantile(0.5)}
+        module.log_dict({**summary, "val/kl": results["kl"].mean()}, rank_zero_only=True)
+
+    def test_batch(self, module: Any, batch: dict[str, Any]) -> None:
+        """Sample from the reference and from the tuned policy, same prompts and lengths; score both."""
+        lengths = draw_response_lengths(len(batch["query"]), module.sampling, module.device)
+        with module.models.reference_lm() as reference:
+            before = module.generate_rollout(reference, batch, lengths)
+        after = module.generate_rollout(module.policy.lm, batch, lengths)
+        ref_scores, ref_samples = score_rollout(module.reward, module.tokenizer, before, batch)
+        scores, samples = score_rollout(module.reward, module.tokenizer, after, batch)
+        kl = module.sequence_kl(after)
+        self.held_out.update(batch["index"], reward_ref=ref_scores, reward=scores, kl=kl)
+        self.test_rows += test_rows(batch, ref_samples.responses, samples.responses, ref_scores, scores)
+
+    def test_end(self, module: Any) -> None:
+        results = self.held_out.compute()
+        comparison = compare_rewards(results["reward_ref"], results["reward"])  # the same on every rank
+        module.log_dict({**comparison.scalars(), "test/kl": float(results["kl"].mean())}, rank_zero_only=True)
+        rows, self.test_rows = self.test_rows, []
+        write_test_report(module.trainer, rows, results, comparison)
+
+    def predict_batch(self, module: Any, batch: dict[str, Any]) -> list[dict[str, Any]]:
+        """Continue each prompt with the tuned policy for `response_max_length` tokens, and score it."""
+        limit = module.sampling.response_max_length
+        lengths = torch.full((len(batch["query"]),), limit, device=module.device)
+        rollout = module.generate_rollout(module.policy.lm, batch, lengths)
+        scores, samples = score_rollout(module.reward, module.tokenizer, rollout, batch)
+        return [
+            {"index": int(index), "prompt": query, "response": response, "reward": float(score), **columns}
+            for index, query, response, score, columns in zip(
+                batch["index"], batch["query"], samples.responses, scores, row_columns(batch), strict=True
+            )
+        ]
 
 
 class HeldOutResults:

@@ -21,7 +21,7 @@ from transformers.activations import GELUTanh, NewGELUActivation
 
 from lightning_ppo.errors import ConfigError
 from lightning_ppo.loading import load_from_source
-from lightning_ppo.lora import adapter_disabled
+from lightning_ppo.lora import LoraOptions, adapter_disabled, apply_lora
 
 REWARD_MODEL = "reward_model"  # `model.critic` value meaning "start from model.reward_model"
 
@@ -306,3 +306,29 @@ class PPOModels:
 
     def tempered(self, logits: Tensor) -> Tensor:
         return logits if self.temperature == 1.0 else logits / self.temperature
+
+
+def build_models(
+    policy: str,
+    reward_model: str,
+    lora: LoraOptions | None,
+    critic: str | None,
+    critic_free: bool,
+    disable_dropout: bool,
+    gradient_checkpointing: bool,
+) -> tuple[PreTrainedTokenizerBase, PPOModels]:
+    """The policy's tokenizer, and the trained and frozen models of a PPO run (temperature 1; the module
+    sets the sampling one). Critic-free estimators get no value head; with LoRA, no reference copy."""
+    tokenizer = load_tokenizer(policy)
+    lm = load_causal_lm(policy)
+    if disable_dropout:
+        disable_dropout_in_model(lm)
+    if gradient_checkpointing:
+        lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    reference = None if lora else make_reference(lm)  # with LoRA: the policy with its adapter disabled
+    value_head = critic is None and not critic_free
+    trained = PolicyWithValueHead(apply_lora(lm, lora) if lora else lm, value_head=value_head)
+    value_model = build_critic(critic, reward_model, tokenizer) if critic else None
+    if value_model is not None and disable_dropout:
+        disable_dropout_in_model(value_model)
+    return tokenizer, PPOModels(trained, value_model, reference, temperature=1.0)

@@ -1,8 +1,8 @@
 """The PPO LightningModule: Lightning's hooks and the wiring of one PPO iteration per training step.
 
-A training step samples responses, scores them, then runs `step`: the no-grad passes and per-token rewards
-(`experience`), the PPO epochs (`update`) and the KL-controller update. Evaluation gathers held-out rewards
-(`evaluation`). The math is in `core`; this file holds no formula.
+`training_step` reads as the iteration: sample (`generation`), score (`rewards`), the no-grad passes and
+advantages (`experience`), the PPO epochs (`update`), the KL controller, and the log (`monitoring`).
+Evaluation is in `evaluation`, the math in `core`; this file holds no formula.
 """
 
 from __future__ import annotations
@@ -15,21 +15,17 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from torch import Tensor, nn
 
 from lightning_ppo.checkpointing import (
-    CHECKPOINT_VERSION,
     FaultTolerance,
     check_checkpoint_version,
+    load_training_state,
+    save_training_state,
 )
 from lightning_ppo.compat import logging_step
 from lightning_ppo.config import PPOConfig
 from lightning_ppo.core import AdaptiveKLController, FixedKLController
+from lightning_ppo.data import check_prompt_settings, repeat_prompts
 from lightning_ppo.errors import check_number
-from lightning_ppo.evaluation import (
-    HeldOutResults,
-    JsonlPredictionWriter,
-    row_columns,
-    test_rows,
-    write_test_report,
-)
+from lightning_ppo.evaluation import Evaluator, JsonlPredictionWriter
 from lightning_ppo.experience import (
     RolloutPasses,
     make_experience,
@@ -38,18 +34,8 @@ from lightning_ppo.experience import (
     rollout_statistics,
 )
 from lightning_ppo.generation import GenerationEngine, build_engine
-from lightning_ppo.loading import check_fits_context
-from lightning_ppo.lora import LoraOptions, apply_lora
-from lightning_ppo.models import (
-    PolicyWithValueHead,
-    PPOModels,
-    build_critic,
-    disable_dropout_in_model,
-    eval_mode,
-    load_causal_lm,
-    load_tokenizer,
-    make_reference,
-)
+from lightning_ppo.lora import LoraOptions
+from lightning_ppo.models import build_models, eval_mode
 from lightning_ppo.monitoring import (
     IterationResult,
     PhaseTimer,
@@ -65,12 +51,13 @@ from lightning_ppo.parallel import (
     gathered_for_generation,
     no_backward_sync,
 )
-from lightning_ppo.report import compare_rewards, log_training_histograms
-from lightning_ppo.resume import Change, resume_changes
+from lightning_ppo.report import log_training_histograms
+from lightning_ppo.resume import check_resumed_settings
 from lightning_ppo.rewards import ClassifierReward, RewardModel, SampleBatch, score_rollout
 from lightning_ppo.rollout import (
     Rollout,
     SamplingConfig,
+    VLLMOptions,
     draw_response_lengths,
     rollout_from_token_lists,
 )
@@ -81,7 +68,7 @@ __all__ = ["PPOConfig", "PPOModule"]  # PPOConfig: checkpoints pickled before 0.
 
 # Checkpoints are loaded weights-only (`checkpointing.read_checkpoint`); older ones pickled these option
 # classes in their hyper-parameters (PPOConfig also under this module's name), so allow them by name.
-_OPTION_CLASSES = [PPOConfig, SamplingConfig, ShapingConfig, LoraOptions]
+_OPTION_CLASSES = [PPOConfig, SamplingConfig, VLLMOptions, ShapingConfig, LoraOptions]
 torch.serialization.add_safe_globals([*_OPTION_CLASSES, (PPOConfig, f"{__name__}.PPOConfig")])
 
 
@@ -158,33 +145,24 @@ class PPOModule(LightningModule):
         self.save_hyperparameters(ignore=["reward"])  # a module: its config is in the CLI's config.yaml
         self.automatic_optimization = False
 
-        self.tokenizer = load_tokenizer(policy)
-        lm = load_causal_lm(policy)
-        if disable_dropout:
-            disable_dropout_in_model(lm)
-        if gradient_checkpointing:
-            lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        reference = None if lora else make_reference(lm)  # with LoRA: the policy with its adapter disabled
-        value_head = critic is None and not self.ppo.critic_free  # critic-free estimators read no values
-        self.policy = PolicyWithValueHead(apply_lora(lm, lora) if lora else lm, value_head=value_head)
-        self.critic = build_critic(critic, reward_model, self.tokenizer) if critic else None
-        if self.critic is not None and disable_dropout:
-            disable_dropout_in_model(self.critic)
+        self.tokenizer, self.models = build_models(
+            policy, reward_model, lora, critic, self.ppo.critic_free, disable_dropout, gradient_checkpointing
+        )
+        self.models.temperature = self.sampling.temperature
+        self.policy, self.critic = self.models.policy, self.models.critic
         reward = reward or ClassifierReward(reward_model, reward_label, reward_batch_size)
         # The frozen models live in a plain dict, not as registered children: DDP and DeepSpeed wrap the
         # whole LightningModule and would otherwise cast, shard (ZeRO-3) and checkpoint them too.
         self._frozen: dict[str, nn.Module] = {"reward": reward.requires_grad_(False).eval()}
-        if reference is not None:
-            self._frozen["ref_policy"] = reference
-        self.models = PPOModels(self.policy, self.critic, reference, self.sampling.temperature)
+        if self.models.reference is not None:
+            self._frozen["ref_policy"] = self.models.reference
         self.score_moments = RunningMoments()
         if self.ppo.adap_kl_ctrl:
             self.kl_ctl = AdaptiveKLController(self.ppo.init_kl_coef, self.ppo.target, self.ppo.horizon)
         else:
             self.kl_ctl = FixedKLController(self.ppo.init_kl_coef)
         self.faults = FaultGuard(max_consecutive_bad_steps)
-        self.held_out = HeldOutResults()
-        self.test_rows: list[dict[str, Any]] = []
+        self.evaluator = Evaluator()
         self._clock = StepClock()
         self._engine: GenerationEngine | None = None
         self._engine_kind: str | None = None
@@ -230,22 +208,9 @@ class PPOModule(LightningModule):
 
     def setup(self, stage: str) -> None:
         datamodule = getattr(self.trainer, "datamodule", None)
-        batch_size = getattr(datamodule, "batch_size", None)
-        if stage == "fit" and batch_size is not None:
-            self.ppo.check_batch_size(batch_size, samples_per_prompt=self.sampling.num_samples_per_prompt)
-        predicting = stage == "predict"
-        prompt_tokens = getattr(
-            datamodule, "predict_prompt_max_tokens" if predicting else "prompt_max_tokens", None
-        )
-        if prompt_tokens is not None:
-            prompt_key = "data.predict_prompt_max_tokens" if predicting else "data.prompt_max_tokens"
-            check_fits_context(
-                self.policy.lm.config,
-                prompt_tokens,
-                prompt_key,
-                self.sampling.response_max_length,
-                self.hparams.policy,
-            )
+        if datamodule is not None:
+            policy = self.hparams.policy
+            check_prompt_settings(datamodule, stage, self.ppo, self.sampling, self.policy.lm, policy)
         # TRL's micro-batch is a whole minibatch: gradient accumulation stacks minibatches
         configure_deepspeed(self.trainer.strategy, self.ppo.max_grad_norm, self.ppo.mini_batch_size)
         fp32_head = self.hparams.fp32_lm_head
@@ -300,51 +265,12 @@ class PPOModule(LightningModule):
         return self
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        # frozen weights (a LoRA policy's base) are rebuilt from their source on load: keep them out
-        state = checkpoint["state_dict"]
-        for key in self._frozen_state_keys() & state.keys():
-            del state[key]
-        checkpoint["lightning_ppo_version"] = CHECKPOINT_VERSION
-        checkpoint["kl_controller"] = self.kl_ctl.state_dict()
-        checkpoint["score_moments"] = self.score_moments.state_dict()
+        save_training_state(self, checkpoint)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         check_checkpoint_version(checkpoint.get("lightning_ppo_version", 1))
-        changes = self._check_resumed_settings(checkpoint)  # before the weights: a refusal, not a shape error
-        frozen = self._frozen_state_keys()
-        if "state_dict" in checkpoint:  # a DeepSpeed client state has none: the engine restores the weights
-            checkpoint["state_dict"].update({k: v for k, v in self.state_dict().items() if k in frozen})
-        if "kl_controller" in checkpoint:
-            self.kl_ctl.load_state_dict(checkpoint["kl_controller"])
-        if "model.ppo.init_kl_coef" in {change.key for change in changes}:
-            self.kl_ctl.value = self.ppo.init_kl_coef  # a new coefficient to start from, adaptive or fixed
-        if "score_moments" in checkpoint:
-            self.score_moments.load_state_dict(checkpoint["score_moments"])
-
-    def _check_resumed_settings(self, checkpoint: dict[str, Any]) -> list[Change]:
-        """Compare this run's settings with the checkpoint's (`lightning_ppo.resume`): refuse the ones that
-        cannot change, and print (rank 0) the ones that take effect. A fit compares the data's too."""
-        saved = checkpoint.get("hyper_parameters")
-        if not saved:
-            return []
-        trainer = self._trainer
-        command = str(trainer.state.fn.value) if trainer is not None and trainer.state.fn else "fit"
-        datamodule = getattr(trainer, "datamodule", None) if command == "fit" else None
-        saved_data = checkpoint.get("datamodule_hyper_parameters") if datamodule is not None else None
-        data = datamodule.hparams if saved_data is not None else None
-        changes = resume_changes(saved, self.hparams, saved_data, data, command)
-        if trainer is None or trainer.is_global_zero:
-            for change in changes:
-                print(f"lightning-ppo: changed since the checkpoint, in effect: {change.describe()}")
-        return changes
-
-    def _frozen_state_keys(self) -> set[str]:
-        """Frozen weights of the registered models: a LoRA policy's base (tied names included).
-
-        The reference and the reward model are not registered, so they are never in the state dict.
-        """
-        frozen = {name for name, p in self.named_parameters(remove_duplicate=False) if not p.requires_grad}
-        return frozen & self.state_dict().keys()
+        changes = check_resumed_settings(self, checkpoint)  # before the weights: a refusal, not a shape error
+        load_training_state(self, checkpoint, changes)
 
     # ----------------------------------------------------------------------------------------------
     # One PPO iteration
@@ -354,7 +280,9 @@ class PPOModule(LightningModule):
         timer = PhaseTimer(self.device)
         with timer("rollout"):  # 1. sample k responses per prompt (a group shares its length limit)
             batch = repeat_prompts(batch, self.sampling.num_samples_per_prompt)
-            rollout = self._sample(self.policy.lm, batch, self._training_lengths(len(batch["query"])))
+            rollout = self.generate_rollout(
+                self.policy.lm, batch, self._training_lengths(len(batch["query"]))
+            )
         with timer("reward"):  # 2. score each prompt + response
             scores, samples = score_rollout(self.reward, self.tokenizer, rollout, batch)
         result = self._ppo_iteration(rollout, scores, timer)  # 3.-6. experience, PPO epochs, KL controller
@@ -469,17 +397,13 @@ class PPOModule(LightningModule):
             self._engine_kind = self.sampling.engine
         return self._engine
 
-    def _sample(self, model: nn.Module, batch: dict[str, Any], lengths: Tensor) -> Rollout:
+    def generate_rollout(self, model: nn.Module, batch: dict[str, Any], lengths: Tensor) -> Rollout:
+        """`model`'s responses to the batch's prompts, row i at most `lengths[i]` tokens."""
         strategy = self._trainer.strategy if self._trainer is not None and model is self.policy.lm else None
         with eval_mode(model), gathered_for_generation(strategy, self.policy) as synced_gpus:
             return self.engine.sample(
                 model, batch["input_ids"], batch["attention_mask"], lengths, self.sampling, synced_gpus
             )
-
-    def _shape_scores(self, scores: Tensor, rollout: Rollout) -> Tensor:
-        """Scores (B,) after `model.shaping`: missing-EOS penalty, running scaling, clipping."""
-        gathered = Scores.gather(scores, rollout.has_eos(self.tokenizer.eos_token_id), self._gather_flat)
-        return shape_scores(scores, gathered.has_eos, self.shaping, self.score_moments, gathered.everyone())
 
     def _gather_flat(self, x: Tensor) -> Tensor:
         """Every rank's rows of `x` (N, ...), stacked into one (world * N, ...) tensor."""
@@ -489,7 +413,7 @@ class PPOModule(LightningModule):
         buckets = self.ppo.length_buckets if self.ppo.packing else None
         return rollout_passes(self.models, rollout, self.hparams.forward_batch_size, full_kl, buckets)
 
-    def _sequence_kl(self, rollout: Rollout) -> Tensor:
+    def sequence_kl(self, rollout: Rollout) -> Tensor:
         """Sampled KL(policy || reference) of each response, summed over its tokens. (B,)"""
         passes = self._rollout_passes(rollout)
         return (passes.logprobs - passes.ref_logprobs).sum(-1)
@@ -498,47 +422,19 @@ class PPOModule(LightningModule):
     # Evaluation (lightning_ppo.evaluation): held-out reward and KL; before/after comparison in `test`
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        lengths = draw_response_lengths(len(batch["query"]), self.sampling, self.device)
-        rollout = self._sample(self.policy.lm, batch, lengths)
-        scores, _ = score_rollout(self.reward, self.tokenizer, rollout, batch)
-        self.held_out.update(batch["index"], reward=scores, kl=self._sequence_kl(rollout))
+        self.evaluator.validation_batch(self, batch)
 
     def on_validation_epoch_end(self) -> None:
-        results = self.held_out.compute()
-        rewards = results["reward"]
-        summary = {"val/reward_mean": rewards.mean(), "val/reward_median": rewards.quantile(0.5)}
-        self.log_dict({**summary, "val/kl": results["kl"].mean()}, rank_zero_only=True)
+        self.evaluator.validation_end(self)
 
     def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        """Sample from the reference and from the tuned policy, same prompts and lengths; score both."""
-        lengths = draw_response_lengths(len(batch["query"]), self.sampling, self.device)
-        with self.models.reference_lm() as reference:
-            before = self._sample(reference, batch, lengths)
-        after = self._sample(self.policy.lm, batch, lengths)
-        ref_scores, ref_samples = score_rollout(self.reward, self.tokenizer, before, batch)
-        scores, samples = score_rollout(self.reward, self.tokenizer, after, batch)
-        kl = self._sequence_kl(after)
-        self.held_out.update(batch["index"], reward_ref=ref_scores, reward=scores, kl=kl)
-        self.test_rows += test_rows(batch, ref_samples.responses, samples.responses, ref_scores, scores)
+        self.evaluator.test_batch(self, batch)
 
     def on_test_epoch_end(self) -> None:
-        results = self.held_out.compute()
-        comparison = compare_rewards(results["reward_ref"], results["reward"])  # the same on every rank
-        self.log_dict({**comparison.scalars(), "test/kl": float(results["kl"].mean())}, rank_zero_only=True)
-        rows, self.test_rows = self.test_rows, []
-        write_test_report(self.trainer, rows, results, comparison)
+        self.evaluator.test_end(self)
 
     def predict_step(self, batch: dict[str, Any], batch_idx: int) -> list[dict[str, Any]]:
-        """Continue each prompt with the tuned policy for `response_max_length` tokens, and score it."""
-        lengths = torch.full((len(batch["query"]),), self.sampling.response_max_length, device=self.device)
-        rollout = self._sample(self.policy.lm, batch, lengths)
-        scores, samples = score_rollout(self.reward, self.tokenizer, rollout, batch)
-        return [
-            {"index": int(index), "prompt": query, "response": response, "reward": float(score), **columns}
-            for index, query, response, score, columns in zip(
-                batch["index"], batch["query"], samples.responses, scores, row_columns(batch), strict=True
-            )
-        ]
+        return self.evaluator.predict_batch(self, batch)
 
     # ----------------------------------------------------------------------------------------------
     # Logging
@@ -558,18 +454,3 @@ class PPOModule(LightningModule):
             if isinstance(logger, TensorBoardLogger):
                 logger.experiment.add_text("samples", table, global_step=step)
                 log_training_histograms(logger.experiment, step, result.scores.all, all_kls)
-
-
-def repeat_prompts(batch: dict[str, Any], k: int) -> dict[str, Any]:
-    """Each prompt of the batch k times in a row: rows [i*k, (i+1)*k) are prompt i's group."""
-    if k == 1:
-        return batch
-
-    def repeat(value: Any) -> Any:
-        if isinstance(value, Tensor):
-            return value.repeat_interleave(k, dim=0)
-        if isinstance(value, dict):  # the rows' other columns
-            return {name: repeat(column) for name, column in value.items()}
-        return [v for v in value for _ in range(k)]
-
-    return {name: repeat(value) for name, value in batch.items()}

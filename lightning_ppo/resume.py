@@ -196,3 +196,21 @@ def _show(value: Any) -> str:
         return json.dumps(value)
     except (TypeError, ValueError):
         return repr(value)
+
+
+def check_resumed_settings(module: Any, checkpoint: dict[str, Any]) -> list[Change]:
+    """Compare a module's settings with its checkpoint's: refuse the ones that cannot change, and print
+    (rank 0) the ones that take effect. A fit compares the data module's too."""
+    saved = checkpoint.get("hyper_parameters")
+    if not saved:
+        return []
+    trainer = module._trainer
+    command = str(trainer.state.fn.value) if trainer is not None and trainer.state.fn else "fit"
+    datamodule = getattr(trainer, "datamodule", None) if command == "fit" else None
+    saved_data = checkpoint.get("datamodule_hyper_parameters") if datamodule is not None else None
+    data = datamodule.hparams if saved_data is not None else None
+    changes = resume_changes(saved, module.hparams, saved_data, data, command)
+    if trainer is None or trainer.is_global_zero:
+        for change in changes:
+            print(f"lightning-ppo: changed since the checkpoint, in effect: {change.describe()}")
+    return changes

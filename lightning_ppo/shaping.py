@@ -91,7 +91,7 @@ class Scores:
     @classmethod
     def gather(cls, scores: Tensor, has_eos: Tensor, gather_rows: Callable[[Tensor], Tensor]) -> Scores:
         both = gather_rows(torch.stack([scores.float(), has_eos.to(scores.device).float()], dim=-1))
-        return cls(scores, has_eos, both[:, 0], both[:, 1].bool())
+        return cls(scores, has_eos, both[:, 0].contiguous(), both[:, 1].bool())  # summed as before
 
     def everyone(self) -> tuple[Tensor, Tensor]:
         return self.all, self.all_has_eos

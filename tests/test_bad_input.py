@@ -417,7 +417,7 @@ def test_every_numeric_setting_is_checked_before_any_model_loads(
 ) -> None:
     loads: list[str] = []
     monkeypatch.setattr(
-        "lightning_ppo.module.load_tokenizer", lambda source: loads.append(source) or load_tokenizer(source)
+        "lightning_ppo.models.load_tokenizer", lambda source: loads.append(source) or load_tokenizer(source)
     )
     code, err = run_cli(capsys, monkeypatch, f"--{key}", value)
     paragraph = error_paragraph(err)
@@ -475,7 +475,7 @@ def test_estimator_settings_that_make_no_sense_are_refused_before_any_model_load
 ) -> None:
     loads: list[str] = []
     monkeypatch.setattr(
-        "lightning_ppo.module.load_tokenizer", lambda source: loads.append(source) or load_tokenizer(source)
+        "lightning_ppo.models.load_tokenizer", lambda source: loads.append(source) or load_tokenizer(source)
     )
     code, err = run_cli(capsys, monkeypatch, *args)
     paragraph = error_paragraph(err)

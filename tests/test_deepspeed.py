@@ -164,14 +164,14 @@ def test_zero3_rollout_gathers_once_and_generates_with_synced_gpus(module: PPOMo
     )
     lengths = draw_response_lengths(len(prompts), module.sampling, module.device)
 
-    rollout = module._sample(module.policy.lm, batch, lengths)
+    rollout = module.generate_rollout(module.policy.lm, batch, lengths)
     assert rollout.response_mask.shape[1] == int(lengths.max())  # several tokens...
     assert gathers == [len(list(module.policy.parameters()))]  # ...one gather of the whole policy
     assert [call["synced_gpus"] for call in generate_calls] == [True]
     assert generate_calls[0]["hooks_paused"]
     assert offload.registered == 1  # hooks are back for the PPO epochs
 
-    module._sample(module.ref_policy, batch, lengths)  # the reference is not sharded: no gather
+    module.generate_rollout(module.ref_policy, batch, lengths)  # the reference is not sharded: no gather
     assert len(gathers) == 1
 
 

@@ -13,8 +13,9 @@ from torch.testing import assert_close
 
 from lightning_ppo import core
 from lightning_ppo.config import PPOConfig
+from lightning_ppo.data import repeat_prompts
 from lightning_ppo.experience import RolloutPasses, make_experience, per_token_rewards, rollout_passes
-from lightning_ppo.module import PPOModule, repeat_prompts
+from lightning_ppo.module import PPOModule
 from lightning_ppo.rollout import Rollout
 from lightning_ppo.update import ppo_loss
 from tests.helpers import seeded
@@ -273,7 +274,7 @@ def test_kl_in_loss_adds_k3_against_the_reference(tiny_assets: Path) -> None:
         module.policy.lm.lm_head.weight.add_(0.2 * torch.randn_like(module.policy.lm.lm_head.weight))
     encoded = module.tokenizer(["the movie was", "this film is", "it"], return_tensors="pt", padding=True)
     batch = {"input_ids": encoded.input_ids, "attention_mask": encoded.attention_mask}
-    rollout = module._sample(module.policy.lm, batch, torch.tensor([5, 2, 7]))
+    rollout = module.generate_rollout(module.policy.lm, batch, torch.tensor([5, 2, 7]))
     passes = rollout_passes(module.models, rollout)
     rewards = torch.zeros_like(rollout.response_mask)
     in_reward, in_loss = PPOConfig(), PPOConfig(kl_in="loss", kl_loss_coef=0.3)

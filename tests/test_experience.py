@@ -27,7 +27,7 @@ def experience_of_a_rollout(module: PPOModule):
     examples = [{"input_ids": module.tokenizer(p).input_ids, "query": p} for p in prompts]
     batch = collate_prompts(examples, module.tokenizer.pad_token_id)
     lengths = draw_response_lengths(len(prompts), module.sampling, module.device)
-    rollout = module._sample(module.policy.lm, batch, lengths)
+    rollout = module.generate_rollout(module.policy.lm, batch, lengths)
     passes = rollout_passes(module.models, rollout)
     return make_experience(rollout, passes, torch.randn_like(passes.logprobs), module.ppo)
 

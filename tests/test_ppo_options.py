@@ -28,7 +28,7 @@ def test_temperature_divides_the_logits_of_old_ref_and_training_passes(tiny_asse
         module.policy.lm.lm_head.weight.add_(0.1 * torch.randn_like(module.policy.lm.lm_head.weight))
     encoded = module.tokenizer(["the movie was", "this film is"], return_tensors="pt", padding=True)
     batch = {"input_ids": encoded.input_ids, "attention_mask": encoded.attention_mask}
-    rollout = module._sample(module.policy.lm, batch, torch.tensor([5, 6]))
+    rollout = module.generate_rollout(module.policy.lm, batch, torch.tensor([5, 6]))
     passes = rollout_passes(module.models, rollout)
     old, ref = passes.logprobs, passes.ref_logprobs
 

@@ -13,10 +13,9 @@ from tokenizers import Tokenizer, pre_tokenizers, processors
 from tokenizers.models import WordLevel
 from transformers import PreTrainedTokenizerFast
 
-from lightning_ppo.data import PromptDataModule
+from lightning_ppo.data import PromptDataModule, repeat_prompts
 from lightning_ppo.errors import ConfigError
 from lightning_ppo.evaluation import row_columns
-from lightning_ppo.module import repeat_prompts
 from lightning_ppo.prompts import PromptColumn, encode_prompt
 from lightning_ppo.rewards import FunctionReward, SampleBatch, call_reward
 

@@ -39,7 +39,7 @@ def first_minibatch_logprob_gap(disable_dropout: bool) -> float:
         [{"input_ids": tokenizer(p)["input_ids"], "query": p} for p in PROMPTS], tokenizer.pad_token_id
     )
     lengths = draw_response_lengths(BATCH, module.sampling, module.device)
-    rollout = module._sample(module.policy.lm, batch, lengths)
+    rollout = module.generate_rollout(module.policy.lm, batch, lengths)
     passes = rollout_passes(module.models, rollout)
     scores = torch.zeros(BATCH)
     rewards, _, _ = compute_rewards(

@@ -83,8 +83,9 @@ def test_the_module_shapes_scores_and_checkpoints_the_moments(tiny_assets: Path)
     shaping = ShapingConfig(missing_eos_penalty=1.0, score_scaling=True)
     module = PPOModule(policy="tiny:policy", reward_model="tiny:reward", shaping=shaping)
     rollout = _rollout(module.tokenizer.eos_token_id)
-    module._gather_flat = lambda x: x  # no trainer attached: the single-process gather
-    shaped = module._shape_scores(torch.tensor([2.0, 2.0]), rollout)
+    has_eos = rollout.has_eos(module.tokenizer.eos_token_id)
+    torch.testing.assert_close(has_eos, torch.tensor([True, False]))
+    shaped = shape_scores(torch.tensor([2.0, 2.0]), has_eos, module.shaping, module.score_moments)
     penalised = torch.tensor([2.0, 1.0])
     torch.testing.assert_close(shaped, penalised / penalised.std(), rtol=1e-5, atol=1e-6)
     checkpoint = {"state_dict": module.state_dict()}

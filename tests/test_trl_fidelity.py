@@ -340,7 +340,7 @@ def test_real_rollout_lengths_stay_in_range_and_stop_at_eos(tiny_assets: Path) -
     batch = {**prompts, "input_ids": prompts["input_ids"].repeat(8, 1)}
     batch["attention_mask"] = prompts["attention_mask"].repeat(8, 1)
     lengths = draw_response_lengths(32, sampling, module.device)
-    rollout = module._sample(module.policy.lm, batch, lengths)
+    rollout = module.generate_rollout(module.policy.lm, batch, lengths)
     kept = rollout.response_mask.sum(-1).long()  # (B,)
     assert rollout.response_ids.shape[1] <= sampling.response_max_length
     stopped_at_eos = 0
