@@ -22,7 +22,8 @@ import time
 
 import torch
 
-from lightning_ppo.core import entropy_from_logits, logprobs_and_entropy, logprobs_from_logits
+from lightning_ppo.core import logprobs_and_entropy, logprobs_from_logits
+from tests.helpers import entropy_from_logits
 
 MIB = 2**20
 

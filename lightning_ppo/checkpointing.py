@@ -58,12 +58,10 @@ def read_checkpoint(
     mmap: bool = False,
     unsafe_advice: str = "if you trust its source, pass --weights_only false",
 ) -> dict[str, Any]:
-    """`torch.load` of a checkpoint file, weights-only by default (a checkpoint cannot run code then).
+    """`torch.load` of a checkpoint file, weights-only by default, so that a checkpoint cannot run code.
 
-    A file that cannot be read (empty, truncated, random bytes, not a checkpoint) is a `ConfigError` that
-    names it and the other checkpoints beside it; so is one that holds objects weights-only loading refuses
-    (`unsafe_advice` says what to do). Never retried with unsafe loading.
-    """
+    A damaged file, or one weights-only loading refuses (`unsafe_advice` says what to do), is a `ConfigError`
+    naming it and the checkpoints beside it; it is never retried with unsafe loading."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"--ckpt_path {str(path)!r}: no such checkpoint file ({path.absolute()})")
@@ -181,19 +179,10 @@ def restore_rng_states(states: dict[str, Any]) -> None:
     random.setstate(states["python"])
 
 
-class FaultTolerance(Callback):
-    """Installs `AtomicCheckpointIO`, checkpoints every rank's RNG states, and acts on signals between steps.
-
-    - Validation runs on a side RNG stream: the training stream is put back after it, so a resumed run
-      (which may skip or repeat a validation) draws the same numbers as an uninterrupted one.
-    - SLURM's requeue signal (SIGUSR1), Ctrl-C (SIGINT) and SIGTERM arriving mid-step are held until the
-      step ends: then Lightning's requeue handler saves `hpc_ckpt_N.ckpt` and requeues; or `last.ckpt` is
-      saved and Lightning's graceful KeyboardInterrupt shutdown follows (exit 1), or the fit exits with
-      `TERMINATED_EXIT_CODE`. A second Ctrl-C or SIGTERM interrupts at once (checkpoint files are atomic).
-      Under SLURM auto-requeue, SIGTERM stays Lightning's (it follows the requeue signal).
-    - A fit always ends with an up-to-date `last.ckpt` (ModelCheckpoint keeps an older one when the run
-      does not end on its `every_n_train_steps`).
-    """
+class SafeCheckpoints(Callback):
+    """Atomic checkpoint files, every rank's RNG states, validation on a side RNG stream, and signals held
+    until the step ends: SIGUSR1 requeues (SLURM), Ctrl-C and SIGTERM save `last.ckpt` first, a second one
+    interrupts at once (docs/reliability.md). A fit always ends with an up-to-date `last.ckpt`."""
 
     def __init__(self) -> None:
         self._rng_to_restore: dict[str, Any] | None = None
@@ -202,6 +191,10 @@ class FaultTolerance(Callback):
         self._pending: set[int] = set()
         self._launcher: Any = None
         self._last_saved_step = -1
+
+    @property
+    def state_key(self) -> str:
+        return "FaultTolerance"  # the class's former name, under which checkpoints hold its state
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:  # a user's own plugin stays

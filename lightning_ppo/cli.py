@@ -1,13 +1,9 @@
 """Command line: `python -m lightning_ppo {fit,validate,test,predict,export,serve-reward} ...`.
 
-`python -m lightning_ppo --help` lists the commands without importing torch or Lightning, so it answers at
-once; `python -m lightning_ppo fit --help` shows every `model.*`/`data.*`/`trainer.*` key through
-LightningCLI (`commands.py`). Exit codes: 0 done; 1 stopped by Ctrl-C (after saving `last.ckpt`), a
-remote reward's server that gave no usable scores (one paragraph), or a crash (a traceback); 2 a
-configuration mistake (one paragraph, no traceback); 3 a fit stopped after too many bad (NaN/inf) steps in
-a row, with its checkpoint saved; 4 the disk filled up while a checkpoint was written (one paragraph naming
-the intact one to resume from); 143 stopped by SIGTERM (after saving `last.ckpt` in a fit).
-"""
+`--help` answers without importing torch; `fit --help` shows every key (`commands.py`). Exit codes: 0 done;
+1 Ctrl-C (after saving `last.ckpt`), a remote reward server with no usable scores, or a crash; 2 a
+configuration mistake; 3 too many bad (NaN/inf) steps in a row; 4 a full disk while checkpointing;
+143 SIGTERM (after saving `last.ckpt`)."""
 
 from __future__ import annotations
 
@@ -52,12 +48,8 @@ DISK_FULL_EXIT_CODE = 4
 
 
 def quiet_libraries() -> None:
-    """Silence the libraries' chatter that is not about this run; warnings that matter still show.
-
-    Off: `datasets`' Map/Filter/Saving bars, transformers' weight-loading bars, Lightning's advertising
-    tips, DeepSpeed's "Setting accelerator to CPU" notice on machines without a GPU, and deprecation
-    warnings raised inside Lightning (e.g. torch's LeafSpec), which a user of this trainer cannot act on.
-    """
+    """Silence library chatter that is not about this run: progress bars of datasets and transformers,
+    Lightning's tips, DeepSpeed's CPU notice, Lightning's inner deprecations; warnings that matter show."""
     os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")  # read when `datasets` is imported
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
@@ -94,12 +86,8 @@ def main(args: list[str] | None = None) -> PPOCLI:
 
 
 def run(args: list[str] | None = None) -> None:
-    """The console entry point: a configuration mistake prints one paragraph (no traceback) and exits 2.
-
-    A fit stopped for too many bad steps in a row exits 3 (`nan_guard.BAD_STEPS_EXIT_CODE`), after saving its
-    checkpoint; a checkpoint write that found the disk full exits 4, naming the intact checkpoint. Any other
-    exception keeps its traceback: it is a bug or a fault worth reporting.
-    """
+    """The console entry point: a configuration mistake prints one paragraph and exits 2, too many bad
+    steps exit 3, a full disk exits 4 naming the intact checkpoint; other exceptions keep their traceback."""
     given = sys.argv[1:] if args is None else args
     if not given or given[0] in ("-h", "--help"):
         print(USAGE, file=sys.stdout if given else sys.stderr)
@@ -144,12 +132,12 @@ def run(args: list[str] | None = None) -> None:
 def _exit_if_stopped_for_bad_steps(cli: PPOCLI) -> None:
     from lightning_ppo.nan_guard import BAD_STEPS_EXIT_CODE
 
-    stop_checkpoint = cli.model.faults.stop_checkpoint
-    if stop_checkpoint is not None:  # every rank exits with the code; rank 0 says why
+    guard = cli.model.bad_numbers
+    if guard.stop_checkpoint is not None:  # every rank exits with the code; rank 0 says why
         if cli.trainer.is_global_zero:
             print(
-                f"lightning-ppo: error: stopped after {cli.model.faults.consecutive_bad_steps} bad steps in "
-                f"a row (NaN/inf; see the log above); last good state: {stop_checkpoint}",
+                f"lightning-ppo: error: stopped after {guard.consecutive_bad_steps} bad steps in "
+                f"a row (NaN/inf; see the log above); last good state: {guard.stop_checkpoint}",
                 file=sys.stderr,
             )
         raise SystemExit(BAD_STEPS_EXIT_CODE)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
+from lightning_ppo.core import KLPenalty
 from lightning_ppo.errors import ConfigError, check_number
 
 
@@ -68,7 +69,7 @@ class PPOConfig:
     whiten_rewards_masked: bool = False
     ratio_threshold: float = 10.0
     max_grad_norm: float | None = None
-    kl_penalty: Literal["kl", "abs", "mse", "full", "k3"] = "kl"
+    kl_penalty: KLPenalty = "kl"
     adap_kl_ctrl: bool = True
     init_kl_coef: float = 0.2
     target: float = 6.0

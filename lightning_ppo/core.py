@@ -1,19 +1,16 @@
 """Pure PPO math for language models: log-probs, masked statistics, KL penalties, GAE, losses, KL control.
 
-Imports only torch so it can be tested without Lightning or transformers. Unless stated otherwise every
-tensor is (B, T) over response tokens, right-padded, with a 0/1 (float or bool) `mask` where 1 marks a
-real token. Formulas follow TRL 0.11's legacy PPOTrainer; nothing here syncs host and device except
-`masked_var(unbiased=True)` (and so `masked_whiten`), which checks the token count.
-"""
+Imports only torch. Tensors are (B, T) over right-padded response tokens with a 0/1 `mask`; formulas follow
+TRL 0.11's legacy PPOTrainer. Only `masked_var(unbiased=True)` (so `masked_whiten`) syncs host and device."""
 
-import math
 from collections.abc import Callable
-from typing import NamedTuple
+from typing import Literal, get_args
 
 import torch
 from torch import Tensor
 
-KL_PENALTIES = ("kl", "abs", "mse", "full", "k3")
+KLPenalty = Literal["kl", "abs", "mse", "full", "k3"]  # the per-token KL estimators of `kl_penalty`
+KL_PENALTIES: tuple[str, ...] = get_args(KLPenalty)
 
 # GAE builds a (T, T) float64 discount matrix up to this length and loops over columns beyond it.
 _GAE_MATRIX_MAX_T = 256
@@ -33,12 +30,6 @@ def logprobs_from_logits(logits: Tensor, tokens: Tensor) -> Tensor:
     logits = upcast(logits)  # (B, T, V)
     taken = logits.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)  # (B, T)
     return taken - logits.logsumexp(-1)
-
-
-def entropy_from_logits(logits: Tensor) -> Tensor:
-    """Float32 (or float64) entropy of each token's distribution: `logsumexp(l) - sum(softmax(l) * l)`."""
-    logits = upcast(logits)  # (B, T, V)
-    return logits.logsumexp(-1) - (logits.softmax(-1) * logits).sum(-1)  # (B, T)
 
 
 def _zero_outside(x: Tensor, mask: Tensor) -> Tensor:
@@ -85,7 +76,7 @@ def masked_whiten(x: Tensor, mask: Tensor, shift_mean: bool = True) -> Tensor:
     return whitened if shift_mean else whitened + mean
 
 
-def kl_penalty(logprobs: Tensor, ref_logprobs: Tensor, kind: str = "kl") -> Tensor:
+def kl_penalty(logprobs: Tensor, ref_logprobs: Tensor, kind: KLPenalty = "kl") -> Tensor:
     """Per-token estimate of KL(policy || reference), (B, T), for one of `KL_PENALTIES`.
 
     "kl", "abs", "mse" and "k3" take the (B, T) log-probs of the taken tokens; "full" takes the
@@ -122,7 +113,7 @@ def compute_rewards(
     ref_logprobs: Tensor,
     mask: Tensor,
     kl_coef: float | Tensor,
-    kl_penalty: str = "kl",
+    kl_penalty: KLPenalty = "kl",
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Per-token rewards: `-kl_coef * kl` everywhere, plus each sequence's score on its last real token.
 
@@ -139,19 +130,6 @@ def compute_rewards(
     return rewards, non_score_rewards, kl
 
 
-def compute_gae(
-    values: Tensor, rewards: Tensor, mask: Tensor, gamma: float, lam: float
-) -> tuple[Tensor, Tensor]:
-    """Generalised advantage estimates and returns (= advantages + masked values), not whitened.
-
-    Naive equivalent (TRL): loop t from T-1 down to 0, `delta = r_t + gamma * V_{t+1} - V_t` with
-    V_T = 0, `A_t = delta + gamma * lam * A_{t+1}`. Values and rewards are masked first.
-    """
-    values = _zero_outside(values, mask)  # (B, T)
-    advantages = _gae(values, _zero_outside(rewards, mask), gamma, lam)
-    return advantages, advantages + values
-
-
 def compute_advantages(
     values: Tensor,
     rewards: Tensor,
@@ -161,12 +139,9 @@ def compute_advantages(
     whiten_rewards: bool = False,
     whiten_rewards_masked: bool = False,
 ) -> tuple[Tensor, Tensor]:
-    """Whitened advantages and returns, in TRL 0.11's `compute_advantages` order.
-
-    Masks values and rewards, optionally whitens the rewards (`shift_mean=False`), runs GAE, whitens the
-    advantages over the whole batch. TRL's GAE then reads the whitened rewards on padding too (they are
-    not 0 there); `whiten_rewards_masked` zeroes them again so only real tokens feed the advantages.
-    """
+    """Whitened advantages and returns in TRL 0.11's order: mask, optionally whiten the rewards (mean kept),
+    GAE, whiten the advantages. TRL's GAE then reads whitened rewards on padding; `whiten_rewards_masked`
+    zeroes them there, so that only real tokens feed the advantages."""
     values = _zero_outside(values, mask)  # (B, T)
     rewards = _zero_outside(rewards, mask)  # (B, T)
     if whiten_rewards:
@@ -238,7 +213,25 @@ def value_loss(
     return loss, stats
 
 
-class AdaptiveKLController:
+class KLController:
+    """A KL coefficient `value` that checkpoints save and restore; subclasses say how `update` moves it."""
+
+    value: float
+
+    def update(self, current_kl: float | Tensor, n_steps: int) -> None:
+        """Move the coefficient after a batch of n_steps samples whose mean KL was current_kl."""
+        raise NotImplementedError
+
+    def state_dict(self) -> dict[str, float]:
+        """The coefficient, for checkpoints."""
+        return {"value": self.value}
+
+    def load_state_dict(self, state_dict: dict[str, float]) -> None:
+        """Restore the coefficient saved by state_dict."""
+        self.value = state_dict["value"]
+
+
+class AdaptiveKLController(KLController):
     """KL coefficient steered towards a target KL, Ziegler et al. 2019 (arXiv:1909.08593, section 2.2).
 
     `e = clip(kl / target - 1, -0.2, 0.2)`, then `value *= 1 + e * n_steps / horizon`.
@@ -250,20 +243,11 @@ class AdaptiveKLController:
         self.horizon = horizon
 
     def update(self, current_kl: float | Tensor, n_steps: int) -> None:
-        """Move the coefficient after a batch of n_steps samples whose mean KL was current_kl."""
         error = min(max(float(current_kl) / self.target - 1, -0.2), 0.2)
         self.value *= 1 + error * n_steps / self.horizon
 
-    def state_dict(self) -> dict[str, float]:
-        """The coefficient, for checkpoints."""
-        return {"value": self.value}
 
-    def load_state_dict(self, state_dict: dict[str, float]) -> None:
-        """Restore the coefficient saved by state_dict."""
-        self.value = state_dict["value"]
-
-
-class FixedKLController:
+class FixedKLController(KLController):
     """Constant KL coefficient; `update` is a no-op so both controllers are interchangeable."""
 
     def __init__(self, kl_coef: float) -> None:
@@ -272,18 +256,8 @@ class FixedKLController:
     def update(self, current_kl: float | Tensor, n_steps: int) -> None:
         """Does nothing: the coefficient is fixed."""
 
-    def state_dict(self) -> dict[str, float]:
-        """The coefficient, for checkpoints."""
-        return {"value": self.value}
 
-    def load_state_dict(self, state_dict: dict[str, float]) -> None:
-        """Restore the coefficient saved by state_dict."""
-        self.value = state_dict["value"]
-
-
-# ================================================================ issues 13 and 14
-# Fused log-probs and entropy (the PPO loss), critic-free advantage estimators, length buckets (packed
-# forwards), and a paired bootstrap interval (the test report).
+# ---------------------------------------------------------------- fused log-probs, critic-free estimators
 # GRPO's KL-in-loss term is `masked_mean(kl_penalty(logprobs, ref_logprobs, "k3"), mask)`.
 
 
@@ -327,13 +301,10 @@ class _LogprobsAndEntropy(torch.autograd.Function):
 
 
 def logprobs_and_entropy(logits: Tensor, tokens: Tensor) -> tuple[Tensor, Tensor]:
-    """Float32 (float64 of float64 logits) taken-token log-probs and entropies, (B, R) each, from one
-    logsumexp over (B, R, V) logits.
+    """Taken-token log-probs (with gradient) and entropies (a statistic), float32 or more, from one logsumexp.
 
-    Naive equivalent: `(logprobs_from_logits(logits, tokens), entropy_from_logits(logits.detach()))`.
-    Only the log-probs carry a gradient: the entropy is a logged statistic (there is no entropy bonus).
-    Lower peak memory than the pair: the forward works in chunks, the backward holds one (B, R, V) buffer.
-    Also (n, V) logits of n tokens (n,): the chunks are then runs of tokens.
+    Naive equivalent: `logprobs_from_logits(logits, tokens)` and `logsumexp(l) - sum(softmax(l) * l)`;
+    less peak memory, as the forward works in chunks. (B, R, V) logits, or (n, V) of n tokens.
     """
     return _LogprobsAndEntropy.apply(logits, tokens)
 
@@ -352,10 +323,7 @@ def grpo_advantages(
 ) -> Tensor:
     """GRPO advantages, (B, R): each sequence's `(r - group mean) / (group std + eps)` on its every token.
 
-    Groups are contiguous: rows [g*k, (g+1)*k) hold prompt g's k samples. `scale_by_std=False` is
-    Dr. GRPO (Liu et al. 2025, arXiv:2503.20783): `r - group mean` only. A group of equal rewards gives 0.
-    Naive equivalent: for each group, for each row i in it, `A[i, t] = (r_i - mean) / (std + eps)` if mask.
-    """
+    Groups are contiguous rows [g*k, (g+1)*k); `scale_by_std=False` is Dr. GRPO (arXiv:2503.20783)."""
     _check_groups(scores.shape[0], k, "GRPO")
     grouped = scores.reshape(-1, k)  # (B / k, k)
     advantages = grouped - grouped.mean(dim=1, keepdim=True)  # (B / k, k)
@@ -369,12 +337,8 @@ def grpo_advantages(
 def rloo_advantages(rewards: Tensor, mask: Tensor, k: int) -> Tensor:
     """RLOO advantages, (B, R): sequence reward minus the mean of the k-1 others of its group, every token.
 
-    `rewards` are the per-token rewards of `compute_rewards` (score on the last token, `-kl_coef * kl`
-    on each), so the sequence reward is `score - kl_coef * sum_t kl_t`: the KL stays in the reward as in
-    Ahmadian et al. 2024 (arXiv:2402.14740) and TRL's RLOOTrainer (`rlhf_reward = scores + non_score_reward`
-    before the leave-one-out baseline). Groups are contiguous rows [g*k, (g+1)*k) (TRL's are k-major).
-    Naive equivalent: `A_i = R_i - sum_{j != i in group} R_j / (k - 1)` on each real token.
-    """
+    The sequence reward sums `compute_rewards`' per-token rewards, so the KL stays in it (arXiv:2402.14740,
+    TRL's RLOOTrainer). Groups are contiguous rows [g*k, (g+1)*k) (TRL's are k-major)."""
     _check_groups(rewards.shape[0], k, "RLOO")
     grouped = masked_sum(rewards, mask, dim=1).view(-1, k)  # (B / k, k) sequence rewards
     baseline = (grouped.sum(dim=1, keepdim=True) - grouped) / (k - 1)  # (B / k, k)
@@ -390,14 +354,10 @@ def masked_moments(x: Tensor, mask: Tensor) -> Tensor:
 def reinforce_pp_advantages(
     rewards: Tensor, mask: Tensor, sum_across_ranks: Callable[[Tensor], Tensor] | None = None
 ) -> Tensor:
-    """REINFORCE++ advantages, (B, R): return-to-go (gamma 1) of per-token rewards, whitened over the batch.
+    """REINFORCE++ advantages (arXiv:2501.03262), (B, R): the whitened return to go (gamma 1) of rewards.
 
-    `rewards` are `compute_rewards`' (score on the last token, `-kl_coef * kl` per token): Hu 2025,
-    arXiv:2501.03262. Mean and biased variance come from `masked_moments`, passed through
-    `sum_across_ranks` (e.g. an all-reduce sum) so every rank whitens with the global batch's statistics;
-    rstd = rsqrt(max(var, 1e-8)) as OpenRLHF's `_normalize_advantages`. Naive equivalent: `G_t = sum_{s>=t}
-    r_s` over real tokens, then `(G - mean) / std` with mean and std over every real token of the batch.
-    """
+    `masked_moments` pass through `sum_across_ranks`: every rank whitens with the global batch's mean and
+    biased variance; rstd = rsqrt(max(var, 1e-8)) as OpenRLHF's `_normalize_advantages`."""
     kept = _zero_outside(rewards, mask)  # (B, R)
     returns = kept.flip(1).cumsum(1).flip(1)  # (B, R) return to go, gamma = 1
     moments = masked_moments(returns, mask)  # (3,)
@@ -408,96 +368,3 @@ def reinforce_pp_advantages(
     var = total_sq / count - mean**2
     advantages = (returns - mean) * var.clamp(min=1e-8).rsqrt()  # float64 statistics
     return _zero_outside(advantages.to(rewards.dtype), mask)  # (B, R)
-
-
-def padded_tokens(lengths: Tensor, micro_batches: list[Tensor]) -> tuple[int, int]:
-    """(useful, computed) tokens when each micro-batch is padded to its longest row: padding waste."""
-    useful = sum(int(lengths[rows].sum()) for rows in micro_batches)
-    computed = sum(len(rows) * int(lengths[rows].max()) for rows in micro_batches if len(rows))
-    return useful, computed
-
-
-def length_buckets(lengths: Tensor, max_buckets: int) -> tuple[list[Tensor], int, int]:
-    """Rows grouped into at most `max_buckets` buckets minimising the positions computed when each bucket
-    is padded to its longest row: a batched forward per bucket, or a `generate` call per bucket.
-
-    A bucket costs rows x its longest length. Optimal buckets are runs of the rows sorted by length (a row
-    never gains from joining a bucket with a longer maximum than a shorter row's), so a dynamic programme
-    over the m distinct lengths finds them in O(m^2 * max_buckets); ties go to fewer buckets. Returns (row
-    indices per bucket, shortest first; computed positions; useful positions = sum of lengths).
-    """
-    if max_buckets < 1:
-        raise ValueError(f"length_buckets needs max_buckets >= 1, got {max_buckets}")
-    values, counts = torch.unique(lengths, return_counts=True)  # (m,) ascending, (m,)
-    values, counts = values.tolist(), counts.tolist()
-    m = len(values)
-    rows_before = [0]
-    for count in counts:
-        rows_before.append(rows_before[-1] + count)
-    # best[g][j]: cheapest cover of the j shortest distinct lengths with g buckets; cut[g][j]: its last start.
-    best = [[0] + [math.inf] * m] + [[math.inf] * (m + 1) for _ in range(max_buckets)]
-    cut = [[0] * (m + 1) for _ in range(max_buckets + 1)]
-    for g in range(1, max_buckets + 1):
-        for j in range(1, m + 1):
-            for i in range(j):
-                cost = best[g - 1][i] + (rows_before[j] - rows_before[i]) * values[j - 1]
-                if cost < best[g][j]:
-                    best[g][j], cut[g][j] = cost, i
-    buckets = min(range(max_buckets + 1), key=lambda g: (best[g][m], g))
-    bounds, j = [], m
-    for g in range(buckets, 0, -1):
-        bounds.append((cut[g][j], j))
-        j = cut[g][j]
-    groups = [
-        torch.nonzero((lengths >= values[i]) & (lengths <= values[j - 1])).squeeze(1) for i, j in bounds[::-1]
-    ]
-    return groups, int(best[buckets][m]), int(lengths.sum())
-
-
-# Bootstrap indices are drawn in chunks of about this many (32 MiB of int64) to bound memory.
-_BOOTSTRAP_CHUNK_DRAWS = 2**22
-
-
-class PairedDifference(NamedTuple):
-    """Mean of paired differences (tuned - reference) and its percentile-bootstrap interval."""
-
-    mean: float
-    low: float
-    high: float
-
-
-def paired_bootstrap_ci(
-    tuned: Tensor, reference: Tensor, n_resamples: int = 10_000, confidence: float = 0.95, seed: int = 0
-) -> PairedDifference:
-    """Mean of `tuned - reference` over the same prompts, (n,) each, with a percentile-bootstrap interval.
-
-    Resamples prompts with replacement from a seeded `torch.Generator` (Efron & Tibshirani 1993, ch. 13).
-    Naive equivalent: for each of n_resamples draws of n indices, average the differences at them; the
-    interval is the (1 - confidence) / 2 and (1 + confidence) / 2 linear-interpolated quantiles.
-    """
-    differences = (tuned.double() - reference.double()).flatten()  # (n,)
-    n = differences.numel()
-    if n < 2:
-        raise ValueError(f"a bootstrap interval needs at least 2 paired samples, got {n}")
-    differences = differences.cpu()
-    generator = torch.Generator().manual_seed(seed)
-    rows = max(1, _BOOTSTRAP_CHUNK_DRAWS // n)  # chunks draw the same stream as one (n_resamples, n) call
-    means = torch.cat(
-        [
-            differences[torch.randint(n, (min(rows, n_resamples - start), n), generator=generator)].mean(1)
-            for start in range(0, n_resamples, rows)
-        ]
-    )  # (n_resamples,)
-    tail = (1 - confidence) / 2
-    low, high = torch.quantile(means, torch.tensor([tail, 1 - tail], dtype=torch.float64)).tolist()
-    return PairedDifference(float(differences.mean()), low, high)
-
-
-def prompts_for_half_width(sd: float, half_width: float, z: float = 1.96) -> int:
-    """Prompts n needed for a 95% interval half-width `z * sd / sqrt(n)` of at most `half_width`.
-
-    `sd` is the standard deviation of the paired differences (tuned - reference) over prompts.
-    """
-    if sd < 0 or half_width <= 0:
-        raise ValueError(f"need sd >= 0 and half_width > 0, got sd={sd}, half_width={half_width}")
-    return max(2, math.ceil((z * sd / half_width) ** 2))

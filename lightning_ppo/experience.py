@@ -1,10 +1,7 @@
 """Experience for the PPO epochs: the no-grad passes over a scored rollout, per-token rewards, advantages.
 
-Plain functions over explicit models and tensors (steps 3-5 of a PPO iteration, TRL 0.11's order):
-`rollout_passes` (old log-probs and values, reference log-probs), `per_token_rewards` (`-kl_coef * kl`
-plus the score on the last token), then `make_experience` (the advantages of `model.ppo.advantage_estimator`:
-GAE with returns, or a critic-free estimator).
-"""
+Steps 3-5 of a PPO iteration as plain functions, in TRL 0.11's order: `forward_passes`,
+`per_token_rewards`, `make_experience`."""
 
 from __future__ import annotations
 
@@ -26,7 +23,14 @@ from lightning_ppo.core import (
     rloo_advantages,
 )
 from lightning_ppo.models import PPOModels, eval_mode
-from lightning_ppo.packing import PackedRows, RowLengths, bucketed, pad_responses, spread
+from lightning_ppo.packing import (
+    PackedRows,
+    RowLengths,
+    bucketed,
+    on_response_tokens,
+    pad_responses,
+    response_inputs,
+)
 from lightning_ppo.rollout import Rollout
 
 PER_TOKEN_FIELDS = ("response_mask", "old_logprobs", "ref_logprobs", "old_values", "advantages", "returns")
@@ -77,7 +81,7 @@ class Experience:
 
 
 @dataclass
-class RolloutPasses:
+class ForwardPasses:
     """The no-grad passes over a rollout, masked to its response tokens."""
 
     logprobs: Tensor  # (B, R) float32 log pi_old(a_t | s_t)
@@ -95,31 +99,30 @@ class Rewards:
     kls: Tensor  # (B, R) the chosen KL estimator per token (TRL's `kls`)
 
 
-def rollout_passes(
+def forward_passes(
     models: PPOModels,
     rollout: Rollout,
     chunk: int | None = None,
     full_kl: bool = False,
     length_buckets: int | None = None,
-) -> RolloutPasses:
+) -> ForwardPasses:
     """One no-grad forward of the policy (log-probs and values) and one of the reference, in eval mode.
 
-    `chunk` rows per forward (None: the whole batch); `full_kl` also keeps both full log-distributions.
-    `length_buckets`: packed forwards in that many length buckets (`packing.bucketed`), each cut to
-    `chunk` rows; None: the rollout's padded layout.
-    """
+    `chunk` rows per forward; `full_kl` also keeps both log-distributions; `length_buckets` packs the rows
+    (`packing.bucketed`), None keeps the rollout's padded layout."""
     trainable = [m for m in (models.policy, models.critic) if m is not None]
     with torch.no_grad(), eval_mode(*trainable):
         if length_buckets is None:
             parts = [
-                _passes(models, part, full_kl) for part in rollout.split(chunk or rollout.input_ids.shape[0])
+                _forward_rows(models, part, full_kl)
+                for part in rollout.split(chunk or rollout.input_ids.shape[0])
             ]
             outputs = [torch.cat(column) for column in zip(*parts, strict=True)]
         else:
             lengths = RowLengths.of(rollout.attention_mask, rollout.response_start, rollout.response_mask)
             outputs, _ = bucketed(
                 # the heads only on the real tokens, unless both full distributions are kept
-                lambda rows: _passes(models, rows, full_kl, None if full_kl else rows.response_mask),
+                lambda rows: _forward_rows(models, rows, full_kl, None if full_kl else rows.response_mask),
                 rollout.input_ids,
                 rollout.response_start,
                 lengths,
@@ -129,7 +132,7 @@ def rollout_passes(
             )
     mask = rollout.response_mask
     outputs = [pad_responses(output, mask.shape[1]) for output in outputs]  # trailing all-masked columns
-    return RolloutPasses(
+    return ForwardPasses(
         logprobs=outputs[0] * mask,
         values=outputs[1] * mask,
         ref_logprobs=outputs[2] * mask,
@@ -137,23 +140,20 @@ def rollout_passes(
     )
 
 
-def _passes(
+def _forward_rows(
     models: PPOModels, rows: Rollout | PackedRows, full_kl: bool, token_mask: Tensor | None = None
 ) -> tuple[Tensor, ...]:
     """Log-probs, values (zeros without a value model) and reference log-probs of the response tokens,
     (B, R) each, then with `full_kl` both log-distributions (B, R, V); not masked.
 
     `token_mask` (B, R) bool: the LM heads run only at its True positions, the log-probs 0 elsewhere."""
-    args = (rows.input_ids, rows.attention_mask, rows.response_start, rows.response_ids.shape[1], token_mask)
+    args = response_inputs(rows, token_mask)
     logits, values = models.logits_and_values(*args)  # (B, R, V) or (n, V), (B, R)
     ref_logits = models.reference_logits(*args)  # (B, R, V) or (n, V)
-    if token_mask is None:
-        logprobs, ref_logprobs = (logprobs_from_logits(x, rows.response_ids) for x in (logits, ref_logits))
-    else:
-        tokens = rows.response_ids[token_mask]  # (n,)
-        logprobs, ref_logprobs = (
-            spread(logprobs_from_logits(x, tokens), token_mask) for x in (logits, ref_logits)
-        )
+    logprobs, ref_logprobs = (
+        on_response_tokens(logprobs_from_logits, x, rows.response_ids, token_mask)
+        for x in (logits, ref_logits)
+    )
     outputs = (
         logprobs,
         torch.zeros(rows.response_ids.shape, device=logprobs.device) if values is None else values,
@@ -165,7 +165,7 @@ def _passes(
 
 
 def per_token_rewards(
-    scores: Tensor, passes: RolloutPasses, mask: Tensor, kl_coef: float, config: PPOConfig
+    scores: Tensor, passes: ForwardPasses, mask: Tensor, kl_coef: float, config: PPOConfig
 ) -> Rewards:
     """`-kl_coef * kl` on every response token, plus each (shaped) score (B,) on its last token."""
     kl_inputs = passes.full if passes.full is not None else (passes.logprobs, passes.ref_logprobs)
@@ -175,7 +175,7 @@ def per_token_rewards(
 
 def make_experience(
     rollout: Rollout,
-    passes: RolloutPasses,
+    passes: ForwardPasses,
     rewards: Tensor,
     config: PPOConfig,
     samples_per_prompt: int = 1,
@@ -183,10 +183,8 @@ def make_experience(
 ) -> Experience:
     """Advantages of `config.advantage_estimator` from the per-token rewards (B, R), packed for the epochs.
 
-    gae: GAE advantages (whitened) and returns from the values. Critic-free estimators have no returns.
-    Rows [g*k, (g+1)*k) are prompt g's k = `samples_per_prompt` samples (grpo and rloo compare them);
-    `sum_across_ranks` (an all-reduce sum) gives reinforce_pp the global batch's statistics.
-    """
+    Rows [g*k, (g+1)*k) are prompt g's k samples (grpo, rloo); `sum_across_ranks` gives reinforce_pp the
+    global batch's statistics. Critic-free estimators have no returns."""
     mask = rollout.response_mask
     if config.advantage_estimator == "gae":
         advantages, returns = compute_advantages(
@@ -238,7 +236,7 @@ def critic_free_advantages(
 
 
 def rollout_statistics(
-    rollout: Rollout, passes: RolloutPasses, rewards: Rewards, scores: Tensor
+    rollout: Rollout, passes: ForwardPasses, rewards: Rewards, scores: Tensor
 ) -> dict[str, Tensor]:
     """TRL's statistics of this rank's rows (the reward's, over every rank, are logged from `Scores`)."""
     mask = rollout.response_mask

@@ -2,12 +2,7 @@
 
     python -m lightning_ppo export --ckpt_path runs/tiny/version_0/checkpoints/last.ckpt --output_dir tuned
 
-The folder loads with `AutoModelForCausalLM.from_pretrained(DIR)` and `pipeline("text-generation", DIR)`;
-`value_head.safetensors` (+ `value_head.json`) hold the linear value head on the last hidden state. A LoRA
-policy exports its adapter (`PeftModel.from_pretrained(base, DIR)`), and with `--merge` also the merged
-model in `DIR/merged`; a separate critic goes to `DIR/critic` (backbone + value head).
-Every `fit` also ends by exporting to `<log_dir>/export/`.
-"""
+A LoRA policy exports its adapter (`--merge`: also `DIR/merged`), a critic goes to `DIR/critic`."""
 
 from __future__ import annotations
 

@@ -85,10 +85,8 @@ def adapts_tied_output_layer(policy: PeftModel) -> bool:
 def save_policy(policy: nn.Module, out_dir: str | Path, merge: bool = False) -> list[Path]:
     """Save a policy LM (`PPOModule.policy.lm`) for use outside training; returns the folders written.
 
-    A LoRA policy writes its adapter to `out_dir` (`PeftModel.save_pretrained`, loadable with
-    `PeftModel.from_pretrained(base, out_dir)`), and with `merge` also the merged full model to
-    `out_dir/merged`; the training model is left untouched. A plain policy is saved whole to `out_dir`.
-    """
+    A LoRA policy writes its adapter to `out_dir` and with `merge` the merged model to `out_dir/merged`,
+    leaving the training model untouched; a plain policy is saved whole."""
     out_dir = Path(out_dir)
     if merge and is_lora(policy) and adapts_tied_output_layer(policy):
         raise ConfigError(

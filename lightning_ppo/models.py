@@ -43,11 +43,8 @@ def load_causal_lm(source: str, key: str = "model.policy") -> PreTrainedModel:
 
 
 def use_fused_gelu(model: nn.Module) -> None:
-    """Compute GPT-2's tanh-approximated GELU ("gelu_new") with torch's fused kernel.
-
-    transformers spells it out in eight elementwise ops; `F.gelu(approximate="tanh")` is the same function
-    (outputs differ by float rounding, ~2e-7) and was half of a tiny-model PPO step on CPU (profiler).
-    """
+    """Compute GPT-2's tanh-approximated GELU ("gelu_new") with torch's fused kernel, not transformers' eight
+    elementwise ops: the same function (outputs differ by float rounding, ~2e-7), much faster on CPU."""
     for module in model.modules():
         for name, child in module.named_children():
             if type(child) is NewGELUActivation:
@@ -111,10 +108,8 @@ def response_states(
 ) -> Tensor:
     """The hidden state before each response token: (B, L, H) -> (B, R, H).
 
-    `response_start` is the column of the first response token: one int for the rollout layout (the
-    response runs to the last column; `response_width` defaults to it), or a (B,) tensor for packed rows
-    (`lightning_ppo.packing`), whose `response_width` R must be given.
-    """
+    `response_start` is one column (the rollout layout, `response_width` then optional) or a (B,) tensor of
+    them (packed rows, `lightning_ppo.packing`), which must give `response_width`."""
     if isinstance(response_start, int):
         end = hidden.shape[1] - 1 if response_width is None else response_start - 1 + response_width
         return hidden[:, response_start - 1 : end]
@@ -134,16 +129,9 @@ def response_logits(
     response_width: int | None = None,
     token_mask: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """Logits that predict the response tokens, and the hidden states they came from.
-
-    Only the R response positions go through the LM head, never the prompt's (B, P, V) logits.
-    `input_ids` is (B, P + R) with the response starting at column `response_start` = P, or packed rows
-    with per-row starts (see `response_states`). Returns logits (B, R, V) and hidden states (B, R, H).
-    `token_mask` (B, R) bool narrows the head further, to those positions: logits (n, V), row-major, for
-    the n True entries (a packed bucket's rows end at different columns: the rest would be padding).
-    A LoRA `PeftModel` runs its own (adapted) layers: its wrapped LM's backbone holds the injected
-    adapters. `float32_head` computes the LM head in float32 (float32 logits).
-    """
+    """Logits (B, R, V) of the response tokens and their hidden states (B, R, H); the prompt never goes
+    through the LM head. `token_mask` (B, R) narrows it to its True positions, logits (n, V); `float32_head`
+    computes it in float32. `input_ids` and `response_start` as in `response_states`."""
     backbone = (lm.get_base_model() if isinstance(lm, PeftModel) else lm).base_model
     hidden = backbone(
         input_ids=input_ids,
@@ -241,12 +229,9 @@ def build_critic(source: str, reward_source: str, policy_tokenizer: PreTrainedTo
 
 
 class PPOModels:
-    """What one PPO iteration reads, for the plain functions of `experience` and `update`.
-
-    The trainable policy (with its value head), an optional separate critic, and the frozen reference (a
-    copy, or None with LoRA: the policy with its adapter disabled). Log-prob passes divide the logits by
-    the sampling temperature, so the log-probs belong to the distribution that was sampled.
-    """
+    """What one PPO iteration reads: the trainable policy (with its value head), an optional critic, and the
+    frozen reference (None with LoRA: the policy with its adapter disabled). Logits are divided by the
+    sampling temperature, so that the log-probs are those of the distribution that was sampled."""
 
     def __init__(
         self,

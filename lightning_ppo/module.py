@@ -15,7 +15,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from torch import Tensor, nn
 
 from lightning_ppo.checkpointing import (
-    FaultTolerance,
+    SafeCheckpoints,
     check_checkpoint_version,
     load_training_state,
     save_training_state,
@@ -27,10 +27,10 @@ from lightning_ppo.data import check_prompt_settings, repeat_prompts
 from lightning_ppo.errors import check_number
 from lightning_ppo.evaluation import Evaluator, JsonlPredictionWriter
 from lightning_ppo.experience import (
-    RolloutPasses,
+    ForwardPasses,
+    forward_passes,
     make_experience,
     per_token_rewards,
-    rollout_passes,
     rollout_statistics,
 )
 from lightning_ppo.generation import GenerationEngine, build_engine
@@ -44,7 +44,7 @@ from lightning_ppo.monitoring import (
     rollout_counts,
     samples_table,
 )
-from lightning_ppo.nan_guard import FaultGuard
+from lightning_ppo.nan_guard import BadNumberGuard
 from lightning_ppo.parallel import (
     clips_in_engine,
     configure_deepspeed,
@@ -62,7 +62,7 @@ from lightning_ppo.rollout import (
     rollout_from_token_lists,
 )
 from lightning_ppo.shaping import RunningMoments, Scores, ShapingConfig, shape_scores
-from lightning_ppo.update import TrainerHooks, ppo_epochs
+from lightning_ppo.update import UpdateContext, ppo_epochs
 
 __all__ = ["PPOConfig", "PPOModule"]  # PPOConfig: checkpoints pickled before 0.2 name it here
 
@@ -161,7 +161,7 @@ class PPOModule(LightningModule):
             self.kl_ctl = AdaptiveKLController(self.ppo.init_kl_coef, self.ppo.target, self.ppo.horizon)
         else:
             self.kl_ctl = FixedKLController(self.ppo.init_kl_coef)
-        self.faults = FaultGuard(max_consecutive_bad_steps)
+        self.bad_numbers = BadNumberGuard(max_consecutive_bad_steps)
         self.evaluator = Evaluator()
         self._clock = StepClock()
         self._engine: GenerationEngine | None = None
@@ -177,10 +177,10 @@ class PPOModule(LightningModule):
         return self._frozen["reward"]
 
     @property
-    def hooks(self) -> TrainerHooks:
+    def update_context(self) -> UpdateContext:
         """How the PPO epochs reach the optimizer and the other ranks, through Lightning."""
         strategy = self.trainer.strategy
-        return TrainerHooks(
+        return UpdateContext(
             backward=self.manual_backward,
             no_sync=lambda last: no_backward_sync(strategy, last_micro_batch=last),
             optimizer_step=self._optimizer_step,
@@ -191,7 +191,7 @@ class PPOModule(LightningModule):
     # Lightning plumbing
 
     def configure_callbacks(self) -> list[Callback]:
-        return [JsonlPredictionWriter(), FaultTolerance()]
+        return [JsonlPredictionWriter(), SafeCheckpoints()]
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         """One Adam (DeepSpeed takes one optimizer): the policy's trainable weights, then the critic's."""
@@ -292,7 +292,7 @@ class PPOModule(LightningModule):
             self, batch_size=self.trainer.datamodule.batch_size if self.trainer.datamodule else None
         )
         self._log_samples(samples, result)  # 7. every N steps: a table of samples, histograms
-        self.faults.stop_if_failing(self.trainer)
+        self.bad_numbers.stop_if_failing(self.trainer)
 
     def step(
         self, queries: list[Tensor], responses: list[Tensor], scores: list[Tensor] | Tensor
@@ -313,15 +313,15 @@ class PPOModule(LightningModule):
         rollout = rollout_from_token_lists(queries, responses, self.tokenizer.pad_token_id, self.device)
         scores = torch.stack([torch.as_tensor(score, dtype=torch.float32).reshape(()) for score in scores])
         result = self._ppo_iteration(rollout, scores.to(self.device), PhaseTimer(self.device))
-        self.faults.stop_if_failing(self.trainer)
+        self.bad_numbers.stop_if_failing(self.trainer)
         return result.metrics.reduced(self.trainer.strategy)
 
     def _ppo_iteration(self, rollout: Rollout, raw_scores: Tensor, timer: PhaseTimer) -> IterationResult:
         """Steps 3-6 of a PPO iteration on a scored rollout (groups of k rows)."""
         strategy = self.trainer.strategy
         with timer("forward"):  # 3. old log-probs and values, reference log-probs
-            passes = self._rollout_passes(rollout, full_kl=self.ppo.kl_penalty == "full")
-        usable, fault_metrics = self.faults.check_rollout(
+            passes = self._forward_passes(rollout, full_kl=self.ppo.kl_penalty == "full")
+        usable, fault_metrics = self.bad_numbers.check_rollout(
             strategy, raw_scores, passes.logprobs, passes.values, passes.ref_logprobs
         )
         if not usable:  # NaN/inf rewards, log-probs or values: skip the batch (lightning_ppo.nan_guard)
@@ -342,7 +342,7 @@ class PPOModule(LightningModule):
             lambda x: strategy.reduce(x, reduce_op="sum"),
         )
         with timer("optimize"):  # 5. PPO epochs over shuffled minibatches
-            train_stats = ppo_epochs(self.models, experience, self.ppo, self.hooks)
+            train_stats = ppo_epochs(self.models, experience, self.ppo, self.update_context)
         # 6. the KL controller, the same on every rank. TRL's objective/kl: per-sequence sums of the estimator
         sequence_kls = rewards.kls.sum(-1)  # (B,)
         mean_kl = strategy.reduce(sequence_kls.mean(), reduce_op="mean")
@@ -354,7 +354,7 @@ class PPOModule(LightningModule):
             local={
                 **stats,
                 "ppo/learning_rate": torch.tensor(lr),
-                "ppo/skipped_optimizer_steps": self.faults.pop_skipped_optimizer_steps(),
+                "ppo/skipped_optimizer_steps": self.bad_numbers.pop_skipped_optimizer_steps(),
                 **train_stats,
                 **fault_metrics,
                 **timer.metrics(),
@@ -376,7 +376,7 @@ class PPOModule(LightningModule):
     def _optimizer_step(self, step_loss: Tensor) -> None:
         """Step the optimizer unless the step's loss is NaN/inf on some rank; clip first if asked."""
         optimizer = self.optimizers()
-        if self.faults.step_is_finite(self.trainer.strategy, step_loss):  # else skip the step
+        if self.bad_numbers.step_is_finite(self.trainer.strategy, step_loss):  # else skip the step
             if self.ppo.max_grad_norm is not None and not clips_in_engine(self.trainer.strategy):
                 self.clip_gradients(optimizer, gradient_clip_val=self.ppo.max_grad_norm)
             optimizer.step()
@@ -409,13 +409,13 @@ class PPOModule(LightningModule):
         """Every rank's rows of `x` (N, ...), stacked into one (world * N, ...) tensor."""
         return self.all_gather(x).reshape(-1, *x.shape[1:])
 
-    def _rollout_passes(self, rollout: Rollout, full_kl: bool = False) -> RolloutPasses:
+    def _forward_passes(self, rollout: Rollout, full_kl: bool = False) -> ForwardPasses:
         buckets = self.ppo.length_buckets if self.ppo.packing else None
-        return rollout_passes(self.models, rollout, self.hparams.forward_batch_size, full_kl, buckets)
+        return forward_passes(self.models, rollout, self.hparams.forward_batch_size, full_kl, buckets)
 
     def sequence_kl(self, rollout: Rollout) -> Tensor:
         """Sampled KL(policy || reference) of each response, summed over its tokens. (B,)"""
-        passes = self._rollout_passes(rollout)
+        passes = self._forward_passes(rollout)
         return (passes.logprobs - passes.ref_logprobs).sum(-1)
 
     # ----------------------------------------------------------------------------------------------

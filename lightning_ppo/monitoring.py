@@ -108,12 +108,9 @@ class PhaseTimer:
 
 
 class StepClock:
-    """Wall time from one logged PPO step to the next, so that the `time/*` scalars add up.
+    """Wall time from one logged PPO step to the next, so that the `time/*` scalars add up to `time/step`.
 
-    `time/step` is the interval between two steps' logging points, which tile the training time;
-    `time/other` is what no phase timed: Lightning's hooks and callbacks (checkpoints, progress bar),
-    data loading, logging, and the unphased arithmetic of the step. Validation is not charged to a step.
-    """
+    `time/other` is what no phase timed (hooks, callbacks, data, logging); validation is not counted."""
 
     def __init__(self) -> None:
         self.last = time.perf_counter()

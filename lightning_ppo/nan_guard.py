@@ -1,19 +1,6 @@
 """Surviving bad numbers: skip a PPO batch or an optimizer step that holds NaN/inf, count it, and stop a run
-that keeps failing, with a checkpoint of its last good state.
-
-What happens to each fault (the metric that counts it, per PPO step):
-- NaN/inf logits while sampling: `rollout.FiniteLogits` replaces them inside `generate`, so sampling never
-  crashes; if the policy's or reference's log-probs or values are then not finite, the batch is skipped
-  (`ppo/skipped_batches`).
-- A reward model that returns NaN/inf: the batch is skipped (`env/nan_rewards` counts the bad scores). A
-  made-up score (say 0) would teach the policy something false; skipping costs one batch.
-- A micro-batch whose mean ratio exceeds `model.ppo.ratio_threshold`: its loss is zeroed in
-  `update.ppo_loss` (TRL's guard, `ppo/skipped_minibatches`).
-- A NaN/inf loss: that optimizer step is skipped, so neither the weights nor Adam's moments move
-  (`ppo/skipped_optimizer_steps`).
-After `model.max_consecutive_bad_steps` bad batches or optimizer steps in a row the run stops, saves
-`bad-steps.ckpt`, and the command line exits with code 3 (`BAD_STEPS_EXIT_CODE`) so that schedulers see it.
-"""
+that keeps failing, saving `bad-steps.ckpt` and exiting 3 (`BAD_STEPS_EXIT_CODE`) so that schedulers see it.
+Each fault and the metric that counts it: docs/reliability.md."""
 
 from __future__ import annotations
 
@@ -31,7 +18,7 @@ STOP_CHECKPOINT = "bad-steps.ckpt"
 BAD_STEPS_EXIT_CODE = 3  # the command line's exit code after such a stop (2 is a configuration mistake)
 
 
-class FaultGuard:
+class BadNumberGuard:
     """Decides whether a rollout or an optimizer step is usable, counts the faults, and stops the run."""
 
     def __init__(self, max_consecutive_bad_steps: int) -> None:
@@ -62,10 +49,7 @@ class FaultGuard:
     def step_is_finite(self, strategy: Strategy, loss: Tensor) -> bool:
         """Whether the minibatch's summed loss is finite on every rank, so its optimizer step may be taken.
 
-        One host sync per minibatch, before `optimizer.step()`: worth it, as a single NaN step writes NaN
-        into Adam's moments and from there into every weight, for good. Gradients are averaged over
-        ranks, so a NaN on one rank poisons all: the decision is reduced over ranks.
-        """
+        One host sync per minibatch: one NaN step would write NaN into Adam's moments and every weight."""
         bad = strategy.reduce((~torch.isfinite(loss)).float(), reduce_op="sum")
         finite = bool(bad == 0)
         self._count(finite)

@@ -1,22 +1,17 @@
-"""Forward passes without padding compute: rows regrouped by length, each group laid out without gaps.
+"""Forward passes without padding compute: rows bucketed by length, each bucket laid out without gaps.
 
-A rollout's layout (left-padded prompt, response from column P, right padding) pads every row to the
-longest prompt plus the longest response of the batch: about a third of a PPO forward at the notebook's
-lengths. Here rows are bucketed by their real length (`core.length_buckets`) and each bucket is laid out
-prompt-then-response from column 0, right-padded to the bucket's longest row, so the padding left is the
-spread of lengths within a bucket. Per-token outputs come back in the rollout's (N, R) response layout and
-row order, so losses and statistics are computed exactly as on the padded batch.
-"""
+A bucket's rows run prompt-then-response from column 0; outputs come back in the rollout's (N, R) layout
+and row order, so that losses and statistics are those of the padded batch."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
-
-from lightning_ppo.core import length_buckets
 
 
 @dataclass
@@ -79,12 +74,8 @@ def bucketed(
     max_buckets: int,
     max_rows: int | None = None,
 ) -> tuple[tuple[Tensor, ...], int]:
-    """`forward` on the rows in at most `max_buckets` length buckets (each cut to `max_rows` rows);
-    its per-token outputs (b, R_bucket) stitched back to (len(rows), R) in the order of `rows`.
-
-    R is the longest response among `rows`; positions past a row's response are 0. Also returns the
-    number of token positions computed (padding included).
-    """
+    """`forward` on `rows` in at most `max_buckets` length buckets of at most `max_rows` rows; its per-token
+    outputs stitched back to (len(rows), R), zeros past each response, and the positions computed."""
     buckets = plan_buckets(lengths.totals(response_start)[rows], max_buckets, max_rows)
     width = int(lengths.response_len[rows].max())
     parts, computed = [], 0
@@ -100,11 +91,7 @@ def bucketed(
 def plan_buckets(totals: Tensor, max_buckets: int, max_rows: int | None = None) -> list[Tensor]:
     """Row indices of each forward: `min(max_buckets, rows)` length buckets per chunk of `max_rows` rows.
 
-    The number of forwards depends only on the number of rows, never on the lengths, so every rank runs
-    as many (ZeRO-3 gathers the sharded weights in each forward: unequal counts would hang). Rows sorted
-    by length are cut into equal chunks of at most `max_rows`; each chunk takes `core.length_buckets`'
-    optimal buckets, the largest split in two while there are fewer than `max_buckets`.
-    """
+    The count depends only on the number of rows, so every rank runs as many forwards (ZeRO-3 would hang)."""
     order = torch.argsort(totals, stable=True)  # (n,)
     chunks = 1 if max_rows is None else -(-len(order) // max_rows)
     buckets = []
@@ -115,6 +102,60 @@ def plan_buckets(totals: Tensor, max_buckets: int, max_rows: int | None = None) 
             parts[largest : largest + 1] = list(parts[largest].tensor_split(2))
         buckets += parts
     return buckets
+
+
+def length_buckets(lengths: Tensor, max_buckets: int) -> tuple[list[Tensor], int, int]:
+    """Rows in at most `max_buckets` buckets minimising the sum of rows x longest length (a padded forward or
+    `generate` call per bucket), by a DP over the sorted distinct lengths; ties go to fewer buckets. Returns
+    (row indices per bucket, shortest first; computed positions; useful positions)."""
+    if max_buckets < 1:
+        raise ValueError(f"length_buckets needs max_buckets >= 1, got {max_buckets}")
+    values, counts = torch.unique(lengths, return_counts=True)  # (m,) ascending, (m,)
+    values, counts = values.tolist(), counts.tolist()
+    m = len(values)
+    rows_before = [0]
+    for count in counts:
+        rows_before.append(rows_before[-1] + count)
+    # best[g][j]: cheapest cover of the j shortest distinct lengths with g buckets; cut[g][j]: its last start.
+    best = [[0] + [math.inf] * m] + [[math.inf] * (m + 1) for _ in range(max_buckets)]
+    cut = [[0] * (m + 1) for _ in range(max_buckets + 1)]
+    for g in range(1, max_buckets + 1):
+        for j in range(1, m + 1):
+            for i in range(j):
+                cost = best[g - 1][i] + (rows_before[j] - rows_before[i]) * values[j - 1]
+                if cost < best[g][j]:
+                    best[g][j], cut[g][j] = cost, i
+    buckets = min(range(max_buckets + 1), key=lambda g: (best[g][m], g))
+    bounds, j = [], m
+    for g in range(buckets, 0, -1):
+        bounds.append((cut[g][j], j))
+        j = cut[g][j]
+    groups = [
+        torch.nonzero((lengths >= values[i]) & (lengths <= values[j - 1])).squeeze(1) for i, j in bounds[::-1]
+    ]
+    return groups, int(best[buckets][m]), int(lengths.sum())
+
+
+def response_inputs(rows: Any, token_mask: Tensor | None = None) -> tuple:
+    """`PPOModels.logits_and_values`/`reference_logits` arguments for the responses of `rows` (a rollout,
+    an experience or packed rows); with `token_mask` (b, R) the LM heads run only at its True positions."""
+    return (rows.input_ids, rows.attention_mask, rows.response_start, rows.response_ids.shape[1], token_mask)
+
+
+def on_response_tokens(
+    per_token: Callable[[Tensor, Tensor], Tensor | tuple[Tensor, ...]],
+    logits: Tensor,
+    response_ids: Tensor,
+    token_mask: Tensor | None = None,
+) -> Tensor | tuple[Tensor, ...]:
+    """`per_token(logits, tokens)` laid out (b, R): (b, R, V) logits, or with `token_mask` the (n, V) ones
+    of its True positions, each output spread back with zeros elsewhere."""
+    if token_mask is None:
+        return per_token(logits, response_ids)
+    outputs = per_token(logits, response_ids[token_mask])  # (n,) each
+    if isinstance(outputs, Tensor):
+        return spread(outputs, token_mask)
+    return tuple(spread(x, token_mask) for x in outputs)
 
 
 def spread(values: Tensor, mask: Tensor) -> Tensor:

@@ -23,11 +23,8 @@ from lightning_ppo.errors import ConfigError
 class PPODeepSpeedStrategy(DeepSpeedStrategy):
     """Lightning's `DeepSpeedStrategy` that can also `test`/`predict` from a ZeRO-3 checkpoint folder.
 
-    DeepSpeed cannot load a ZeRO-3 folder into an engine without an optimizer (`'DeepSpeedZeRoOffload' object
-    has no attribute '_restore_from_bit16_weights'`, deepspeedai/DeepSpeed#7272). Outside `fit`, the folder is
-    consolidated into full fp32 weights instead (DeepSpeed's zero_to_fp32), which every rank then loads
-    gathered, one parameter at a time.
-    """
+    DeepSpeed cannot load one without an optimizer (deepspeedai/DeepSpeed#7272): outside `fit` the folder is
+    consolidated into fp32 weights (zero_to_fp32) that every rank loads gathered."""
 
     def load_checkpoint(self, checkpoint_path: str | Path, weights_only: bool | None = None) -> dict:
         if self._evaluates_zero3_folder(checkpoint_path):
@@ -47,15 +44,9 @@ class PPODeepSpeedStrategy(DeepSpeedStrategy):
 
 
 class CPUDeepSpeedStrategy(PPODeepSpeedStrategy):
-    """Lightning's `DeepSpeedStrategy` on CPU processes (DeepSpeed's CPU accelerator: oneCCL, else gloo).
-
-        trainer.accelerator: cpu
-        trainer.strategy: {class_path: lightning_ppo.parallel.CPUDeepSpeedStrategy, init_args: {stage: 2}}
-
-    Lightning refuses accelerators other than CUDA, and both its device-index check and
-    `deepspeed.initialize(device_rank=...)` reject the index None of a plain CPU device: the ranks' devices
-    are named `cpu:0..N-1` instead (torch ignores a CPU device's index).
-    """
+    """Lightning's `DeepSpeedStrategy` on CPU processes (oneCCL, else gloo): `trainer.accelerator: cpu`,
+    `trainer.strategy: {class_path: lightning_ppo.parallel.CPUDeepSpeedStrategy, init_args: {stage: 2}}`.
+    Devices are named `cpu:0..N-1`: Lightning and `deepspeed.initialize` reject a CPU device's index None."""
 
     def setup_environment(self) -> None:
         devices = self.parallel_devices or []  # Lightning's accelerator connector has set them by now
@@ -76,12 +67,8 @@ def on_cpu(accelerator: Any) -> bool:
 
 
 def cpu_deepspeed_config(strategy: Any) -> dict[str, Any] | None:
-    """For Lightning's DeepSpeed names (`deepspeed`, `deepspeed_stage_3`, ..., or its `DeepSpeedStrategy`
-    class path), the same strategy as `CPUDeepSpeedStrategy`: {"class_path", "init_args"}; else None.
-
-    Lightning's `DeepSpeedStrategy` refuses accelerators other than CUDA; the caller applies this only
-    when the accelerator is the CPU.
-    """
+    """`CPUDeepSpeedStrategy` as {"class_path", "init_args"} for Lightning's DeepSpeed names (`deepspeed`,
+    `deepspeed_stage_3`, its class path, ...), else None: Lightning's own runs on CUDA only."""
     if isinstance(strategy, str):
         from lightning.pytorch.strategies import StrategyRegistry
 
@@ -195,15 +182,9 @@ def clips_in_engine(strategy: Strategy | None) -> bool:
 
 
 def configure_deepspeed(strategy: Strategy, max_grad_norm: float | None, micro_batch_size: int) -> None:
-    """Write PPO's gradient clipping, step boundary and micro-batch into the DeepSpeed config, before the
-    engine reads it.
-
-    DeepSpeed clips inside `engine.step()` from its config (`self.clip_gradients` is a no-op under it), so
-    `model.ppo.max_grad_norm` becomes `gradient_clipping`. PPO calls backward once per micro-batch and steps
-    once per minibatch: `managed_gradient_accumulation: false` makes every `step()` the accumulation boundary
-    instead of DeepSpeed's own micro-step counter (DeepSpeed `engine.step` docstring). Without
-    `train_micro_batch_size_per_gpu`, Lightning asks the train dataloader for it, which `test` has not set up.
-    """
+    """Write PPO's gradient clipping, step boundary and micro-batch into the DeepSpeed config before the
+    engine reads it: DeepSpeed clips in `engine.step()`, every `step()` is a boundary (PPO steps once per
+    minibatch), and `test` has no train dataloader to give the micro-batch size."""
     if not clips_in_engine(strategy):
         return
     if zero_stage(strategy) not in (2, 3):  # the unmanaged step boundary needs partitioned gradients
@@ -230,11 +211,8 @@ def configure_deepspeed(strategy: Strategy, max_grad_norm: float | None, micro_b
 def gathered_for_generation(strategy: Strategy | None, policy: nn.Module) -> Iterator[bool]:
     """Make the policy generate with whole weights; yields whether `generate` needs `synced_gpus=True`.
 
-    Under ZeRO-3 every module forward all-gathers its weights and releases them afterwards, so sampling
-    would gather the whole model once per token. Instead: gather the policy's weights once for the whole
-    rollout and pause the engine's per-module hooks meanwhile (as TRL's `unwrap_model_for_generation`).
-    Ranks may still generate different numbers of tokens, so they step together (`synced_gpus`).
-    """
+    Under ZeRO-3 the weights are gathered once per rollout rather than per token, the engine's hooks paused
+    (TRL's `unwrap_model_for_generation`); ranks step together, as their lengths differ."""
     if zero_stage(strategy) != 3:
         yield False
         return

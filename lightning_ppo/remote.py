@@ -33,10 +33,8 @@ class _Retry(Exception):
 class RemoteReward(RewardModel):
     """Scores from a server at `url`: rows sent `batch_size` at a time, at most `max_concurrency` at once.
 
-    Each request waits `timeout` seconds; timeouts, refused connections and HTTP 408/429/5xx are retried
-    `retries` times, after `backoff`, 2 x `backoff`, ... seconds. A batch that still gets no answer, or
-    gets a malformed one, raises `RemoteRewardError`: a batch is never scored as 0 in silence.
-    """
+    Timeouts, refused connections and HTTP 408/429/5xx are retried `retries` times with doubling `backoff`; a
+    batch still unanswered or answered wrongly raises `RemoteRewardError`, never a silent 0."""
 
     def __init__(
         self,

@@ -6,14 +6,14 @@ is imported only when a figure is drawn, so `import lightning_ppo` stays light.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
 from torch import Tensor
 
-from lightning_ppo.core import paired_bootstrap_ci, prompts_for_half_width
 from lightning_ppo.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -24,6 +24,53 @@ _COLORS = {"reference": "#1f77b4", "tuned": "#ff7f0e"}
 FIGURE_DPI = 100
 FIGURE_SIZE = (800, 480)
 _MAX_BINS = 60
+
+
+# Bootstrap indices are drawn in chunks of about this many (32 MiB of int64) to bound memory.
+_BOOTSTRAP_CHUNK_DRAWS = 2**22
+
+
+class PairedDifference(NamedTuple):
+    """Mean of paired differences (tuned - reference) and its percentile-bootstrap interval."""
+
+    mean: float
+    low: float
+    high: float
+
+
+def paired_bootstrap_ci(
+    tuned: Tensor, reference: Tensor, n_resamples: int = 10_000, confidence: float = 0.95, seed: int = 0
+) -> PairedDifference:
+    """Mean of `tuned - reference` over the same prompts, (n,) each, with a percentile-bootstrap interval.
+
+    Naive equivalent (Efron & Tibshirani 1993, ch. 13): average the differences at each of n_resamples seeded
+    draws of n indices; take the linear-interpolated (1 -+ confidence) / 2 quantiles of those means."""
+    differences = (tuned.double() - reference.double()).flatten()  # (n,)
+    n = differences.numel()
+    if n < 2:
+        raise ValueError(f"a bootstrap interval needs at least 2 paired samples, got {n}")
+    differences = differences.cpu()
+    generator = torch.Generator().manual_seed(seed)
+    rows = max(1, _BOOTSTRAP_CHUNK_DRAWS // n)  # chunks draw the same stream as one (n_resamples, n) call
+    means = torch.cat(
+        [
+            differences[torch.randint(n, (min(rows, n_resamples - start), n), generator=generator)].mean(1)
+            for start in range(0, n_resamples, rows)
+        ]
+    )  # (n_resamples,)
+    tail = (1 - confidence) / 2
+    low, high = torch.quantile(means, torch.tensor([tail, 1 - tail], dtype=torch.float64)).tolist()
+    return PairedDifference(float(differences.mean()), low, high)
+
+
+def prompts_for_half_width(sd: float, half_width: float, z: float = 1.96) -> int:
+    """Prompts n needed for a 95% interval half-width `z * sd / sqrt(n)` of at most `half_width`.
+
+    `sd` is the standard deviation of the paired differences (tuned - reference) over prompts.
+    """
+    if sd < 0 or half_width <= 0:
+        raise ValueError(f"need sd >= 0 and half_width > 0, got sd={sd}, half_width={half_width}")
+    return max(2, math.ceil((z * sd / half_width) ** 2))
 
 
 @dataclass(frozen=True)
@@ -98,7 +145,7 @@ def compare_rewards(
 ) -> RewardComparison:
     """Summarise per-prompt rewards of the reference and the tuned policy, (n,) each, same prompts in order.
 
-    The interval is `core.paired_bootstrap_ci` at 95%; medians interpolate as `Tensor.quantile(0.5)`.
+    The interval is `paired_bootstrap_ci` at 95%; medians interpolate as `Tensor.quantile(0.5)`.
     Prompts where either reward is NaN/inf are left out and counted.
     """
     reference, tuned, dropped = finite_pairs(reference, tuned)
@@ -135,10 +182,7 @@ def finite_pairs(reference: Tensor, tuned: Tensor) -> tuple[Tensor, Tensor, int]
 def histogram_edges(values: Any) -> Any:
     """Bin edges (at most `_MAX_BINS` bins) for the finite float64 `values` (n,), n >= 1, of any size.
 
-    numpy's own edges fail on a constant (or nearly constant) array of large values: it widens the range
-    by 0.5, which is below the spacing of floats near 1e16 and up, so no bin has a width. The range is
-    widened here by a part of the values' size instead.
-    """
+    A constant array's range is widened by a part of its size: numpy's +-0.5 vanishes near 1e16 and up."""
     import numpy as np
 
     values = np.asarray(values, dtype=np.float64)
@@ -218,11 +262,8 @@ def log_reward_figure(experiment: Any, figure: Figure, step: int, tag: str = "te
 def log_training_histograms(experiment: Any, step: int, reward: Tensor, kl: Tensor) -> None:
     """Histograms of per-sequence reward and KL, (B,) each, as `histograms/reward` and `histograms/kl`.
 
-    `experiment` is a TensorBoard `SummaryWriter` (anything with `add_histogram`); for others this does
-    nothing. Non-finite values are left out: numpy cannot bin them, and the NaN count is logged elsewhere.
-    The bins come from the values (`histogram_edges`): TensorBoard's default bins end at +-1e20 and would
-    leave a larger reward out (all of them out: "The histogram is empty").
-    """
+    Only for a TensorBoard `SummaryWriter` `experiment`. Non-finite values are left out; bins come from the
+    values (`histogram_edges`), as TensorBoard's default bins end at +-1e20."""
     if not hasattr(experiment, "add_histogram"):
         return
     for tag, values in (("histograms/reward", reward), ("histograms/kl", kl)):

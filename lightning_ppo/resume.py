@@ -1,11 +1,7 @@
 """Resuming with other settings: which changed keys take effect and which a resumed run must refuse.
 
-`resume_changes` compares the settings saved in a checkpoint (its `hyper_parameters`, and its
-`datamodule_hyper_parameters` for a fit) with the ones of the run that loads it. A key in `SAFE` takes
-effect; a key in `REFUSED` (or one neither table knows) cannot, because the checkpoint's state was built
-for its old value: the weights' shapes, what the reward is, or which prompts of the epoch are still to come.
-docs/resume.md lists both tables for users.
-"""
+`resume_changes` compares a checkpoint's saved settings with the loading run's: a key in `SAFE` takes effect;
+one in `REFUSED`, or unknown, is refused, its state built for the old value. docs/resume.md lists both."""
 
 from __future__ import annotations
 

@@ -1,10 +1,7 @@
 """One live fit per run folder: a lock file naming its holder, and the sweep of a killed write's leftovers.
 
-Two fits pinned to the same folder (the same logger version) would interleave their checkpoints and
-overwrite each other's config and export. The lock `<run folder>/.fit.lock` holds the holder's pid, host,
-process start time and SLURM job step; a lock whose holder is gone (killed, crashed, or this very process
-after an in-process failure, or the same SLURM job requeued) is taken over with a note.
-"""
+Two fits in one folder would overwrite each other's checkpoints; `<run folder>/.fit.lock` names its
+holder (pid, host, start time, SLURM step), and a lock whose holder is gone is taken over with a note."""
 
 from __future__ import annotations
 

@@ -1,15 +1,8 @@
 """Offline stand-ins for the notebook's assets, so the demo and the tests never touch the hub.
 
-A source string `tiny:<name>` names an asset this module builds once, deterministically, into a cache
-folder; `resolve_source` turns it into that folder's path, so the real loading code
-(`from_pretrained`, `load_from_disk`) runs on it unchanged:
-
-- `tiny:policy`: a 2-layer GPT-2 pre-trained on the synthetic reviews (stands in for `lvwerra/gpt2-imdb`),
-- `tiny:reward`: a 2-layer DistilBERT sentiment classifier (stands in for `lvwerra/distilbert-imdb`),
-- `tiny:reviews`: a `DatasetDict` of synthetic reviews, "train" and "test" (stands in for `imdb`);
-- `tiny:chat-policy` and `tiny:arithmetic`: the second demo's chat policy and addition problems
-  (`lightning_ppo.tiny_arithmetic`), built into their own folder only when asked for.
-"""
+`tiny:policy` (for `lvwerra/gpt2-imdb`), `tiny:reward` (for `lvwerra/distilbert-imdb`) and `tiny:reviews`
+(for `imdb`) are built once, deterministically, into a cache folder that `resolve_source` names; so are
+the arithmetic demo's `tiny:chat-policy` and `tiny:arithmetic` (`tiny_arithmetic`), in their own folder."""
 
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """The PPO epochs (step 6 of a PPO iteration): shuffled minibatches, the clipped losses, one optimizer step
 per backward batch, TRL's skipped minibatches and early stop.
 
-Plain functions over explicit models, an `Experience`, and `TrainerHooks`: how the update reaches the
+Plain functions over explicit models, an `Experience`, and `UpdateContext`: how the update reaches the
 optimizer and the other ranks (backward, DDP's no-sync, a checked optimizer step, a mean over ranks).
 """
 
@@ -26,11 +26,11 @@ from lightning_ppo.core import (
 )
 from lightning_ppo.experience import Experience
 from lightning_ppo.models import PPOModels
-from lightning_ppo.packing import PackedRows, bucketed, spread
+from lightning_ppo.packing import PackedRows, bucketed, on_response_tokens, response_inputs
 
 
 @dataclass
-class TrainerHooks:
+class UpdateContext:
     """What the PPO epochs ask of the trainer; the module builds it from Lightning's manual optimisation."""
 
     backward: Callable[[Tensor], None]  # `manual_backward`
@@ -40,14 +40,11 @@ class TrainerHooks:
 
 
 def ppo_epochs(
-    models: PPOModels, experience: Experience, config: PPOConfig, hooks: TrainerHooks
+    models: PPOModels, experience: Experience, config: PPOConfig, context: UpdateContext
 ) -> dict[str, Tensor]:
     """`ppo_epochs` passes over shuffled backward batches, one optimizer step each; mean statistics.
 
-    As TRL 0.11: a backward batch is `gradient_accumulation_steps` minibatches of `mini_batch_size` rows,
-    each loss divided by the step count (accelerate's `backward` under `accumulate`). Statistics are per
-    minibatch, averaged over the minibatches of every epoch that ran.
-    """
+    As TRL 0.11: a backward batch is `gradient_accumulation_steps` minibatches, each loss divided by it."""
     batch_size = experience.input_ids.shape[0]
     stats: dict[str, list[Tensor]] = defaultdict(list)
     epochs = 0
@@ -58,14 +55,14 @@ def ppo_epochs(
             minibatches = backward_rows.split(config.mini_batch_size)
             for i, rows in enumerate(minibatches):
                 # DDP all-reduces the gradients once per optimizer step, on its last minibatch
-                with hooks.no_sync(i == len(minibatches) - 1):
+                with context.no_sync(i == len(minibatches) - 1):
                     loss, minibatch_stats = ppo_loss(models, experience.select(rows), config)
-                    hooks.backward(loss / config.gradient_accumulation_steps)
+                    context.backward(loss / config.gradient_accumulation_steps)
                 step_loss += loss.detach()
                 for name, value in minibatch_stats.items():
                     stats[name].append(value)
-            hooks.optimizer_step(step_loss)
-        if config.early_stopping and kl_too_high(stats["ppo/policy/policykl"][-1], config, hooks):
+            context.optimizer_step(step_loss)
+        if config.early_stopping and kl_too_high(stats["ppo/policy/policykl"][-1], config, context):
             break
     means = {name: torch.stack(values).float().mean() for name, values in stats.items()}
     if "ppo/val/error" in means:  # TRL's definition, from the minibatch means; critic-free: no values
@@ -75,22 +72,17 @@ def ppo_epochs(
     return means
 
 
-def kl_too_high(policykl: Tensor, config: PPOConfig, hooks: TrainerHooks) -> bool:
+def kl_too_high(policykl: Tensor, config: PPOConfig, context: UpdateContext) -> bool:
     """TRL's `_early_stop`: the last minibatch's policy KL, averaged over ranks, above 1.5 x target_kl."""
-    policykl = hooks.mean_over_ranks(policykl.detach().clone())
+    policykl = context.mean_over_ranks(policykl.detach().clone())
     return bool(policykl > 1.5 * config.target_kl)  # the same decision on every rank
 
 
 def ppo_loss(models: PPOModels, batch: Experience, config: PPOConfig) -> tuple[Tensor, dict[str, Tensor]]:
     """Clipped policy loss + vf_coef * clipped value loss on one minibatch, with TRL's statistics.
 
-    With `config.packing`, the forward runs in length buckets without padding gaps (`packing.bucketed`);
-    the per-token log-probs and values come back in the minibatch's layout, so the losses and statistics
-    below are the same masked means over the same tokens as one padded forward.
-
-    Critic-free estimators (no returns) have no value loss; kl_in "loss" adds kl_loss_coef x the masked
-    mean of k3 against the reference (DeepSeekMath's GRPO, arXiv:2402.03300, eq. 4).
-    """
+    Packed and padded forwards give the same masked means. Critic-free estimators have no value loss; kl_in
+    "loss" adds kl_loss_coef x the k3 KL to the reference (DeepSeekMath's GRPO, arXiv:2402.03300, eq. 4)."""
     mask = batch.response_mask
     logprobs, entropy, values, computed = _forward(models, batch, config)
     useful = int(batch.lengths.totals(batch.response_start).sum())
@@ -142,15 +134,9 @@ def _forward(models: PPOModels, batch: Experience, config: PPOConfig) -> tuple[T
         return logprobs, entropy, values, batch.input_ids.numel()
 
     def forward(rows: PackedRows) -> tuple[Tensor, ...]:
-        logits, values = models.logits_and_values(  # logits (n, V): the head only on the n real tokens
-            rows.input_ids,
-            rows.attention_mask,
-            rows.response_start,
-            rows.response_ids.shape[1],
-            rows.response_mask,
-        )
-        tokens = rows.response_ids[rows.response_mask]  # (n,)
-        outputs = tuple(spread(x, rows.response_mask) for x in logprobs_and_entropy(logits, tokens))
+        # logits (n, V): the head only on the n real tokens
+        logits, values = models.logits_and_values(*response_inputs(rows, rows.response_mask))
+        outputs = on_response_tokens(logprobs_and_entropy, logits, rows.response_ids, rows.response_mask)
         return outputs if values is None else (*outputs, values)
 
     all_rows = torch.arange(batch.input_ids.shape[0])

@@ -17,6 +17,8 @@ import torch
 from lightning.pytorch import Callback
 from torch import Tensor
 
+from lightning_ppo.core import upcast
+
 TEST_SEED = int(os.environ.get("LIGHTNING_PPO_TEST_SEED", "0"))
 
 
@@ -28,6 +30,23 @@ def seeded(n: int = 0) -> int:
 def cli_seed_args() -> list[str]:
     """Command-line arguments that seed a CLI run with the suite's seed."""
     return ["--seed_everything", str(seeded(0))]
+
+
+# ---------------------------------------------------------------------------------------------------
+# References the package does not need: the separate entropy pass and the padding count of micro-batches.
+
+
+def entropy_from_logits(logits: Tensor) -> Tensor:
+    """Float32 (or float64) entropy of each token's distribution: `logsumexp(l) - sum(softmax(l) * l)`."""
+    logits = upcast(logits)  # (B, T, V)
+    return logits.logsumexp(-1) - (logits.softmax(-1) * logits).sum(-1)  # (B, T)
+
+
+def padded_tokens(lengths: Tensor, micro_batches: list[Tensor]) -> tuple[int, int]:
+    """(useful, computed) tokens when each micro-batch is padded to its longest row: padding waste."""
+    useful = sum(int(lengths[rows].sum()) for rows in micro_batches)
+    computed = sum(len(rows) * int(lengths[rows].max()) for rows in micro_batches if len(rows))
+    return useful, computed
 
 
 # ---------------------------------------------------------------------------------------------------

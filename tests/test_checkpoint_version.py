@@ -1,4 +1,7 @@
-"""Checkpoints name their layout version: version 1 (before the key existed) loads, a later one is refused."""
+"""Checkpoints name their layout version: version 1 (before the key existed) loads, a later one is refused.
+
+And the checkpoint callback's state key stays the one older checkpoints were saved under.
+"""
 
 from __future__ import annotations
 
@@ -7,8 +10,9 @@ from pathlib import Path
 import lightning
 import pytest
 import torch
+from lightning.pytorch.demos.boring_classes import BoringModel
 
-from lightning_ppo.checkpointing import CHECKPOINT_VERSION
+from lightning_ppo.checkpointing import CHECKPOINT_VERSION, SafeCheckpoints
 from lightning_ppo.config import PPOConfig
 from lightning_ppo.errors import ConfigError
 from lightning_ppo.module import PPOModule
@@ -49,3 +53,26 @@ def test_a_checkpoint_of_a_later_layout_is_refused_with_its_version(checkpoint: 
     torch.save({**checkpoint, "lightning_ppo_version": CHECKPOINT_VERSION + 1}, tmp_path / "new.ckpt")
     with pytest.raises(ConfigError, match=rf"version {CHECKPOINT_VERSION + 1}.*upgrade lightning-ppo"):
         PPOModule.load_from_checkpoint(tmp_path / "new.ckpt", weights_only=False)
+
+
+def test_safe_checkpoints_keeps_the_state_key_checkpoints_were_saved_under(tmp_path: Path) -> None:
+    """The callback was `FaultTolerance`: checkpoints hold its RNG states under that name, and resume."""
+    options = dict(
+        default_root_dir=tmp_path, logger=False, enable_progress_bar=False, enable_model_summary=False
+    )
+    trainer = lightning.Trainer(max_steps=1, callbacks=[SafeCheckpoints()], **options)
+    trainer.fit(BoringModel())
+    trainer.save_checkpoint(tmp_path / "one.ckpt")
+    saved = torch.load(tmp_path / "one.ckpt", weights_only=False)["callbacks"]
+    assert list(saved["FaultTolerance"]) == ["rng_per_rank"]
+
+    restored = []
+
+    class Recording(SafeCheckpoints):
+        def load_state_dict(self, state_dict: dict) -> None:
+            restored.append(state_dict)
+            super().load_state_dict(state_dict)
+
+    resumed = lightning.Trainer(max_steps=2, callbacks=[Recording()], **options)
+    resumed.fit(BoringModel(), ckpt_path=tmp_path / "one.ckpt")
+    assert len(restored) == 1 and restored[0].keys() == saved["FaultTolerance"].keys()

@@ -87,9 +87,9 @@ def test_logprobs_from_bf16_logits_are_float32_and_exact_for_the_upcast_logits()
             assert_close(out[b, t].double(), expected, rtol=1e-6, atol=1e-6)
 
 
-def test_entropy_from_logits_matches_loop() -> None:
+def test_entropy_matches_loop() -> None:
     logits = torch.randn(3, 4, 9, dtype=torch.float64) * 2
-    out = core.entropy_from_logits(logits)
+    _, out = core.logprobs_and_entropy(logits, torch.zeros(3, 4, dtype=torch.long))
     assert out.dtype == torch.float64  # float64 logits (precision 64-true) stay float64
     for b in range(3):
         for t in range(4):
@@ -100,7 +100,10 @@ def test_entropy_from_logits_matches_loop() -> None:
 
 
 def test_entropy_of_bf16_logits_is_float32() -> None:
-    assert core.entropy_from_logits(torch.randn(2, 3, 7).to(torch.bfloat16)).dtype == torch.float32
+    _, entropy = core.logprobs_and_entropy(
+        torch.randn(2, 3, 7).to(torch.bfloat16), torch.zeros(2, 3, dtype=torch.long)
+    )
+    assert entropy.dtype == torch.float32
 
 
 # ---------------------------------------------------------------- masked statistics
@@ -321,6 +324,12 @@ def naive_gae(values, rewards, mask, gamma, lam):
     return advantages, returns
 
 
+def gae(values, rewards, mask, gamma, lam):
+    """Unwhitened GAE advantages and returns of `core.compute_advantages`: returns minus masked values."""
+    _, returns = core.compute_advantages(values, rewards, mask, gamma, lam)
+    return returns - torch.where(mask.bool(), values, 0.0), returns
+
+
 def random_rollout(lengths: tuple[int, ...], width: int, dtype: torch.dtype):
     mask = right_padded_mask(lengths, width).to(dtype)
     values = padded(torch.randn(mask.shape, dtype=dtype), mask)
@@ -331,7 +340,7 @@ def random_rollout(lengths: tuple[int, ...], width: int, dtype: torch.dtype):
 @pytest.mark.parametrize("gamma, lam", [(1.0, 0.95), (0.99, 0.95), (1.0, 1.0), (0.9, 0.0), (0.5, 0.7)])
 def test_gae_matches_trl_loop(gamma: float, lam: float) -> None:
     values, rewards, mask = random_rollout(LENGTHS, T, torch.float64)
-    advantages, returns = core.compute_gae(values, rewards, mask, gamma, lam)
+    advantages, returns = gae(values, rewards, mask, gamma, lam)
     expected_advantages, expected_returns = naive_gae(values, rewards, mask, gamma, lam)
     assert_close(advantages, expected_advantages, rtol=1e-12, atol=1e-12)
     assert_close(returns, expected_returns, rtol=1e-12, atol=1e-12)
@@ -341,7 +350,7 @@ def test_gae_matches_trl_loop(gamma: float, lam: float) -> None:
 @pytest.mark.parametrize("gamma, lam", [(1.0, 0.95), (1.0, 1.0)])
 def test_gae_long_responses_float32(width: int, gamma: float, lam: float) -> None:
     values, rewards, mask = random_rollout((width, 1, width // 2, width - 3), width, torch.float32)
-    advantages, returns = core.compute_gae(values, rewards, mask, gamma, lam)
+    advantages, returns = gae(values, rewards, mask, gamma, lam)
     assert advantages.dtype == returns.dtype == torch.float32
     expected_advantages, expected_returns = naive_gae(values, rewards, mask, gamma, lam)
     assert_close(advantages.double(), expected_advantages, rtol=1e-5, atol=2e-5)
@@ -351,20 +360,17 @@ def test_gae_long_responses_float32(width: int, gamma: float, lam: float) -> Non
 @pytest.mark.parametrize("width", [200, 512])
 def test_gae_long_responses_float64_are_exact(width: int) -> None:
     values, rewards, mask = random_rollout((width, 1, width // 2), width, torch.float64)
-    advantages, returns = core.compute_gae(values, rewards, mask, 1.0, 0.95)
+    advantages, returns = gae(values, rewards, mask, 1.0, 0.95)
     expected_advantages, expected_returns = naive_gae(values, rewards, mask, 1.0, 0.95)
     assert_close(advantages, expected_advantages, rtol=1e-10, atol=1e-10)
     assert_close(returns, expected_returns, rtol=1e-10, atol=1e-10)
 
 
-def test_gae_returns_are_advantages_plus_masked_values() -> None:
+def test_advantages_are_the_whitened_gae() -> None:
     values, rewards, mask = random_rollout(LENGTHS, T, torch.float64)
-    advantages, returns = core.compute_gae(values, rewards, mask, 1.0, 0.95)
-    masked_values = torch.tensor(
-        [[float(values[b, t]) if t < n else 0.0 for t in range(T)] for b, n in enumerate(LENGTHS)],
-        dtype=torch.float64,
-    )
-    assert_close(returns - advantages, masked_values)
+    advantages, _ = core.compute_advantages(values, rewards, mask, 1.0, 0.95)
+    expected_advantages, _ = naive_gae(values, rewards, mask, 1.0, 0.95)
+    assert_close(advantages, core.masked_whiten(expected_advantages, mask), rtol=1e-12, atol=1e-12)
 
 
 # ---------------------------------------------------------------- PPO losses

@@ -14,7 +14,7 @@ from torch.testing import assert_close
 from lightning_ppo import core
 from lightning_ppo.config import PPOConfig
 from lightning_ppo.data import repeat_prompts
-from lightning_ppo.experience import RolloutPasses, make_experience, per_token_rewards, rollout_passes
+from lightning_ppo.experience import ForwardPasses, forward_passes, make_experience, per_token_rewards
 from lightning_ppo.module import PPOModule
 from lightning_ppo.rollout import Rollout
 from lightning_ppo.update import ppo_loss
@@ -204,7 +204,7 @@ def test_grpo_kl_in_loss_is_kl_penalty_k3() -> None:
 KL_COEF = 0.2
 
 
-def rollout_and_passes(mask: torch.Tensor) -> tuple[Rollout, RolloutPasses]:
+def rollout_and_passes(mask: torch.Tensor) -> tuple[Rollout, ForwardPasses]:
     """Responses of LENGTHS after 2 prompt tokens; in the all-equal group the policy is the reference."""
     torch.manual_seed(seeded(4))
     B, R = mask.shape
@@ -213,7 +213,7 @@ def rollout_and_passes(mask: torch.Tensor) -> tuple[Rollout, RolloutPasses]:
     logprobs = -torch.rand(B, R, dtype=torch.float64) * 3 * mask
     ref_logprobs = -torch.rand(B, R, dtype=torch.float64) * 3 * mask
     ref_logprobs[4:8] = logprobs[4:8]  # no KL: the group's sequence rewards are all equal
-    return Rollout(input_ids, attention_mask, 2, mask), RolloutPasses(
+    return Rollout(input_ids, attention_mask, 2, mask), ForwardPasses(
         logprobs, torch.zeros_like(mask), ref_logprobs, None
     )
 
@@ -275,7 +275,7 @@ def test_kl_in_loss_adds_k3_against_the_reference(tiny_assets: Path) -> None:
     encoded = module.tokenizer(["the movie was", "this film is", "it"], return_tensors="pt", padding=True)
     batch = {"input_ids": encoded.input_ids, "attention_mask": encoded.attention_mask}
     rollout = module.generate_rollout(module.policy.lm, batch, torch.tensor([5, 2, 7]))
-    passes = rollout_passes(module.models, rollout)
+    passes = forward_passes(module.models, rollout)
     rewards = torch.zeros_like(rollout.response_mask)
     in_reward, in_loss = PPOConfig(), PPOConfig(kl_in="loss", kl_loss_coef=0.3)
     experience = make_experience(rollout, passes, rewards, in_reward).select(torch.arange(3))

@@ -9,7 +9,7 @@ import torch
 
 from lightning_ppo.core import logprobs_from_logits
 from lightning_ppo.data import collate_prompts
-from lightning_ppo.experience import make_experience, rollout_passes
+from lightning_ppo.experience import forward_passes, make_experience
 from lightning_ppo.module import PPOModule
 from lightning_ppo.rollout import Rollout, draw_response_lengths
 from lightning_ppo.update import ppo_loss
@@ -28,7 +28,7 @@ def experience_of_a_rollout(module: PPOModule):
     batch = collate_prompts(examples, module.tokenizer.pad_token_id)
     lengths = draw_response_lengths(len(prompts), module.sampling, module.device)
     rollout = module.generate_rollout(module.policy.lm, batch, lengths)
-    passes = rollout_passes(module.models, rollout)
+    passes = forward_passes(module.models, rollout)
     return make_experience(rollout, passes, torch.randn_like(passes.logprobs), module.ppo)
 
 
@@ -58,8 +58,8 @@ def test_forward_micro_batches_change_no_number(module: PPOModule):
     rollout = Rollout(
         experience.input_ids, experience.attention_mask, experience.response_start, experience.response_mask
     )
-    whole = rollout_passes(module.models, rollout)
-    chunked = rollout_passes(module.models, rollout, chunk=2)
+    whole = forward_passes(module.models, rollout)
+    chunked = forward_passes(module.models, rollout, chunk=2)
     for a, b in [(whole.logprobs, chunked.logprobs), (whole.values, chunked.values),
                  (whole.ref_logprobs, chunked.ref_logprobs)]:  # fmt: skip
         torch.testing.assert_close(a, b, atol=1e-6, rtol=0)

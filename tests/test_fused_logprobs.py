@@ -5,7 +5,7 @@ import torch
 from torch.testing import assert_close
 
 from lightning_ppo import core
-from tests.helpers import seeded
+from tests.helpers import entropy_from_logits, seeded
 
 
 @pytest.fixture(autouse=True)
@@ -29,7 +29,7 @@ def test_fused_values_equal_the_separate_functions(dtype: torch.dtype, chunk_ele
     assert logprobs.shape == entropy.shape == (4, 6)
     assert torch.equal(logprobs, core.logprobs_from_logits(logits, tokens))
     # Float32 noise apart: the fused form -sum(p log p) avoids lse - sum(p l)'s cancellation.
-    assert_close(entropy, core.entropy_from_logits(logits), rtol=1e-4, atol=1e-4)
+    assert_close(entropy, entropy_from_logits(logits), rtol=1e-4, atol=1e-4)
     upcast = logits.double()
     exact = upcast.logsumexp(-1) - (upcast.softmax(-1) * upcast).sum(-1)  # (B, R) float64
     assert_close(entropy.double(), exact, rtol=0, atol=3e-6)

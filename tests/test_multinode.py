@@ -255,7 +255,7 @@ def test_a_resume_on_one_process_runs_and_continues_the_steps(two_nodes: Path, t
     Identical: the weights, optimizer and KL controller it starts from, and the step counters. Not: the
     prompts (8 per step instead of 16; the 1-rank sampler skips 2 x 8 of its own order, which on 2 ranks
     were the prompts of step 2, so it repeats those), and the sampling noise (only rank 0's RNG stream
-    is restored; rank 1's is dropped, see FaultTolerance.load_state_dict).
+    is restored; rank 1's is dropped, see SafeCheckpoints.load_state_dict).
     """
     resume = ["--ckpt_path", str(mid_checkpoint(two_nodes))]
     args = fit_args(tmp_path / "probe", "--trainer.devices", "1", *resume)

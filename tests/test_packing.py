@@ -10,14 +10,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from lightning_ppo.core import length_buckets, padded_tokens
 from lightning_ppo.data import collate_prompts
-from lightning_ppo.experience import make_experience, rollout_passes
+from lightning_ppo.experience import forward_passes, make_experience
 from lightning_ppo.module import PPOModule
-from lightning_ppo.packing import RowLengths, bucketed, pack_rows, plan_buckets, spread
+from lightning_ppo.packing import RowLengths, bucketed, length_buckets, pack_rows, plan_buckets, spread
 from lightning_ppo.rollout import Rollout, draw_response_lengths
-from lightning_ppo.update import TrainerHooks, ppo_epochs, ppo_loss
-from tests.helpers import seeded
+from lightning_ppo.update import UpdateContext, ppo_epochs, ppo_loss
+from tests.helpers import padded_tokens, seeded
 
 PROMPTS = [
     "the movie",
@@ -45,7 +44,7 @@ def experience_of_a_rollout(module: PPOModule, seed: int):
     batch = collate_prompts(examples, module.tokenizer.pad_token_id)
     lengths = draw_response_lengths(len(PROMPTS), module.sampling, module.device)
     rollout = module.generate_rollout(module.policy.lm, batch, lengths)
-    passes = rollout_passes(module.models, rollout)
+    passes = forward_passes(module.models, rollout)
     return make_experience(rollout, passes, torch.randn_like(passes.logprobs), module.ppo)
 
 
@@ -131,14 +130,14 @@ def run_ppo_epochs(module: PPOModule, config, experience) -> tuple[list[torch.Te
         optimizer.step()
         optimizer.zero_grad()
 
-    hooks = TrainerHooks(
+    context = UpdateContext(
         backward=lambda loss: loss.backward(),
         no_sync=lambda last: nullcontext(),
         optimizer_step=optimizer_step,
         mean_over_ranks=lambda x: x,
     )
     torch.manual_seed(seeded(4))  # the same minibatches
-    stats = ppo_epochs(models, experience, config, hooks)
+    stats = ppo_epochs(models, experience, config, context)
     return [p.detach().clone() for p in models.policy.parameters()], stats
 
 
@@ -185,8 +184,8 @@ def test_packed_no_grad_passes_equal_the_padded_ones(module: PPOModule, buckets:
     rollout = Rollout(
         experience.input_ids, experience.attention_mask, experience.response_start, experience.response_mask
     )
-    padded = rollout_passes(module.models, rollout, full_kl=True)
-    packed = rollout_passes(module.models, rollout, chunk, full_kl=True, length_buckets=buckets)
+    padded = forward_passes(module.models, rollout, full_kl=True)
+    packed = forward_passes(module.models, rollout, chunk, full_kl=True, length_buckets=buckets)
     for name in ("logprobs", "values", "ref_logprobs"):
         torch.testing.assert_close(getattr(packed, name), getattr(padded, name), atol=2e-5, rtol=0, msg=name)
     mask = rollout.response_mask.bool()

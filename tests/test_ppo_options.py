@@ -10,7 +10,7 @@ import torch
 import lightning_ppo.experience as experience_lib
 from lightning_ppo.cli import main
 from lightning_ppo.core import logprobs_from_logits
-from lightning_ppo.experience import make_experience, rollout_passes
+from lightning_ppo.experience import forward_passes, make_experience
 from lightning_ppo.models import response_logits
 from lightning_ppo.module import PPOModule
 from lightning_ppo.rollout import SamplingConfig
@@ -29,7 +29,7 @@ def test_temperature_divides_the_logits_of_old_ref_and_training_passes(tiny_asse
     encoded = module.tokenizer(["the movie was", "this film is"], return_tensors="pt", padding=True)
     batch = {"input_ids": encoded.input_ids, "attention_mask": encoded.attention_mask}
     rollout = module.generate_rollout(module.policy.lm, batch, torch.tensor([5, 6]))
-    passes = rollout_passes(module.models, rollout)
+    passes = forward_passes(module.models, rollout)
     old, ref = passes.logprobs, passes.ref_logprobs
 
     args = (rollout.input_ids, rollout.attention_mask, rollout.response_start)

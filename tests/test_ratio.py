@@ -12,7 +12,7 @@ import torch
 
 from lightning_ppo.core import compute_rewards, logprobs_from_logits
 from lightning_ppo.data import collate_prompts
-from lightning_ppo.experience import make_experience, rollout_passes
+from lightning_ppo.experience import forward_passes, make_experience
 from lightning_ppo.module import PPOConfig, PPOModule
 from lightning_ppo.rollout import draw_response_lengths
 from tests.helpers import seeded
@@ -40,7 +40,7 @@ def first_minibatch_logprob_gap(disable_dropout: bool) -> float:
     )
     lengths = draw_response_lengths(BATCH, module.sampling, module.device)
     rollout = module.generate_rollout(module.policy.lm, batch, lengths)
-    passes = rollout_passes(module.models, rollout)
+    passes = forward_passes(module.models, rollout)
     scores = torch.zeros(BATCH)
     rewards, _, _ = compute_rewards(
         scores, passes.logprobs, passes.ref_logprobs, rollout.response_mask, 0.1, "kl"

@@ -14,7 +14,7 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch.utils.tensorboard import SummaryWriter
 
-from lightning_ppo import core, report
+from lightning_ppo import report
 from lightning_ppo.errors import ConfigError
 from tests.helpers import seeded
 
@@ -43,7 +43,7 @@ def test_comparison_matches_a_direct_computation(n: int) -> None:
     assert out.tuned_median == pytest.approx(statistics.median(tun), abs=1e-12)
     assert out.difference_mean == pytest.approx(sum(differences) / n, abs=1e-12)
     assert out.difference_sd == pytest.approx(statistics.stdev(differences), abs=1e-12)
-    interval = core.paired_bootstrap_ci(tuned, reference, n_resamples=2000, seed=5)
+    interval = report.paired_bootstrap_ci(tuned, reference, n_resamples=2000, seed=5)
     assert (out.difference_low, out.difference_high) == (interval.low, interval.high)
     assert out.scalars() == {
         "test/reward_ref_mean": out.reference_mean,
@@ -69,7 +69,7 @@ def test_a_clear_change_on_many_prompts_excludes_zero_and_says_which_way() -> No
 def test_a_small_change_on_few_prompts_contains_zero_and_advises_a_test_size() -> None:
     out = report.compare_rewards(*paired_rewards(16, 0.1))
     assert out.contains_zero
-    needed = core.prompts_for_half_width(out.difference_sd, abs(out.difference_mean))
+    needed = report.prompts_for_half_width(out.difference_sd, abs(out.difference_mean))
     assert needed > 16
     assert (
         f"cannot tell a change from noise with 16 prompts; about {needed} prompts (data.test_size) "

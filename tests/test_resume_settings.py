@@ -247,9 +247,9 @@ def test_a_run_stopped_for_bad_steps_resumes_from_its_checkpoint_with_the_settin
         ["fit", *tiny_args(tmp_path, *args, "--model.max_consecutive_bad_steps", "5"),
          "--ckpt_path", str(stopped)]
     )  # fmt: skip
-    assert resumed.model.faults.stop_checkpoint is None
+    assert resumed.model.bad_numbers.stop_checkpoint is None
     # the checkpoint was saved inside the last bad PPO step, so the resume does it again: steps 2-4, each
     # now with its optimizer step
     assert resumed.trainer.global_step == 3
-    assert resumed.model.faults.max_consecutive_bad_steps == 5
+    assert resumed.model.bad_numbers.max_consecutive_bad_steps == 5
     assert "model.max_consecutive_bad_steps: 2 -> 5" in capsys.readouterr().out

@@ -19,7 +19,7 @@ from lightning.pytorch import Trainer
 
 from lightning_ppo import core
 from lightning_ppo.data import PromptDataModule
-from lightning_ppo.experience import rollout_passes
+from lightning_ppo.experience import forward_passes
 from lightning_ppo.module import PPOConfig, PPOModule
 from lightning_ppo.rollout import Rollout, SamplingConfig, draw_response_lengths
 from tests.helpers import seeded
@@ -321,7 +321,7 @@ def test_recomputed_logprobs_equal_generates_own_scores(tiny_assets: Path) -> No
         out.sequences, torch.cat([prompts["attention_mask"], torch.ones_like(response_ids)], 1), P,
         torch.ones_like(response_ids, dtype=torch.float32),
     )  # fmt: skip
-    passes = rollout_passes(module.models, rollout)
+    passes = forward_passes(module.models, rollout)
     logprobs, ref_logprobs = passes.logprobs, passes.ref_logprobs
     torch.testing.assert_close(logprobs, expected, rtol=0, atol=1e-5)
     torch.testing.assert_close(ref_logprobs, expected, rtol=0, atol=1e-5)
