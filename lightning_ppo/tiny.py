@@ -1,7 +1,8 @@
 """Offline stand-ins for the notebook's assets, so the demo and the tests never touch the hub.
 
 `tiny:policy` (for `lvwerra/gpt2-imdb`), `tiny:reward` (for `lvwerra/distilbert-imdb`) and `tiny:reviews`
-(for `imdb`) are built once, deterministically, into a cache folder that `resolve_source` names."""
+(for `imdb`) are built once, deterministically, into a cache folder that `resolve_source` names; so are
+the arithmetic demo's `tiny:chat-policy` and `tiny:arithmetic` (`tiny_arithmetic`), in their own folder."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import os
 import random
 import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -26,12 +28,16 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
+from lightning_ppo.tiny_arithmetic import build_arithmetic_assets
+
 logger = logging.getLogger(__name__)
 
 TINY_PREFIX = "tiny:"
 TINY_NAMES = ("policy", "reward", "reviews")
-# Bump whenever the recipe below changes, so stale caches are never reused.
+ARITHMETIC_NAMES = ("chat-policy", "arithmetic")
+# Bump whenever a recipe changes, so stale caches are never reused.
 TINY_VERSION = "tiny-v1"
+ARITHMETIC_VERSION = "tiny-arithmetic-v1"
 
 EOS_TOKEN = "<|endoftext|>"
 UNK_TOKEN = "<unk>"
@@ -85,10 +91,10 @@ def tiny_seed() -> int:
     return seed
 
 
-def tiny_assets_dir() -> Path:
+def tiny_assets_dir(version: str = TINY_VERSION) -> Path:
     """The folder of the assets of this version and seed (seed 0 keeps the plain version name)."""
     seed = tiny_seed()
-    return tiny_cache_dir() / (TINY_VERSION if seed == 0 else f"{TINY_VERSION}-seed{seed}")
+    return tiny_cache_dir() / (version if seed == 0 else f"{version}-seed{seed}")
 
 
 def resolve_source(source: str) -> str:
@@ -96,15 +102,30 @@ def resolve_source(source: str) -> str:
     if not source.startswith(TINY_PREFIX):
         return source
     name = source.removeprefix(TINY_PREFIX)
+    if name in ARITHMETIC_NAMES:
+        return str((ensure_arithmetic_assets() / name).absolute())
     if name not in TINY_NAMES:
-        valid = ", ".join(TINY_PREFIX + n for n in TINY_NAMES)
+        valid = ", ".join(TINY_PREFIX + n for n in (*TINY_NAMES, *ARITHMETIC_NAMES))
         raise ValueError(f"Unknown tiny asset {source!r}; valid names: {valid}")
     return str((ensure_tiny_assets() / name).absolute())
 
 
 def ensure_tiny_assets() -> Path:
     """Build the tiny assets unless they exist; safe when several processes (DDP ranks) call it at once."""
-    root = tiny_assets_dir()
+    return ensure_built(tiny_assets_dir(), build_tiny_assets, "the tiny assets (once; takes about 10-20 s)")
+
+
+def ensure_arithmetic_assets() -> Path:
+    """Build the arithmetic demo's assets unless they exist, as `ensure_tiny_assets`."""
+    return ensure_built(
+        tiny_assets_dir(ARITHMETIC_VERSION),
+        build_arithmetic_assets,
+        "the arithmetic demo's assets (once; takes about 30-60 s)",
+    )
+
+
+def ensure_built(root: Path, build: Callable[[Path, int], None], what: str) -> Path:
+    """`build(folder, seed)` into `root` unless it exists, under a file lock; renamed into place whole."""
     if root.is_dir():
         return root
     root.parent.mkdir(parents=True, exist_ok=True)
@@ -115,9 +136,9 @@ def ensure_tiny_assets() -> Path:
         staging = root.with_name(f".{root.name}.tmp")
         shutil.rmtree(staging, ignore_errors=True)  # left by a build that was killed
         staging.mkdir()
-        logger.info("Building the tiny assets into %s (once; takes about 10-20 s)", root)
+        logger.info("Building %s into %s", what, root)
         try:
-            build_tiny_assets(staging, tiny_seed())
+            build(staging, tiny_seed())
             os.rename(staging, root)
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from lightning_ppo.tiny import ensure_tiny_assets
+from lightning_ppo.tiny import ensure_arithmetic_assets, ensure_tiny_assets
 from tests.helpers import TEST_SEED, seeded
 
 # before any asset is built; CLI runs in subprocesses inherit it
@@ -62,3 +62,9 @@ def seeded_rngs() -> None:
     torch.manual_seed(seeded(0))
     np.random.seed(seeded(0))
     random.seed(seeded(0))
+
+
+@pytest.fixture(scope="session")
+def arithmetic_assets(isolated_caches: None) -> Path:
+    """The root of the arithmetic demo's assets (`chat-policy/`, `arithmetic/`), built once per session."""
+    return ensure_arithmetic_assets()
