@@ -35,6 +35,7 @@ from lightning_ppo.experience import (
     per_token_rewards,
     rollout_passes,
     rollout_statistics,
+    sampling_mismatch,
 )
 from lightning_ppo.generation import GenerationEngine, build_engine
 from lightning_ppo.loading import check_fits_context
@@ -424,6 +425,7 @@ class PPOModule(LightningModule):
         lr = float(self.optimizers().param_groups[0]["lr"])
         return {
             **rollout_statistics(rollout, passes, rewards, scores, self._gather_flat(raw_scores)),
+            **sampling_mismatch(rollout, passes, lambda x: strategy.reduce(x, reduce_op="max")),
             "objective/kl": mean_kl,
             "objective/kl_coef": torch.tensor(kl_coef),
             "ppo/learning_rate": torch.tensor(lr),
@@ -535,6 +537,7 @@ class PPOModule(LightningModule):
 
     def _log_metrics(self, metrics: dict[str, Tensor]) -> None:
         already_global = {"env/reward_mean", "env/reward_std", "objective/kl", "objective/kl_coef"}
+        already_global |= {"rollout/logprob_diff_max"}  # the largest over every rank (sampling_mismatch)
         batch_size = self.trainer.datamodule.batch_size if self.trainer.datamodule else None
         for name, value in metrics.items():
             self.log(

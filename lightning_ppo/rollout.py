@@ -114,7 +114,8 @@ class Rollout:
     The prompt is left-padded and occupies columns [0, P); the response is right-padded and occupies
     columns [P, P + R). Tokens after the first EOS or past the drawn length are masked out.
     `decoded_positions` and `useful_positions` count the sampling's work (0 when the rollout was not
-    sampled here, or is a part of one): `1 - useful / decoded` is the decode waste.
+    sampled here, or is a part of one): `1 - useful / decoded` is the decode waste. An engine that reports
+    its own log-probs (vLLM) leaves them in `sampling_logprobs`, 0 off the response mask.
     """
 
     input_ids: Tensor  # (B, P + R) prompt then response token ids
@@ -123,6 +124,7 @@ class Rollout:
     response_mask: Tensor  # (B, R) float32, 1 on the response tokens that count (EOS included)
     decoded_positions: int = 0  # row x new-token positions the sampler computed, over all its calls
     useful_positions: int = 0  # of those, the response tokens that count (response_mask.sum())
+    sampling_logprobs: Tensor | None = None  # (B, R) float32 the engine's log-probs of the response, or None
 
     @property
     def response_ids(self) -> Tensor:  # (B, R)
@@ -155,15 +157,19 @@ class Rollout:
 
     def split(self, rows: int) -> list[Rollout]:
         """Consecutive groups of `rows` rows, keeping the layout."""
+        logprobs = self.sampling_logprobs  # (B, R) or None
+        ids, mask, response_mask = (
+            x.split(rows) for x in (self.input_ids, self.attention_mask, self.response_mask)
+        )
+        parts = zip(ids, mask, response_mask, strict=True)
         return [
-            Rollout(ids, mask, self.response_start, response_mask)
-            for ids, mask, response_mask in zip(
-                self.input_ids.split(rows),
-                self.attention_mask.split(rows),
-                self.response_mask.split(rows),
-                strict=True,
-            )
+            Rollout(ids, mask, self.response_start, response_mask, sampling_logprobs=_rows(logprobs, i, rows))
+            for i, (ids, mask, response_mask) in enumerate(parts)
         ]
+
+
+def _rows(x: Tensor | None, part: int, rows: int) -> Tensor | None:
+    return None if x is None else x[part * rows : (part + 1) * rows]
 
 
 def rollout_from_token_lists(
@@ -406,6 +412,11 @@ def concat_rollouts(parts: list[Rollout], pad_token_id: int) -> Rollout:
         attention_mask=torch.cat([pad_right(p, p.attention_mask, 0) for p in parts]),
         response_start=parts[0].response_start,
         response_mask=torch.cat([pad_right(p, p.response_mask, 0.0) for p in parts]),
+        sampling_logprobs=(
+            None
+            if any(p.sampling_logprobs is None for p in parts)
+            else torch.cat([pad_right(p, p.sampling_logprobs, 0.0) for p in parts])
+        ),
         decoded_positions=sum(p.decoded_positions for p in parts),
         useful_positions=sum(p.useful_positions for p in parts),
     )
