@@ -33,7 +33,7 @@ class VLLMOptions:
 
     Args:
         gpu_memory_utilization: Share of the GPU's memory vLLM may take (weights and KV cache).
-        cpu_kv_cache_gib: On CPU, GiB of KV cache (vLLM's `VLLM_CPU_KVCACHE_SPACE`; its default takes
+        cpu_kv_cache_gib: On CPU, GiB of KV cache (vLLM's `kv_cache_memory_bytes`; its default takes
             most of the machine's memory).
         max_model_len: Longest prompt + response vLLM is built for; null: the policy's context.
         sleep_between_rollouts: On CUDA, release the KV cache while the PPO epochs run (sleep mode).

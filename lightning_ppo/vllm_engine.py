@@ -185,9 +185,9 @@ def import_vllm(options: VLLMOptions, cuda: bool) -> Any:
             "model.sampling.engine is vllm, but vLLM's CPU build needs a CPU with AVX-512 (avx512f) and "
             f"this one has none, nor a CUDA device; use model.sampling.engine: loop. ({INSTALL_HINT})"
         )
-    # both are read when vllm is imported and the engine built: set them first
-    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # the engine in this process (TRL colocate)
-    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", f"{options.cpu_kv_cache_gib:g}")  # else most of the RAM
+    # read when the engine is built: the engine in this process, as TRL's colocate mode (the weight sync
+    # reaches into the engine's model)
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
     try:
         import vllm
     except Exception as error:  # ImportError, or a broken dependency's OSError / RuntimeError
@@ -213,6 +213,10 @@ def _build_llm(vllm: Any, policy: nn.Module, options: VLLMOptions, cuda: bool) -
     # vLLM's CPU worker replaces torch.set_num_threads by a no-op for the whole process: put it back, so
     # the trainer (and Lightning's per-rank thread split) keeps its own threads
     set_num_threads, threads = torch.set_num_threads, torch.get_num_threads()
+    if cuda:
+        memory = {"gpu_memory_utilization": options.gpu_memory_utilization}
+    else:
+        memory = {"kv_cache_memory_bytes": int(options.cpu_kv_cache_gib * 2**30)}
     with tempfile.TemporaryDirectory(prefix="lightning_ppo_vllm_") as folder:
         base.config.save_pretrained(folder)  # the config only: the weights come from memory
         llm = vllm.LLM(
@@ -225,7 +229,8 @@ def _build_llm(vllm: Any, policy: nn.Module, options: VLLMOptions, cuda: bool) -
             seed=0,
             # log-probs after temperature, top-k and top-p: the distribution each token was drawn from
             logprobs_mode="processed_logprobs",
-            **({"gpu_memory_utilization": options.gpu_memory_utilization} if cuda else {}),
+            # on CPU a bounded KV cache (vLLM's default takes most of the machine's memory: 21 GB here)
+            **memory,
             **({"enable_sleep_mode": True} if cuda and options.sleep_between_rollouts else {}),
         )
     torch.set_num_threads = set_num_threads
