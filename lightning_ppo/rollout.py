@@ -36,7 +36,8 @@ class VLLMOptions:
         cpu_kv_cache_gib: On CPU, GiB of KV cache (vLLM's `kv_cache_memory_bytes`; its default takes
             most of the machine's memory).
         max_model_len: Longest prompt + response vLLM is built for; null: the policy's context.
-        sleep_between_rollouts: On CUDA, release the KV cache while the PPO epochs run (sleep mode).
+        sleep_between_rollouts: On CUDA, release the KV cache and the weights' memory between rollouts
+            (vLLM's sleep mode, level 2), so the PPO epochs have it; the weights are pushed again on wake-up.
     """
 
     gpu_memory_utilization: float = 0.3
@@ -63,9 +64,11 @@ class SamplingConfig:
         engine: What samples (`lightning_ppo.generation`): "loop" decodes each row only up to its own
             length or EOS, dropping finished rows from the batch and the KV cache; "generate" is one HF
             `generate` call per batch up to the longest length, each row then cut; "vllm" is an in-process
-            vLLM engine (`pip install .[vllm]`), synced with the policy's weights after every PPO step.
+            vLLM engine (`bash scripts/install_vllm.sh`, docs/vllm.md), synced with the policy's weights
+            after every PPO step.
             Under ZeRO-3 "loop" samples with `generate`.
         vllm: Options of the vLLM engine; null: their defaults.
+        decoder: Renamed `engine`; set, it is refused with the new name.
         num_samples_per_prompt: Responses sampled per training prompt (k, the group of GRPO and RLOO), all
             in the same batched sampling; a batch of B prompts rolls out B x k rows. The k samples of a
             prompt share one drawn response length. Validation, test and predict sample one per prompt.

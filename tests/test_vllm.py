@@ -170,9 +170,9 @@ def make_module(**sampling) -> PPOModule:
 
 
 def fit(module: PPOModule, root: Path, steps: int, ckpt_path: Path | None = None) -> RecordingLogger:
-    """`steps` PPO steps on the tiny reviews, a checkpoint after each (`root/last.ckpt`)."""
+    """`steps` PPO steps on the tiny reviews, a checkpoint after each (`root/epoch=0-step=N.ckpt`)."""
     logger = RecordingLogger()
-    every = ModelCheckpoint(dirpath=root, save_last=True, every_n_train_steps=OPTIMIZER_STEPS_PER_PPO_STEP)
+    every = ModelCheckpoint(dirpath=root, save_top_k=-1, every_n_train_steps=OPTIMIZER_STEPS_PER_PPO_STEP)
     trainer = Trainer(
         accelerator="cpu",
         devices=1,
@@ -230,10 +230,11 @@ def test_after_a_ppo_step_the_engine_samples_the_updated_weights(tiny_assets: Pa
 @pytest.mark.vllm
 @needs_vllm
 def test_a_resumed_fit_syncs_the_restored_weights(tiny_assets: Path, tmp_path: Path) -> None:
-    fit(make_module(), tmp_path / "first", steps=1)
+    fit(make_module(), tmp_path / "first", steps=2)
     module = make_module()
     engine_start, _ = sequence_logprobs(module)  # the engine now holds the starting weights
-    logged = fit(module, tmp_path / "resumed", steps=2, ckpt_path=tmp_path / "first" / "last.ckpt")
+    first_step = tmp_path / "first" / f"epoch=0-step={OPTIMIZER_STEPS_PER_PPO_STEP}.ckpt"
+    logged = fit(module, tmp_path / "resumed", steps=2, ckpt_path=first_step)
     assert len(logged.metrics["rollout/logprob_diff"]) == 1  # step 2 only
     assert logged.metrics["rollout/logprob_diff"][0] < MEAN_TOLERANCE
     engine_after, trainer_after = sequence_logprobs(module)
