@@ -8,7 +8,8 @@ For each response length and `model.sampling.engine` ("loop", "vllm"), in a fres
 each peak RSS is its own): `--warmup` PPO steps, then `--steps` measured ones through `Trainer.fit`, every
 response exactly that long (response_min_length = response_max_length; random weights rarely emit EOS).
 Reported: the median `time/rollout` and `time/step` of the measured steps, the first step's rollout (vLLM:
-building the engine and its warm-up), peak RSS (CUDA: peak allocated), and vLLM's `rollout/logprob_diff`.
+building the engine and its warm-up), peak RSS (CUDA: peak allocated), and vLLM's `rollout/logprob_diff`;
+`--rounds` runs every cell that often, in turn, and keeps each cell's fastest run.
 Each step is seeded by its index, so both engines see the same prompts. Shapes: `small` (4 layers, 192
 wide, 4,096 tokens) and `gpt2-124m` (12 layers, 768 wide, 50,257 tokens), random weights and a word-level
 tokenizer saved to a temp folder.
@@ -117,6 +118,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--steps", type=int, default=2, help="measured PPO steps per run")
     parser.add_argument("--warmup", type=int, default=1, help="PPO steps before them (vLLM's warm-up)")
+    parser.add_argument("--rounds", type=int, default=2, help="runs of every cell, in turn; the fastest kept")
     args = parser.parse_args()
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor() or "CPU"
     print(f"{args.shape} GPT-2 shape, {args.batch_size} prompts, torch {torch.__version__}, {device}")
@@ -125,13 +127,26 @@ def main() -> None:
         shape = dict(SHAPES[args.shape])
         policy = build_gpt2_shaped(Path(folder), shape.pop("vocab"), **shape)
         spawn = multiprocessing.get_context("spawn")
-        for length in args.lengths:
-            for engine in args.engines:
-                with ProcessPoolExecutor(max_workers=1, mp_context=spawn) as pool:
-                    job = pool.submit(run, policy, engine, length, args.batch_size, args.steps, args.warmup)
-                    results.append(job.result())
-                print(results[-1], flush=True)
-    print(table(results, args.batch_size))
+        for _ in range(args.rounds):
+            for length in args.lengths:
+                for engine in args.engines:
+                    with ProcessPoolExecutor(max_workers=1, mp_context=spawn) as pool:
+                        job = pool.submit(
+                            run, policy, engine, length, args.batch_size, args.steps, args.warmup
+                        )
+                        results.append(job.result())
+                    print(results[-1], flush=True)
+    print(table(fastest(results), args.batch_size))
+
+
+def fastest(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Each cell's fastest round (by whole-step time): on a shared VM interference only ever adds time."""
+    best: dict[tuple[str, int], dict[str, Any]] = {}
+    for r in results:
+        key = (r["engine"], r["length"])
+        if key not in best or r["step"] < best[key]["step"]:
+            best[key] = r
+    return sorted(best.values(), key=lambda r: (r["length"], ENGINES.index(r["engine"])))
 
 
 if __name__ == "__main__":

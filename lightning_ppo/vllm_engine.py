@@ -11,11 +11,14 @@ from __future__ import annotations
 import copy
 import os
 import platform
+import random
 import tempfile
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -198,6 +201,20 @@ def import_vllm(options: VLLMOptions, cuda: bool) -> Any:
     return vllm
 
 
+@contextmanager
+def _random_states_kept() -> Iterator[None]:
+    states = random.getstate(), np.random.get_state(), torch.get_rng_state()
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+    try:
+        yield
+    finally:
+        random.setstate(states[0])
+        np.random.set_state(states[1])
+        torch.set_rng_state(states[2])
+        if cuda is not None:
+            torch.cuda.set_rng_state_all(cuda)
+
+
 def _has_avx512() -> bool:
     try:
         return "avx512f" in Path("/proc/cpuinfo").read_text()
@@ -221,7 +238,9 @@ def _build_llm(vllm: Any, policy: nn.Module, options: VLLMOptions, cuda: bool) -
         # each rank's engine on its own GPU inside the ranks' process group (TRL's colocate mode); on CPU
         # the in-process engine joins the group by itself
         memory["distributed_executor_backend"] = "external_launcher"
-    with tempfile.TemporaryDirectory(prefix="lightning_ppo_vllm_") as folder:
+    # vLLM seeds the global RNGs of the process it runs in (random, numpy, torch): keep the trainer's
+    # streams (seed_everything, each rank's own, exact resume) as they were
+    with _random_states_kept(), tempfile.TemporaryDirectory(prefix="lightning_ppo_vllm_") as folder:
         config = copy.deepcopy(base.config)
         config.architectures = [type(base).__name__]  # unset on a model built from a config: vLLM needs it
         config.save_pretrained(folder)  # the config only: the weights come from memory

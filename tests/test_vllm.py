@@ -132,6 +132,19 @@ def test_greedy_output_equals_the_decoding_loops() -> None:
 
 @pytest.mark.vllm
 @needs_vllm
+def test_building_an_engine_keeps_the_trainers_random_streams(lm) -> None:
+    """vLLM seeds the global RNGs of its process; the trainer's draws must go on as if it had not."""
+    torch.manual_seed(seeded(3))
+    random.seed(seeded(3))
+    expected = torch.rand(3), random.random()
+    torch.manual_seed(seeded(3))
+    random.seed(seeded(3))
+    build_engine(SamplingConfig(engine="vllm", vllm=VLLMOptions(cpu_kv_cache_gib=0.25)), lm, 0, 0)
+    assert torch.equal(torch.rand(3), expected[0]) and random.random() == expected[1]
+
+
+@pytest.mark.vllm
+@needs_vllm
 def test_engine_logprobs_are_the_trainers_at_a_temperature(lm, tokenizer, engine) -> None:
     """vLLM's processed log-probs (logits / T, then softmax) are what the trainer recomputes."""
     ids, mask = prompts(tokenizer, 8, seed=1)
