@@ -3,6 +3,7 @@
     python -m benchmarks.vllm_engine                            # in the vLLM environment (docs/vllm.md)
     python -m benchmarks.vllm_engine --lengths 16 128 --steps 3 --batch-size 64
     python -m benchmarks.vllm_engine --shape gpt2-124m          # the GPT-2 (124M) shape (on a GPU: as is)
+    OMP_NUM_THREADS=1 python -m benchmarks.vllm_engine --rounds 1   # a shared machine (docs/performance.md)
 
 For each response length and `model.sampling.engine` ("loop", "vllm"), in a fresh process of its own (so
 each peak RSS is its own): `--warmup` PPO steps, then `--steps` measured ones through `Trainer.fit`, every
@@ -22,6 +23,7 @@ import multiprocessing
 import platform
 import statistics
 import tempfile
+import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -95,6 +97,34 @@ def run(policy: str, engine: str, length: int, batch_size: int, steps: int, warm
     }
 
 
+def rollout_sweep(policy: str, lengths: list[int], batch_size: int, repeats: int) -> list[dict[str, Any]]:
+    """Rollout seconds only, both engines in this one process, calls alternated (loop, vllm, loop, ...) so
+    that a shared machine's interference falls on both alike; each engine's fastest of `repeats` calls."""
+    from lightning_ppo.generation import build_engine
+    from lightning_ppo.models import load_causal_lm, load_tokenizer
+
+    lm, tokenizer = load_causal_lm(policy).eval(), load_tokenizer(policy)
+    texts = [
+        f"{POSITIVE_WORDS[i % len(POSITIVE_WORDS)]} {NEUTRAL_WORDS[i % len(NEUTRAL_WORDS)]}"
+        for i in range(batch_size)
+    ]
+    batch = tokenizer(texts, return_tensors="pt", padding=True)
+    eos = tokenizer.eos_token_id
+    engines = {name: build_engine(SamplingConfig(engine=name), lm, eos, eos) for name in ENGINES}
+    results = []
+    for length in lengths:
+        config = SamplingConfig(response_min_length=length, response_max_length=length)
+        lengths_ = torch.full((batch_size,), length)
+        times: dict[str, list[float]] = {name: [] for name in ENGINES}
+        for _ in range(repeats + 1):  # the first call of each is a warm-up
+            for name, engine in engines.items():
+                start = time.perf_counter()
+                engine.sample(lm, batch["input_ids"], batch["attention_mask"], lengths_, config)
+                times[name].append(time.perf_counter() - start)
+        results += [{"engine": n, "length": length, "rollout": min(t[1:])} for n, t in times.items()]
+    return results
+
+
 def table(results: list[dict[str, Any]], batch_size: int) -> str:
     lines = [
         f"| {batch_size} prompts x length | engine | rollout | whole step | first rollout | peak memory "
@@ -119,6 +149,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=2, help="measured PPO steps per run")
     parser.add_argument("--warmup", type=int, default=1, help="PPO steps before them (vLLM's warm-up)")
     parser.add_argument("--rounds", type=int, default=2, help="runs of every cell, in turn; the fastest kept")
+    parser.add_argument("--rollout-only", action="store_true", help="both engines in one process, alternated")
     args = parser.parse_args()
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor() or "CPU"
     print(f"{args.shape} GPT-2 shape, {args.batch_size} prompts, torch {torch.__version__}, {device}")
@@ -126,6 +157,10 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as folder:
         shape = dict(SHAPES[args.shape])
         policy = build_gpt2_shaped(Path(folder), shape.pop("vocab"), **shape)
+        if args.rollout_only:
+            for r in rollout_sweep(policy, args.lengths, args.batch_size, repeats=3):
+                print(f"| {r['length']} | {r['engine']} | {r['rollout']:.3f} s |")
+            return
         spawn = multiprocessing.get_context("spawn")
         for _ in range(args.rounds):
             for length in args.lengths:
