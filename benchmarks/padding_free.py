@@ -51,9 +51,9 @@ SHAPES = {"small": dict(n_layer=4, n_embd=192, n_head=4, vocab=4096), "gpt2-124m
 # switch.
 VARIANTS: dict[str, dict[str, Any]] = {
     "baseline": dict(sampling=SamplingConfig(engine="generate"), ppo=dict(packing=False)),
-    "decode loop": dict(sampling=SamplingConfig(decoder="loop"), ppo=dict(packing=False)),
+    "decode loop": dict(sampling=SamplingConfig(engine="loop"), ppo=dict(packing=False)),
     "packed update": dict(sampling=SamplingConfig(engine="generate"), ppo=dict(packing=True)),
-    "both": dict(sampling=SamplingConfig(decoder="loop"), ppo=dict(packing=True)),
+    "both": dict(sampling=SamplingConfig(engine="loop"), ppo=dict(packing=True)),
 }
 
 PHASES = ("time/rollout", "time/reward", "time/forward", "time/optimize")

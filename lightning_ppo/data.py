@@ -8,7 +8,6 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from datasets import Dataset, DatasetDict, load_dataset, load_from_disk
 from lightning import LightningDataModule
@@ -18,6 +17,14 @@ from transformers import PreTrainedTokenizerBase
 from lightning_ppo.errors import ConfigError, check_number
 from lightning_ppo.loading import load_from_source
 from lightning_ppo.models import load_tokenizer
+from lightning_ppo.prompts import (
+    OVERLONG_CHOICES,
+    RESERVED_COLUMNS,
+    OverlongPrompts,
+    PromptColumn,
+    PromptSource,
+    TextOpenings,
+)
 from lightning_ppo.resumable import resumable_loader
 
 FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
@@ -106,7 +113,8 @@ class EvalSampler(DistributedSampler):
 def collate_prompts(examples: list[dict[str, Any]], pad_token_id: int) -> dict[str, Any]:
     """Stack prompts LEFT-padded, so generation continues every prompt from the same last column.
 
-    Held-out prompts also carry their `index` (B,) long.
+    The batch also holds `query` (B strings), `columns` (the rows' other columns: name -> B values), chat
+    prompts their `prompt_messages`, and held-out prompts their `index` (B,) long.
     """
     width = max(len(example["input_ids"]) for example in examples)
     input_ids = torch.full((len(examples), width), pad_token_id, dtype=torch.long)  # (B, P)
@@ -116,7 +124,15 @@ def collate_prompts(examples: list[dict[str, Any]], pad_token_id: int) -> dict[s
         input_ids[row, width - length :] = torch.tensor(example["input_ids"], dtype=torch.long)
         attention_mask[row, width - length :] = 1
     queries = [example["query"] for example in examples]
-    batch = {"input_ids": input_ids, "attention_mask": attention_mask, "query": queries}
+    others = [name for name in examples[0] if name not in RESERVED_COLUMNS]
+    batch = {
+        "input_ids": input_ids,
+        "attention_mask": attention_mask,
+        "query": queries,
+        "columns": {name: [example[name] for example in examples] for name in others},
+    }
+    if "prompt_messages" in examples[0]:
+        batch["prompt_messages"] = [example["prompt_messages"] for example in examples]
     if "index" in examples[0]:
         batch["index"] = torch.tensor([example["index"] for example in examples], dtype=torch.long)  # (B,)
     return batch
@@ -130,22 +146,29 @@ class PromptDataModule(LightningDataModule):
             file or a folder of such files, or `tiny:reviews` (built offline).
         tokenizer: The policy's tokenizer (hub id or folder), required by `setup`; the CLI links
             `model.policy` into it.
-        text_column: Column holding the texts.
+        text_column: Column of texts whose openings are the prompts (the notebook's recipe), when
+            `prompt_column` is null.
+        prompt_column: Column of prompts, each a string or a list of chat messages (`{"role", "content"}`)
+            rendered with the policy tokenizer's chat template; null: prompts cut from `text_column`.
+            The row's other columns reach the reward (`columns=`).
+        chat_template: Wrap string prompts of `prompt_column` as one user message of the chat template.
+        overlong_prompts: Prompts of `prompt_column` longer than `prompt_max_tokens`: "drop" them (the
+            count is printed), "refuse" (an error) or "truncate_left" (keep their last tokens).
         train_split: Split that PPO trains on.
         eval_split: Held-out split for validation and test; when the dataset lacks it (or it is None),
             `eval_fraction` of the train split is held out instead (seeded).
         eval_fraction: Fraction of the train split held out when there is no `eval_split`.
         min_text_length: Keep texts longer than this many characters (the notebook keeps > 200).
         prompt_min_tokens: Shortest prompt, in tokens.
-        prompt_max_tokens: Longest prompt, in tokens; each prompt's length is drawn uniformly from
-            [prompt_min_tokens, prompt_max_tokens] (TRL's `LengthSampler(2, 8)` draws 2..7).
+        prompt_max_tokens: Longest prompt, in tokens. From `text_column`, each prompt's length is drawn
+            uniformly from [prompt_min_tokens, prompt_max_tokens] (TRL's `LengthSampler(2, 8)` draws 2..7).
         batch_size: Prompts per PPO step per device.
         eval_batch_size: Prompts per validation/test/predict batch; defaults to `batch_size`.
         val_size: Held-out prompts used by validation.
         test_size: Held-out prompts used by `test` (the notebook compared 16); the first ones of the same
             shuffled held-out prompts as validation.
         predict_file: Prompts for `predict`: a .txt file (one per line) or .jsonl/.json records with a
-            "prompt" or `text_column` field.
+            "prompt" field (or `prompt_column`, or `text_column`); their other fields are kept.
         predict_prompt_max_tokens: Predict prompts are truncated to this many tokens.
         num_workers: DataLoader worker processes.
         seed: Seeds the held-out split, the shuffle of the held-out prompts, the prompt lengths and the
@@ -157,6 +180,9 @@ class PromptDataModule(LightningDataModule):
         dataset: str = "imdb",
         tokenizer: str | None = None,
         text_column: str = "text",
+        prompt_column: str | None = None,
+        chat_template: bool = False,
+        overlong_prompts: OverlongPrompts = "drop",
         train_split: str = "train",
         eval_split: str | None = "test",
         eval_fraction: float = 0.05,
@@ -192,52 +218,60 @@ class PromptDataModule(LightningDataModule):
                 f"data.prompt_min_tokens ({prompt_min_tokens}) exceeds data.prompt_max_tokens "
                 f"({prompt_max_tokens}); raise the maximum or lower the minimum"
             )
+        if overlong_prompts not in OVERLONG_CHOICES:
+            raise ConfigError(
+                f"data.overlong_prompts must be one of {', '.join(OVERLONG_CHOICES)}, got "
+                f"{overlong_prompts!r}"
+            )
         self.save_hyperparameters()
-        self.dataset = dataset
-        self.tokenizer_source = tokenizer
-        self.text_column = text_column
-        self.train_split = train_split
-        self.eval_split = eval_split
-        self.eval_fraction = eval_fraction
-        self.min_text_length = min_text_length
-        self.prompt_min_tokens = prompt_min_tokens
-        self.prompt_max_tokens = prompt_max_tokens
-        self.batch_size = batch_size
         self.eval_batch_size = eval_batch_size or batch_size
-        self.val_size = val_size
-        self.test_size = test_size
-        self.predict_file = predict_file
-        self.predict_prompt_max_tokens = predict_prompt_max_tokens
-        self.num_workers = num_workers
-        self.seed = seed
         self.tokenizer: PreTrainedTokenizerBase | None = None
         self.prompts: dict[str, Dataset] = {}  # "train", "val", "test" or "predict" -> its prompts
 
+    @property
+    def batch_size(self) -> int:
+        return self.hparams.batch_size
+
+    def prompt_source(self, predicting: bool = False, column: str | None = None) -> PromptSource:
+        """The source of `data.prompt_column` (a column of prompts), else the notebook's text openings."""
+        h = self.hparams
+        if h.prompt_column is None:
+            if predicting:  # predict files hold whole prompts: their first tokens, up to the limit
+                return TextOpenings(
+                    column, -1, h.predict_prompt_max_tokens, h.predict_prompt_max_tokens, h.seed
+                )
+            return TextOpenings(
+                h.text_column, h.min_text_length, h.prompt_min_tokens, h.prompt_max_tokens, h.seed
+            )
+        limit = h.predict_prompt_max_tokens if predicting else h.prompt_max_tokens
+        key = "data.predict_prompt_max_tokens" if predicting else "data.prompt_max_tokens"
+        return PromptColumn(column or h.prompt_column, limit, h.chat_template, h.overlong_prompts, key)
+
     def setup(self, stage: str) -> None:
         """Load the tokenizer and only the prompts `stage` needs."""
-        if self.tokenizer_source is None:
+        if self.hparams.tokenizer is None:
             raise ConfigError(
                 "data.tokenizer is not set: give the policy's tokenizer (the CLI links model.policy)"
             )
-        self.tokenizer = load_tokenizer(self.tokenizer_source)
+        self.tokenizer = load_tokenizer(self.hparams.tokenizer)
         if stage == "predict":
             self.prompts["predict"] = self._predict_prompts()
             return
         train, held_out = self._splits()
+        source = self.prompt_source()
         if stage == "fit":
-            self.prompts["train"] = self._make_prompts(train)
-            self._check_enough_train_prompts(len(train))
-        eval_prompts = self._make_prompts(held_out).shuffle(seed=self.seed)
+            self.prompts["train"] = source(train, self.tokenizer, self.hparams.train_split)
+            self._check_enough_train_prompts(len(train), source)
+        eval_prompts = source(held_out, self.tokenizer, "held-out").shuffle(seed=self.hparams.seed)
         if len(eval_prompts) == 0:
             raise ConfigError(
-                f"none of the {len(held_out)} held-out texts of {self.dataset!r} gives a prompt "
-                f"(data.min_text_length={self.min_text_length}, data.text_column={self.text_column!r}); "
-                "add longer texts, lower data.min_text_length, or raise data.eval_fraction"
+                f"none of the {len(held_out)} held-out {source.noun} of {self.hparams.dataset!r} gives a "
+                f"prompt ({source.settings}); {source.hint}, or raise data.eval_fraction"
             )
         if stage in ("fit", "validate"):
-            self.prompts["val"] = numbered(eval_prompts.take(self.val_size))
+            self.prompts["val"] = numbered(eval_prompts.take(self.hparams.val_size))
         if stage == "test":
-            self.prompts["test"] = numbered(eval_prompts.take(self.test_size))
+            self.prompts["test"] = numbered(eval_prompts.take(self.hparams.test_size))
 
     def train_dataloader(self) -> DataLoader:
         """Shuffled by `seed` and the epoch; checkpoints record its position, so a resumed fit goes on."""
@@ -246,11 +280,11 @@ class PromptDataModule(LightningDataModule):
         collate = partial(collate_prompts, pad_token_id=self.tokenizer.pad_token_id)
         return resumable_loader(
             self.prompts["train"],
-            self.batch_size,
-            self.seed,
+            self.hparams.batch_size,
+            self.hparams.seed,
             world,
             collate_fn=collate,
-            num_workers=self.num_workers,
+            num_workers=self.hparams.num_workers,
         )
 
     def val_dataloader(self) -> DataLoader:
@@ -272,71 +306,43 @@ class PromptDataModule(LightningDataModule):
             batch_size=batch_size,
             sampler=EvalSampler(prompts, **world),
             collate_fn=collate,
-            num_workers=self.num_workers,
+            num_workers=self.hparams.num_workers,
         )
 
     def _splits(self) -> tuple[Dataset, Dataset]:
         """The train split and the held-out texts: `eval_split`, or a seeded `eval_fraction` of train."""
-        data = load_from_source(load_prompt_dataset, self.dataset, "data.dataset", "dataset")
-        if self.train_split not in data:
+        h = self.hparams
+        data = load_from_source(load_prompt_dataset, h.dataset, "data.dataset", "dataset")
+        if h.train_split not in data:
             raise ConfigError(
-                f"data.train_split={self.train_split!r} is not a split of {self.dataset!r}: {list(data)}"
+                f"data.train_split={h.train_split!r} is not a split of {h.dataset!r}: {list(data)}"
             )
-        train = data[self.train_split]
-        if self.text_column not in train.column_names:
+        train = data[h.train_split]
+        column, key = self.prompt_source().column, self.prompt_source().key
+        if column not in train.column_names:
             raise ConfigError(
-                f"data.text_column={self.text_column!r} is not a column of {self.dataset!r}; "
-                f"its columns are {train.column_names}"
+                f"{key}={column!r} is not a column of {h.dataset!r}; its columns are {train.column_names}"
             )
-        if self.eval_split is not None and self.eval_split in data:
-            return train, data[self.eval_split]
-        kept = math.floor((1 - self.eval_fraction) * len(train))  # as `train_test_split` rounds
+        if h.eval_split is not None and h.eval_split in data:
+            return train, data[h.eval_split]
+        kept = math.floor((1 - h.eval_fraction) * len(train))  # as `train_test_split` rounds
         if kept < 1:
             raise ConfigError(
-                f"data.dataset={self.dataset!r} has {len(train)} text(s) in split {self.train_split!r} and "
-                f"no held-out split (data.eval_split={self.eval_split!r}); holding out data.eval_fraction="
-                f"{self.eval_fraction} of them leaves none to train on. Add texts, or name a held-out split "
+                f"data.dataset={h.dataset!r} has {len(train)} text(s) in split {h.train_split!r} and "
+                f"no held-out split (data.eval_split={h.eval_split!r}); holding out data.eval_fraction="
+                f"{h.eval_fraction} of them leaves none to train on. Add texts, or name a held-out split "
                 "with data.eval_split."
             )
-        split = train.train_test_split(test_size=self.eval_fraction, seed=self.seed)
+        split = train.train_test_split(test_size=h.eval_fraction, seed=h.seed)
         return split["train"], split["test"]
-
-    def _make_prompts(self, texts: Dataset) -> Dataset:
-        """Keep texts longer than `min_text_length` characters, then cut each to its first k tokens."""
-        long_enough = texts.filter(
-            lambda batch: [
-                isinstance(t, str) and len(t) > self.min_text_length for t in batch[self.text_column]
-            ],
-            batched=True,
-            keep_in_memory=True,  # never write cache files into the dataset's folder
-        )
-        # One prompt length per example, drawn once, so a seed fixes every prompt.
-        rng = np.random.default_rng(self.seed)
-        lengths = rng.integers(self.prompt_min_tokens, self.prompt_max_tokens + 1, size=len(long_enough))
-        return self._tokenize(long_enough, self.text_column, lengths)
-
-    def _tokenize(self, texts: Dataset, column: str, lengths: np.ndarray) -> Dataset:
-        """Columns `input_ids` (the first `lengths[i]` tokens) and `query` (their decoded text)."""
-
-        def cut(batch: dict[str, list], indices: list[int]) -> dict[str, list]:
-            encoded = self.tokenizer(batch[column], truncation=True, max_length=int(lengths.max()))
-            input_ids = [ids[: lengths[i]] for ids, i in zip(encoded["input_ids"], indices, strict=True)]
-            return {"input_ids": input_ids, "query": self.tokenizer.batch_decode(input_ids)}
-
-        prompts = texts.map(
-            cut, batched=True, with_indices=True, remove_columns=texts.column_names, keep_in_memory=True
-        )
-        return prompts.filter(
-            lambda batch: [len(ids) > 0 for ids in batch["input_ids"]], batched=True, keep_in_memory=True
-        )
 
     def _predict_prompts(self) -> Dataset:
         """Prompts from `predict_file`, truncated to `predict_prompt_max_tokens`."""
-        if self.predict_file is None:
+        if self.hparams.predict_file is None:
             raise ConfigError(
                 "data.predict_file is not set: give a .txt (one prompt per line) or .jsonl file"
             )
-        path = Path(self.predict_file)
+        path = Path(self.hparams.predict_file)
         if not path.is_file():
             raise ConfigError(f"data.predict_file {str(path)!r}: no such file ({path.absolute()})")
         check_utf8(path, "data.predict_file")
@@ -351,27 +357,26 @@ class PromptDataModule(LightningDataModule):
             raise no_prompts
         else:
             records = load_dataset("json", data_files=str(path), split="train")
-        column = "prompt" if "prompt" in records.column_names else self.text_column
+        fallback = self.hparams.prompt_column or self.hparams.text_column
+        column = "prompt" if "prompt" in records.column_names else fallback
         if column not in records.column_names:
             raise ConfigError(
-                f"data.predict_file {str(path)!r} needs a 'prompt' or {self.text_column!r} field; "
+                f"data.predict_file {str(path)!r} needs a 'prompt' or {fallback!r} field; "
                 f"it has {records.column_names}"
             )
-        lengths = np.full(len(records), self.predict_prompt_max_tokens)
-        prompts = self._tokenize(records, column, lengths)
+        prompts = self.prompt_source(predicting=True, column=column)(records, self.tokenizer, "predict")
         if len(prompts) == 0:
             raise no_prompts
         return numbered(prompts)
 
-    def _check_enough_train_prompts(self, num_texts: int) -> None:
+    def _check_enough_train_prompts(self, num_texts: int, source: PromptSource) -> None:
         """Each rank needs one full batch: `batch_size` prompts per rank (the last partial one is dropped)."""
         usable = len(self.prompts["train"])
         world_size = self.trainer.world_size if self.trainer else 1
-        if usable < self.batch_size * world_size:
+        if usable < self.hparams.batch_size * world_size:
             ranks = f" x {world_size} ranks" if world_size > 1 else ""
             raise ConfigError(
-                f"only {usable} of {num_texts} texts in split {self.train_split!r} of {self.dataset!r} "
-                f"give a prompt (data.min_text_length={self.min_text_length}, "
-                f"data.text_column={self.text_column!r}), fewer than data.batch_size={self.batch_size}"
-                f"{ranks}: add texts or lower data.batch_size"
+                f"only {usable} of {num_texts} {source.noun} in split {self.hparams.train_split!r} of "
+                f"{self.hparams.dataset!r} give a prompt ({source.settings}), fewer than "
+                f"data.batch_size={self.hparams.batch_size}{ranks}: {source.hint}, or lower data.batch_size"
             )

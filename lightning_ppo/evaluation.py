@@ -75,7 +75,7 @@ def test_rows(
     ref_scores: Tensor,
     scores: Tensor,
 ) -> list[dict[str, Any]]:
-    """The test table's rows for one batch: prompt, both responses and both rewards."""
+    """The test table's rows for one batch: prompt, both responses and both rewards, the row's columns."""
     return [
         {
             "index": int(batch["index"][i]),
@@ -84,8 +84,17 @@ def test_rows(
             "response (after)": responses[i],
             "rewards (before)": float(ref_scores[i]),
             "rewards (after)": float(scores[i]),
+            **columns,
         }
-        for i, query in enumerate(batch["query"])
+        for i, (query, columns) in enumerate(zip(batch["query"], row_columns(batch), strict=True))
+    ]
+
+
+def row_columns(batch: dict[str, Any]) -> list[dict[str, Any]]:
+    """The other columns of each prompt row of a batch, as one dict per row."""
+    columns = batch.get("columns") or {}
+    return [dict(zip(columns, values, strict=True)) for values in zip(*columns.values(), strict=True)] or [
+        {} for _ in batch["query"]
     ]
 
 

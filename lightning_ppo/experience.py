@@ -238,14 +238,12 @@ def critic_free_advantages(
 
 
 def rollout_statistics(
-    rollout: Rollout, passes: RolloutPasses, rewards: Rewards, scores: Tensor, all_raw_scores: Tensor
+    rollout: Rollout, passes: RolloutPasses, rewards: Rewards, scores: Tensor
 ) -> dict[str, Tensor]:
-    """TRL's statistics of a rollout: rewards over every rank's raw scores, the rest of this rank's rows."""
+    """TRL's statistics of this rank's rows (the reward's, over every rank, are logged from `Scores`)."""
     mask = rollout.response_mask
     prompt_mask = rollout.attention_mask[:, : rollout.response_start]
     return {
-        "env/reward_mean": all_raw_scores.mean(),
-        "env/reward_std": all_raw_scores.std(),
         "objective/entropy": (-passes.logprobs * mask).sum(-1).mean(),
         "ppo/mean_scores": scores.mean(),
         "ppo/std_scores": scores.std(),
@@ -257,17 +255,15 @@ def rollout_statistics(
 
 def sampling_mismatch(
     rollout: Rollout, passes: RolloutPasses, global_max: Callable[[Tensor], Tensor]
-) -> dict[str, Tensor]:
+) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
     """How far the engine's log-probs of the sampled tokens are from the trainer's old ones (TRL #4772):
-    mean |engine - trainer| over this rank's response tokens, and the largest over every rank's.
-
-    Empty when the engine reports no log-probs (the HF engines sample with the trainer's own model).
-    """
+    mean |engine - trainer| over this rank's response tokens (to average over ranks), and the largest over
+    every rank's (the same on every rank). Both empty when the engine reports no log-probs (the HF engines
+    sample with the trainer's own model)."""
     if rollout.sampling_logprobs is None:
-        return {}
+        return {}, {}
     mask = rollout.response_mask
     diff = (rollout.sampling_logprobs - passes.logprobs).abs() * mask  # (B, R)
-    return {
-        "rollout/logprob_diff": masked_mean(diff, mask),
-        "rollout/logprob_diff_max": global_max(diff.max()),
+    return {"rollout/logprob_diff": masked_mean(diff, mask)}, {
+        "rollout/logprob_diff_max": global_max(diff.max())
     }

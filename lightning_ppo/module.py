@@ -26,6 +26,7 @@ from lightning_ppo.errors import check_number
 from lightning_ppo.evaluation import (
     HeldOutResults,
     JsonlPredictionWriter,
+    row_columns,
     test_rows,
     write_test_report,
 )
@@ -50,7 +51,14 @@ from lightning_ppo.models import (
     load_tokenizer,
     make_reference,
 )
-from lightning_ppo.monitoring import PhaseTimer, StepClock, samples_table
+from lightning_ppo.monitoring import (
+    IterationResult,
+    PhaseTimer,
+    StepClock,
+    StepMetrics,
+    rollout_counts,
+    samples_table,
+)
 from lightning_ppo.nan_guard import FaultGuard
 from lightning_ppo.parallel import (
     clips_in_engine,
@@ -60,14 +68,14 @@ from lightning_ppo.parallel import (
 )
 from lightning_ppo.report import compare_rewards, log_training_histograms
 from lightning_ppo.resume import Change, resume_changes
-from lightning_ppo.rewards import ClassifierReward, RewardModel, score_rollout
+from lightning_ppo.rewards import ClassifierReward, RewardModel, SampleBatch, score_rollout
 from lightning_ppo.rollout import (
     Rollout,
     SamplingConfig,
     draw_response_lengths,
     rollout_from_token_lists,
 )
-from lightning_ppo.shaping import RunningMoments, ShapingConfig, shape_scores
+from lightning_ppo.shaping import RunningMoments, Scores, ShapingConfig, shape_scores
 from lightning_ppo.update import TrainerHooks, ppo_epochs
 
 __all__ = ["PPOConfig", "PPOModule"]  # PPOConfig: checkpoints pickled before 0.2 name it here
@@ -177,7 +185,6 @@ class PPOModule(LightningModule):
             self.kl_ctl = FixedKLController(self.ppo.init_kl_coef)
         self.faults = FaultGuard(max_consecutive_bad_steps)
         self.held_out = HeldOutResults()
-        self._sequence_kls = torch.zeros(0)  # (B,) the last PPO step's per-sequence KL
         self.test_rows: list[dict[str, Any]] = []
         self._clock = StepClock()
         self._engine: GenerationEngine | None = None
@@ -346,21 +353,18 @@ class PPOModule(LightningModule):
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         """One PPO iteration on a batch of B prompts: B x k rows, k = `sampling.num_samples_per_prompt`."""
         timer = PhaseTimer(self.device)
-        k = self.sampling.num_samples_per_prompt
-        with timer("rollout"):  # 1. sample k responses per prompt, in one batched sampling
-            lengths = draw_response_lengths(len(batch["query"]), self.sampling, self.device)
-            batch, lengths = repeat_prompts(batch, k), lengths.repeat_interleave(k)  # a group shares a length
-            rollout = self._sample(self.policy.lm, batch, lengths)
-        with timer("reward"):  # 2. score prompt + response
-            scores, responses = score_rollout(self.reward, self.tokenizer, rollout)
-        metrics = self._step(rollout, scores, timer)  # 3.-7. one PPO iteration
-        if rollout.decoded_positions:
-            metrics["tokens/decode_waste"] = torch.tensor(
-                1 - rollout.useful_positions / rollout.decoded_positions
-            )
-        metrics.update(self._clock.lap(timer))
-        self._log_metrics(metrics)  # 8. log (reduced across ranks)
-        self._log_samples(batch["query"], responses, scores, self._sequence_kls)
+        with timer("rollout"):  # 1. sample k responses per prompt (a group shares its length limit)
+            batch = repeat_prompts(batch, self.sampling.num_samples_per_prompt)
+            rollout = self._sample(self.policy.lm, batch, self._training_lengths(len(batch["query"])))
+        with timer("reward"):  # 2. score each prompt + response
+            scores, samples = score_rollout(self.reward, self.tokenizer, rollout, batch)
+        result = self._ppo_iteration(rollout, scores, timer)  # 3.-6. experience, PPO epochs, KL controller
+        eos = self.tokenizer.eos_token_id
+        result.metrics.add_local(rollout_counts(rollout, eos), self._clock.lap(timer))
+        result.metrics.log(
+            self, batch_size=self.trainer.datamodule.batch_size if self.trainer.datamodule else None
+        )
+        self._log_samples(samples, result)  # 7. every N steps: a table of samples, histograms
         self.faults.stop_if_failing(self.trainer)
 
     def step(
@@ -369,10 +373,9 @@ class PPOModule(LightningModule):
         """One PPO iteration on your own samples and rewards: the contract of TRL's `PPOTrainer.step`.
 
         `queries` and `responses` are lists of 1-D token-id tensors (every response token counts), `scores`
-        one score per row. Runs the old-policy and reference passes, rewards, advantages, the PPO epochs and
-        the KL-controller update; returns the statistics under TRL's names, averaged over ranks. Call it
-        from a `training_step` (the module optimises manually). For grpo and rloo, rows [g*k, (g+1)*k) must
-        be the k = `sampling.num_samples_per_prompt` samples of one prompt.
+        one score per row. Returns the statistics under TRL's names, averaged over ranks. Call it from a
+        `training_step` (the module optimises manually). For grpo and rloo, rows [g*k, (g+1)*k) must be the
+        k = `sampling.num_samples_per_prompt` samples of one prompt.
         """
         if not len(queries) == len(responses) == len(scores):
             raise ValueError(
@@ -382,31 +385,28 @@ class PPOModule(LightningModule):
         self.ppo.check_batch_size(len(queries), key="the number of rows given to PPOModule.step")
         rollout = rollout_from_token_lists(queries, responses, self.tokenizer.pad_token_id, self.device)
         scores = torch.stack([torch.as_tensor(score, dtype=torch.float32).reshape(()) for score in scores])
-        metrics = self._step(rollout, scores.to(self.device), PhaseTimer(self.device))
+        result = self._ppo_iteration(rollout, scores.to(self.device), PhaseTimer(self.device))
         self.faults.stop_if_failing(self.trainer)
-        names = list(metrics)
-        means = self.trainer.strategy.reduce(torch.stack([metrics[n].float().to(self.device) for n in names]))
-        return dict(zip(names, means.tolist(), strict=True))
+        return result.metrics.reduced(self.trainer.strategy)
 
-    def _step(self, rollout: Rollout, raw_scores: Tensor, timer: PhaseTimer) -> dict[str, Tensor]:
-        """Steps 3-7 of a PPO iteration on a scored rollout (groups of `sampling.num_samples_per_prompt`
-        rows); returns this rank's statistics."""
-        strategy, mask = self.trainer.strategy, rollout.response_mask
-        self._sequence_kls = torch.zeros(0)  # stays empty when the batch is skipped
-        full_kl = self.ppo.kl_penalty == "full"
+    def _ppo_iteration(self, rollout: Rollout, raw_scores: Tensor, timer: PhaseTimer) -> IterationResult:
+        """Steps 3-6 of a PPO iteration on a scored rollout (groups of k rows)."""
+        strategy = self.trainer.strategy
         with timer("forward"):  # 3. old log-probs and values, reference log-probs
-            passes = self._rollout_passes(rollout, full_kl)
+            passes = self._rollout_passes(rollout, full_kl=self.ppo.kl_penalty == "full")
         usable, fault_metrics = self.faults.check_rollout(
             strategy, raw_scores, passes.logprobs, passes.values, passes.ref_logprobs
         )
         if not usable:  # NaN/inf rewards, log-probs or values: skip the batch (lightning_ppo.nan_guard)
-            return fault_metrics
-        kl_in_reward = self.ppo.kl_in == "reward"
-        kl_coef = self.kl_ctl.value if kl_in_reward else 0.0  # kl_in "loss": the KL term is in ppo_loss
-        # 4. per-token rewards: -kl_coef * KL, plus the shaped score on each response's last token
-        scores = self._shape_scores(raw_scores, rollout)  # after the NaN check: it updates running moments
-        rewards = per_token_rewards(scores, passes, mask, kl_coef, self.ppo)
-        experience = make_experience(  # 5. advantages: GAE (whitened) or a critic-free estimator
+            return IterationResult(StepMetrics(local=fault_metrics))
+        scores = Scores.gather(raw_scores, rollout.has_eos(self.tokenizer.eos_token_id), self._gather_flat)
+        kl_coef = self.kl_ctl.value if self.ppo.kl_in == "reward" else 0.0  # "loss": the KL is in ppo_loss
+        # 4. per-token rewards (-kl_coef * KL, plus the shaped score on each last token), then advantages
+        shaped = shape_scores(
+            scores.local, scores.has_eos, self.shaping, self.score_moments, scores.everyone()
+        )
+        rewards = per_token_rewards(shaped, passes, rollout.response_mask, kl_coef, self.ppo)
+        experience = make_experience(
             rollout,
             passes,
             rewards.rewards,
@@ -414,26 +414,42 @@ class PPOModule(LightningModule):
             self.sampling.num_samples_per_prompt,
             lambda x: strategy.reduce(x, reduce_op="sum"),
         )
-        with timer("optimize"):  # 6. PPO epochs over shuffled minibatches
+        with timer("optimize"):  # 5. PPO epochs over shuffled minibatches
             train_stats = ppo_epochs(self.models, experience, self.ppo, self.hooks)
-        # TRL's objective/kl: per-sequence sums of the chosen estimator (the kls compute_rewards returns)
-        self._sequence_kls = rewards.kls.sum(-1)  # (B,) for the histograms of `_log_samples`
-        mean_kl = strategy.reduce(self._sequence_kls.mean(), reduce_op="mean")
-        if kl_in_reward:  # 7. the KL controller, the same on every rank
-            self.kl_ctl.update(float(mean_kl), mask.shape[0] * self.trainer.world_size)
-
+        # 6. the KL controller, the same on every rank. TRL's objective/kl: per-sequence sums of the estimator
+        sequence_kls = rewards.kls.sum(-1)  # (B,)
+        mean_kl = strategy.reduce(sequence_kls.mean(), reduce_op="mean")
+        if self.ppo.kl_in == "reward":
+            self.kl_ctl.update(float(mean_kl), rollout.response_mask.shape[0] * self.trainer.world_size)
         lr = float(self.optimizers().param_groups[0]["lr"])
-        return {
-            **rollout_statistics(rollout, passes, rewards, scores, self._gather_flat(raw_scores)),
-            **sampling_mismatch(rollout, passes, lambda x: strategy.reduce(x, reduce_op="max")),
-            "objective/kl": mean_kl,
-            "objective/kl_coef": torch.tensor(kl_coef),
-            "ppo/learning_rate": torch.tensor(lr),
-            "ppo/skipped_optimizer_steps": self.faults.pop_skipped_optimizer_steps(),
-            **train_stats,
-            **fault_metrics,
-            **timer.metrics(),
-        }
+        stats = rollout_statistics(rollout, passes, rewards, shaped)
+        mismatch, mismatch_max = sampling_mismatch(
+            rollout, passes, lambda x: strategy.reduce(x, reduce_op="max")
+        )
+        metrics = StepMetrics(
+            local={
+                **stats,
+                **mismatch,
+                "ppo/learning_rate": torch.tensor(lr),
+                "ppo/skipped_optimizer_steps": self.faults.pop_skipped_optimizer_steps(),
+                **train_stats,
+                **fault_metrics,
+                **timer.metrics(),
+            },
+            shared={
+                "env/reward_mean": scores.all.mean(),
+                "env/reward_std": scores.all.std(),
+                "objective/kl": mean_kl,
+                "objective/kl_coef": torch.tensor(kl_coef),
+                **mismatch_max,
+            },
+        )
+        return IterationResult(metrics, scores, sequence_kls)
+
+    def _training_lengths(self, rows: int) -> Tensor:
+        """Each row's response length limit (drawn per prompt, shared by its k samples). (rows,) long."""
+        k = self.sampling.num_samples_per_prompt
+        return draw_response_lengths(rows // k, self.sampling, self.device).repeat_interleave(k)
 
     def _optimizer_step(self, step_loss: Tensor) -> None:
         """Step the optimizer unless the step's loss is NaN/inf on some rank; clip first if asked."""
@@ -468,14 +484,12 @@ class PPOModule(LightningModule):
 
     def _shape_scores(self, scores: Tensor, rollout: Rollout) -> Tensor:
         """Scores (B,) after `model.shaping`: missing-EOS penalty, running scaling, clipping."""
-        is_eos = rollout.response_ids == self.tokenizer.eos_token_id  # (B, R)
-        has_eos = (is_eos & rollout.response_mask.bool()).any(-1)  # (B,)
-        # every rank updates the running moments with every rank's scores, so they stay equal
-        return shape_scores(scores, has_eos, self.shaping, self.score_moments, self._gather_flat)
+        gathered = Scores.gather(scores, rollout.has_eos(self.tokenizer.eos_token_id), self._gather_flat)
+        return shape_scores(scores, gathered.has_eos, self.shaping, self.score_moments, gathered.everyone())
 
     def _gather_flat(self, x: Tensor) -> Tensor:
-        """Every rank's values of `x`, flattened into one (world * N,) tensor."""
-        return self.all_gather(x).reshape(-1)
+        """Every rank's rows of `x` (N, ...), stacked into one (world * N, ...) tensor."""
+        return self.all_gather(x).reshape(-1, *x.shape[1:])
 
     def _rollout_passes(self, rollout: Rollout, full_kl: bool = False) -> RolloutPasses:
         buckets = self.ppo.length_buckets if self.ppo.packing else None
@@ -492,7 +506,7 @@ class PPOModule(LightningModule):
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         lengths = draw_response_lengths(len(batch["query"]), self.sampling, self.device)
         rollout = self._sample(self.policy.lm, batch, lengths)
-        scores, _ = score_rollout(self.reward, self.tokenizer, rollout)
+        scores, _ = score_rollout(self.reward, self.tokenizer, rollout, batch)
         self.held_out.update(batch["index"], reward=scores, kl=self._sequence_kl(rollout))
 
     def on_validation_epoch_end(self) -> None:
@@ -507,11 +521,11 @@ class PPOModule(LightningModule):
         with self.models.reference_lm() as reference:
             before = self._sample(reference, batch, lengths)
         after = self._sample(self.policy.lm, batch, lengths)
-        ref_scores, ref_responses = score_rollout(self.reward, self.tokenizer, before)
-        scores, responses = score_rollout(self.reward, self.tokenizer, after)
+        ref_scores, ref_samples = score_rollout(self.reward, self.tokenizer, before, batch)
+        scores, samples = score_rollout(self.reward, self.tokenizer, after, batch)
         kl = self._sequence_kl(after)
         self.held_out.update(batch["index"], reward_ref=ref_scores, reward=scores, kl=kl)
-        self.test_rows += test_rows(batch, ref_responses, responses, ref_scores, scores)
+        self.test_rows += test_rows(batch, ref_samples.responses, samples.responses, ref_scores, scores)
 
     def on_test_epoch_end(self) -> None:
         results = self.held_out.compute()
@@ -524,55 +538,44 @@ class PPOModule(LightningModule):
         """Continue each prompt with the tuned policy for `response_max_length` tokens, and score it."""
         lengths = torch.full((len(batch["query"]),), self.sampling.response_max_length, device=self.device)
         rollout = self._sample(self.policy.lm, batch, lengths)
-        scores, responses = score_rollout(self.reward, self.tokenizer, rollout)
+        scores, samples = score_rollout(self.reward, self.tokenizer, rollout, batch)
         return [
-            {"index": int(index), "prompt": query, "response": response, "reward": float(score)}
-            for index, query, response, score in zip(
-                batch["index"], batch["query"], responses, scores, strict=True
+            {"index": int(index), "prompt": query, "response": response, "reward": float(score), **columns}
+            for index, query, response, score, columns in zip(
+                batch["index"], batch["query"], samples.responses, scores, row_columns(batch), strict=True
             )
         ]
 
     # ----------------------------------------------------------------------------------------------
     # Logging
 
-    def _log_metrics(self, metrics: dict[str, Tensor]) -> None:
-        already_global = {"env/reward_mean", "env/reward_std", "objective/kl", "objective/kl_coef"}
-        already_global |= {"rollout/logprob_diff_max"}  # the largest over every rank (sampling_mismatch)
-        batch_size = self.trainer.datamodule.batch_size if self.trainer.datamodule else None
-        for name, value in metrics.items():
-            self.log(
-                name,
-                value.detach().float(),
-                on_step=True,
-                on_epoch=False,
-                prog_bar=name in ("env/reward_mean", "objective/kl"),
-                sync_dist=name not in already_global,
-                batch_size=batch_size,
-            )
-
-    def _log_samples(self, queries: list[str], responses: list[str], scores: Tensor, kls: Tensor) -> None:
+    def _log_samples(self, samples: SampleBatch, result: IterationResult) -> None:
         """Every `log_samples_every_n_steps`: a table of samples, and histograms of every rank's
-        per-sequence rewards and KL (gathered on every rank: a collective)."""
+        per-sequence rewards and KL (the KL gathered on every rank: a collective)."""
         every, step = self.hparams.log_samples_every_n_steps, logging_step(self.trainer)
-        if not every or step % every or not len(kls):  # a skipped (NaN) batch has no KL
+        if not every or step % every or result.scores is None:  # a skipped (NaN) batch has no KL
             return
-        all_scores, all_kls = self._gather_flat(scores), self._gather_flat(kls)
+        all_kls = self._gather_flat(result.sequence_kls)
         if not self.trainer.is_global_zero:
             return
-        table = samples_table(queries, responses, scores, self.hparams.num_log_samples)
+        scores = result.scores.local
+        table = samples_table(samples.prompts, samples.responses, scores, self.hparams.num_log_samples)
         for logger in self.loggers:
             if isinstance(logger, TensorBoardLogger):
                 logger.experiment.add_text("samples", table, global_step=step)
-                log_training_histograms(logger.experiment, step, all_scores, all_kls)
+                log_training_histograms(logger.experiment, step, result.scores.all, all_kls)
 
 
 def repeat_prompts(batch: dict[str, Any], k: int) -> dict[str, Any]:
     """Each prompt of the batch k times in a row: rows [i*k, (i+1)*k) are prompt i's group."""
     if k == 1:
         return batch
-    return {
-        name: value.repeat_interleave(k, dim=0)
-        if isinstance(value, Tensor)
-        else [v for v in value for _ in range(k)]
-        for name, value in batch.items()
-    }
+
+    def repeat(value: Any) -> Any:
+        if isinstance(value, Tensor):
+            return value.repeat_interleave(k, dim=0)
+        if isinstance(value, dict):  # the rows' other columns
+            return {name: repeat(column) for name, column in value.items()}
+        return [v for v in value for _ in range(k)]
+
+    return {name: repeat(value) for name, value in batch.items()}

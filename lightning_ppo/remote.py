@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from lightning_ppo.errors import ConfigError, RemoteRewardError, check_number
-from lightning_ppo.rewards import RewardModel
+from lightning_ppo.rewards import RewardModel, SampleBatch, call_reward
 
 RETRIED_HTTP_CODES = frozenset({408, 429, 500, 502, 503, 504})
 
@@ -67,16 +67,20 @@ class RemoteReward(RewardModel):
         responses: list[str],
         columns: dict[str, list[Any]] | None = None,
     ) -> Tensor:
-        columns = columns or {}
-        starts = range(0, len(texts), self.batch_size)
+        return self.score(SampleBatch(queries, responses, texts, [], [], columns or {}))
+
+    def score(self, samples: SampleBatch) -> Tensor:
+        """Micro-batches of `batch_size` rows posted as JSON, at most `max_concurrency` at a time."""
+        size, messages = self.batch_size, samples.prompt_messages
         payloads = [
             {
-                "texts": texts[s : s + self.batch_size],
-                "prompts": queries[s : s + self.batch_size],
-                "responses": responses[s : s + self.batch_size],
-                "columns": {name: values[s : s + self.batch_size] for name, values in columns.items()},
+                "texts": samples.texts[s : s + size],
+                "prompts": samples.prompts[s : s + size],
+                "responses": samples.responses[s : s + size],
+                "columns": {name: values[s : s + size] for name, values in samples.columns.items()},
+                **({"prompt_messages": messages[s : s + size]} if messages is not None else {}),
             }
-            for s in starts
+            for s in range(0, len(samples), size)
         ]
         with ThreadPoolExecutor(max_workers=min(self.max_concurrency, max(len(payloads), 1))) as pool:
             scores = list(pool.map(self._score, payloads))
@@ -157,14 +161,21 @@ def make_server(reward: RewardModel, host: str = "127.0.0.1", port: int = 0) -> 
         def do_POST(self) -> None:
             try:
                 payload = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))))
-                texts, prompts, responses = payload["texts"], payload["prompts"], payload["responses"]
-                columns = payload.get("columns") or {}
+                samples = SampleBatch(
+                    prompts=payload["prompts"],
+                    responses=payload["responses"],
+                    texts=payload["texts"],
+                    prompt_ids=[],
+                    response_ids=[],
+                    columns=payload.get("columns") or {},
+                    prompt_messages=payload.get("prompt_messages"),
+                )
             except (ValueError, KeyError, TypeError) as error:
                 self._answer(400, {"error": f"expected texts, prompts, responses (and columns): {error}"})
                 return
             try:
                 with lock, torch.no_grad():
-                    scores = call_with_columns(reward, texts, prompts, responses, columns)
+                    scores = call_reward(reward, samples)
             except Exception as error:  # the client names the URL; the server keeps serving
                 self._answer(500, {"error": f"{type(error).__name__}: {error}"})
                 return
@@ -182,15 +193,6 @@ def make_server(reward: RewardModel, host: str = "127.0.0.1", port: int = 0) -> 
             pass
 
     return ThreadingHTTPServer((host, port), Handler)
-
-
-def call_with_columns(
-    reward: RewardModel, texts: list[str], prompts: list[str], responses: list[str], columns: dict[str, list]
-) -> Tensor:
-    """`reward(...)`, with `columns=` only when there are columns (three-argument rewards keep working)."""
-    if columns:
-        return reward(texts, prompts, responses, columns=columns)
-    return reward(texts, prompts, responses)
 
 
 def serve_command(args: list[str], prog: str = "python -m lightning_ppo serve-reward") -> None:

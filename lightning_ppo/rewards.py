@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import importlib
+import inspect
 import numbers
 import reprlib
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -18,30 +20,89 @@ from lightning_ppo.loading import load_from_source
 from lightning_ppo.rollout import Rollout, decode_rows
 
 
-class RewardModel(nn.Module):
-    """Base class of rewards: `reward(texts, queries, responses)` -> scores (B,) float32.
+@dataclass
+class SampleBatch:
+    """What every reward reads of B samples, in training, validation, test and predict alike."""
 
-    `texts[i]` is `queries[i] + responses[i]` as decoded text. An nn.Module, so weights move to the device.
+    prompts: list[str]  # decoded prompt of each row, special tokens dropped
+    responses: list[str]  # decoded response (up to and including EOS), special tokens dropped
+    texts: list[str]  # decoded prompt + response
+    prompt_ids: list[Tensor]  # (P_i,) the prompt's token ids, padding dropped
+    response_ids: list[Tensor]  # (R_i,) the response's token ids that count
+    columns: dict[str, list[Any]] = field(default_factory=dict)  # the prompt rows' other columns
+    prompt_messages: list[list[dict[str, str]] | None] | None = None  # chat prompts as messages
+
+    def __len__(self) -> int:
+        return len(self.texts)
+
+    @classmethod
+    def from_rollout(
+        cls,
+        tokenizer: PreTrainedTokenizerBase,
+        rollout: Rollout,
+        columns: dict[str, list[Any]] | None = None,
+        prompt_messages: list[list[dict[str, str]] | None] | None = None,
+    ) -> SampleBatch:
+        prompt_mask = rollout.attention_mask[:, : rollout.response_start].bool()
+        response_mask = rollout.response_mask.bool()
+        return cls(
+            prompts=decode_rows(tokenizer, rollout.query_ids, prompt_mask),
+            responses=decode_rows(tokenizer, rollout.response_ids, response_mask),
+            texts=decode_rows(tokenizer, rollout.input_ids, rollout.attention_mask),
+            prompt_ids=[row[keep].cpu() for row, keep in zip(rollout.query_ids, prompt_mask, strict=True)],
+            response_ids=[
+                row[keep].cpu() for row, keep in zip(rollout.response_ids, response_mask, strict=True)
+            ],
+            columns=dict(columns or {}),
+            prompt_messages=prompt_messages,
+        )
+
+
+class RewardModel(nn.Module):
+    """Base class of rewards: scores (B,) float32 of a `SampleBatch`.
+
+    Override `forward(texts, queries, responses, columns=None)`; a forward without `columns` keeps working.
+    A reward that needs more of the samples (token ids, chat messages) overrides `score`.
     """
 
-    def forward(self, texts: list[str], queries: list[str], responses: list[str]) -> Tensor:
+    def forward(
+        self,
+        texts: list[str],
+        queries: list[str],
+        responses: list[str],
+        columns: dict[str, list[Any]] | None = None,
+    ) -> Tensor:
         raise NotImplementedError
+
+    def score(self, samples: SampleBatch) -> Any:
+        """The reward of each sample; by default `forward` of the decoded texts (and columns)."""
+        args = (samples.texts, samples.prompts, samples.responses)
+        if takes_columns(self.forward):
+            return self(*args, columns=samples.columns)
+        return self(*args)
+
+
+def takes_columns(function: Callable) -> bool:
+    """Whether `function` accepts `columns=` (a parameter of that name, or `**kwargs`)."""
+    try:
+        parameters = inspect.signature(function).parameters.values()
+    except (TypeError, ValueError):
+        return False
+    return any(p.name == "columns" or p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters)
 
 
 def score_rollout(
-    reward: RewardModel, tokenizer: PreTrainedTokenizerBase, rollout: Rollout
-) -> tuple[Tensor, list[str]]:
-    """Scores (B,) float32 of each prompt + response as text, and the decoded responses."""
-    texts = decode_rows(tokenizer, rollout.input_ids, rollout.attention_mask)
-    queries = decode_rows(tokenizer, rollout.query_ids, rollout.attention_mask[:, : rollout.response_start])
-    responses = decode_rows(tokenizer, rollout.response_ids, rollout.response_mask)
-    return call_reward(reward, texts, queries, responses).to(rollout.input_ids.device), responses
+    reward: RewardModel, tokenizer: PreTrainedTokenizerBase, rollout: Rollout, batch: dict[str, Any]
+) -> tuple[Tensor, SampleBatch]:
+    """Scores (B,) float32 of a rollout of `batch`'s prompts, and the samples the reward read."""
+    samples = SampleBatch.from_rollout(tokenizer, rollout, batch.get("columns"), batch.get("prompt_messages"))
+    return call_reward(reward, samples).to(rollout.input_ids.device), samples
 
 
-def call_reward(reward: RewardModel, texts: list[str], queries: list[str], responses: list[str]) -> Tensor:
-    """`reward(texts, queries, responses)` as scores (B,) float32, or a `ConfigError` naming the reward."""
+def call_reward(reward: RewardModel, samples: SampleBatch) -> Tensor:
+    """`reward.score(samples)` as scores (B,) float32, or a `ConfigError` naming the reward."""
     kind = type(reward)
-    return as_scores(reward(texts, queries, responses), len(texts), f"{kind.__module__}.{kind.__qualname__}")
+    return as_scores(reward.score(samples), len(samples), f"{kind.__module__}.{kind.__qualname__}")
 
 
 def as_scores(returned: Any, count: int, reward: str) -> Tensor:
@@ -95,10 +156,12 @@ def _short(value: Any) -> str:
 
 
 class ClassifierReward(RewardModel):
-    """The raw logit of one label of a sequence classifier, as the notebook's sentiment pipeline.
+    """The raw logit of one label of a sequence classifier (the notebook's sentiment pipeline), or the one
+    logit of a reward model with a single output (`num_labels=1`: no label needed).
 
-    The classifier has its own tokenizer: policy text is decoded and re-tokenised for it, so the policy
-    and the reward model need not share a vocabulary.
+    The classifier has its own tokenizer: policy text is decoded and re-tokenised for it, so the policy and
+    the reward model need not share a vocabulary. A tokenizer with a chat template reads chat prompts as the
+    conversation in its own template, the response as the assistant's turn.
     """
 
     def __init__(
@@ -113,24 +176,43 @@ class ClassifierReward(RewardModel):
         self.tokenizer = load_from_source(AutoTokenizer.from_pretrained, source, key, "tokenizer")
         self.tokenizer.padding_side = "right"
         labels = self.model.config.label2id
-        if label not in labels:
+        if self.model.config.num_labels == 1:
+            self.label_id = 0
+        elif label in labels:
+            self.label_id = labels[label]
+        else:
             raise ConfigError(
                 f"model.reward_label={label!r} is not a label of the reward model {source!r}; "
                 f"it has {sorted(labels)}. Set model.reward_label to one of them."
             )
-        self.label_id = labels[label]
         self.batch_size = batch_size
         self.max_length = min(max_length, self.tokenizer.model_max_length)
         self.model.requires_grad_(False).eval()
+
+    def score(self, samples: SampleBatch) -> Tensor:
+        messages = samples.prompt_messages
+        if not self.tokenizer.chat_template or not messages or all(m is None for m in messages):
+            return self(samples.texts)
+        conversations = [
+            text if prompt is None else self._render(prompt, response)
+            for text, prompt, response in zip(samples.texts, messages, samples.responses, strict=True)
+        ]
+        return self._logits(conversations, add_special_tokens=False)  # the template holds them
+
+    def _render(self, prompt: list[dict[str, str]], response: str) -> str:
+        conversation = [*prompt, {"role": "assistant", "content": response}]
+        return self.tokenizer.apply_chat_template(conversation, tokenize=False)
 
     @torch.no_grad()
     def forward(
         self, texts: list[str], queries: list[str] | None = None, responses: list[str] | None = None
     ) -> Tensor:
-        """Scores (B,) float32 of the B full texts, in micro-batches of `batch_size` (all at once if None).
+        """Scores (B,) float32 of the B full texts; queries and responses are not read."""
+        return self._logits(texts)
 
-        Queries and responses are accepted for the `RewardModel` interface; the classifier reads the texts.
-        """
+    @torch.no_grad()
+    def _logits(self, texts: list[str], add_special_tokens: bool = True) -> Tensor:
+        """The label's logit (B,) float32, in micro-batches of `batch_size` (all at once if None)."""
         device = next(self.model.parameters()).device
         chunk = self.batch_size or len(texts)
         scores = []
@@ -140,6 +222,7 @@ class ClassifierReward(RewardModel):
                 padding=True,
                 truncation=True,
                 max_length=self.max_length,
+                add_special_tokens=add_special_tokens,
                 return_tensors="pt",
             ).to(device)
             scores.append(self.model(**encoded).logits[:, self.label_id].float())
@@ -155,7 +238,8 @@ def import_function(path: str) -> Callable:
 
 
 class FunctionReward(RewardModel):
-    """A Python function of the texts, imported by dotted path: `f(texts, queries, responses) -> scores`.
+    """A Python function imported by dotted path: `f(texts, queries, responses) -> scores`, or with a
+    `columns` parameter (or `**kwargs`), `f(texts, queries, responses, columns=...)`.
 
     The function returns one number per text (a list or a tensor).
     """
@@ -165,14 +249,21 @@ class FunctionReward(RewardModel):
         self.function = function
         self._function = import_function(function)
 
-    def forward(self, texts: list[str], queries: list[str], responses: list[str]) -> Tensor:
+    def forward(
+        self,
+        texts: list[str],
+        queries: list[str],
+        responses: list[str],
+        columns: dict[str, list[Any]] | None = None,
+    ) -> Tensor:
         function = self._function
         name = f"{getattr(function, '__module__', '?')}.{getattr(function, '__qualname__', repr(function))}"
-        return as_scores(function(texts, queries, responses), len(texts), f"function {name}")
+        extra = {"columns": columns or {}} if takes_columns(function) else {}
+        return as_scores(function(texts, queries, responses, **extra), len(texts), f"function {name}")
 
 
 class WeightedSumReward(RewardModel):
-    """`sum_i weights[i] * rewards[i](...)`: combine several rewards into one score."""
+    """`sum_i weights[i] * rewards[i]`: combine several rewards into one score."""
 
     def __init__(self, rewards: list[RewardModel], weights: list[float]) -> None:
         super().__init__()
@@ -184,6 +275,15 @@ class WeightedSumReward(RewardModel):
         self.rewards = nn.ModuleList(rewards)
         self.weights = list(weights)
 
-    def forward(self, texts: list[str], queries: list[str], responses: list[str]) -> Tensor:
+    def score(self, samples: SampleBatch) -> Tensor:
         pairs = zip(self.rewards, self.weights, strict=True)
-        return torch.stack([w * call_reward(r, texts, queries, responses).cpu() for r, w in pairs]).sum(0)
+        return torch.stack([w * call_reward(r, samples).cpu() for r, w in pairs]).sum(0)
+
+    def forward(
+        self,
+        texts: list[str],
+        queries: list[str],
+        responses: list[str],
+        columns: dict[str, list[Any]] | None = None,
+    ) -> Tensor:
+        return self.score(SampleBatch(queries, responses, texts, [], [], columns or {}))

@@ -68,7 +68,7 @@ class SamplingConfig:
             after every PPO step.
             Under ZeRO-3 "loop" samples with `generate`.
         vllm: Options of the vLLM engine; null: their defaults.
-        decoder: Renamed `engine`; set, it is refused with the new name.
+        decoder: Renamed `engine`; a config that sets it gets an error naming the new key.
         num_samples_per_prompt: Responses sampled per training prompt (k, the group of GRPO and RLOO), all
             in the same batched sampling; a batch of B prompts rolls out B x k rows. The k samples of a
             prompt share one drawn response length. Validation, test and predict sample one per prompt.
@@ -128,6 +128,15 @@ class Rollout:
     decoded_positions: int = 0  # row x new-token positions the sampler computed, over all its calls
     useful_positions: int = 0  # of those, the response tokens that count (response_mask.sum())
     sampling_logprobs: Tensor | None = None  # (B, R) float32 the engine's log-probs of the response, or None
+    length_limits: Tensor | None = None  # (B,) long, each row's length limit when it was sampled here
+
+    def has_eos(self, eos_token_id: int | None) -> Tensor:
+        """Whether each response holds an EOS among its counted tokens. (B,) bool"""
+        if eos_token_id is None:
+            return torch.zeros(
+                self.response_mask.shape[0], dtype=torch.bool, device=self.response_mask.device
+            )
+        return ((self.response_ids == eos_token_id) & self.response_mask.bool()).any(-1)
 
     @property
     def response_ids(self) -> Tensor:  # (B, R)
@@ -156,6 +165,7 @@ class Rollout:
             response_start=input_ids.shape[1],
             response_mask=response_mask,
             useful_positions=int(response_mask.sum()),
+            length_limits=lengths,
         )
 
     def split(self, rows: int) -> list[Rollout]:
@@ -429,4 +439,7 @@ def concat_rollouts(parts: list[Rollout], pad_token_id: int) -> Rollout:
         ),
         decoded_positions=sum(p.decoded_positions for p in parts),
         useful_positions=sum(p.useful_positions for p in parts),
+        length_limits=None
+        if any(p.length_limits is None for p in parts)
+        else torch.cat([p.length_limits for p in parts]),
     )

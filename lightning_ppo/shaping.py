@@ -78,23 +78,47 @@ class RunningMoments:
         self.mean, self.var, self.count = state_dict["mean"], state_dict["var"], state_dict["count"]
 
 
+@dataclass
+class Scores:
+    """A step's raw scores (B,) and whether each response holds an EOS, with every rank's (world * B,),
+    gathered once for the shaping, the logged reward and the histograms."""
+
+    local: Tensor  # (B,)
+    has_eos: Tensor  # (B,) bool
+    all: Tensor  # (world * B,)
+    all_has_eos: Tensor  # (world * B,) bool
+
+    @classmethod
+    def gather(cls, scores: Tensor, has_eos: Tensor, gather_rows: Callable[[Tensor], Tensor]) -> Scores:
+        both = gather_rows(torch.stack([scores.float(), has_eos.to(scores.device).float()], dim=-1))
+        return cls(scores, has_eos, both[:, 0], both[:, 1].bool())
+
+    def everyone(self) -> tuple[Tensor, Tensor]:
+        return self.all, self.all_has_eos
+
+
+def _penalised(scores: Tensor, has_eos: Tensor, config: ShapingConfig) -> Tensor:
+    if config.missing_eos_penalty is None:
+        return scores
+    return scores - torch.where(has_eos.to(scores.device), 0.0, config.missing_eos_penalty).to(scores)
+
+
 def shape_scores(
     scores: Tensor,
     has_eos: Tensor,
     config: ShapingConfig,
     moments: RunningMoments,
-    gather: Callable[[Tensor], Tensor] = lambda x: x,
+    everyone: tuple[Tensor, Tensor] | None = None,
 ) -> Tensor:
     """Shaped scores (B,) from raw scores (B,) and whether each response holds an EOS (B,) bool.
 
-    With score_scaling the moments are first updated with the penalised scores of every rank
-    (`gather`, so all ranks agree), then scores are divided by the running std (and centred on the
-    running mean with score_norm), as TRL's `PPOTrainer.step`; clipping comes last.
+    With score_scaling the moments are first updated with the penalised scores of every rank (`everyone`:
+    all ranks' scores and EOS flags, so all ranks agree), then scores are divided by the running std (and
+    centred on the running mean with score_norm), as TRL's `PPOTrainer.step`; clipping comes last.
     """
-    if config.missing_eos_penalty is not None:
-        scores = scores - torch.where(has_eos, 0.0, config.missing_eos_penalty).to(scores)
+    scores = _penalised(scores, has_eos, config)
     if config.score_scaling:
-        moments.update(gather(scores))
+        moments.update(_penalised(*everyone, config) if everyone is not None else scores)
         scale = moments.std + torch.finfo(scores.dtype).eps
         scores = (scores - moments.mean) / scale if config.score_norm else scores / scale
     if config.score_clip is not None:

@@ -59,13 +59,13 @@ class RankProbe(Callback):
             trainer.model.register_comm_hook(None, self._counting_allreduce)
         score, ppo_loss = module_file.score_rollout, update.ppo_loss
 
-        def recording_score(reward, tokenizer, rollout):
-            scores, responses = score(reward, tokenizer, rollout)
+        def recording_score(reward, tokenizer, rollout, batch):
+            scores, samples = score(reward, tokenizer, rollout, batch)
             key = "train_scores" if trainer.training else "val_scores"
             self.record[key].append(scores.tolist())
             if trainer.training:
                 self.record["response_lengths"].append(rollout.response_mask.sum(-1).tolist())
-            return scores, responses
+            return scores, samples
 
         def recording_ppo_loss(models, batch, config):
             if not self._first_loss_done:  # before any optimizer step of this PPO step

@@ -37,3 +37,15 @@ def nothing_for_the_last(texts: list[str], queries: list[str], responses: list[s
 def one_short(texts: list[str], queries: list[str], responses: list[str]) -> list[float]:
     """A broken reward: a score too few."""
     return [1.0] * (len(texts) - 1)
+
+
+def says_the_row_word(
+    texts: list[str], queries: list[str], responses: list[str], columns: dict[str, list]
+) -> list[float]:
+    """1 when the response holds the row's `word` column; each row's `prompt` column must be its prompt."""
+    for query, prompt in zip(queries, columns["prompt_copy"], strict=True):
+        if query.strip() != prompt.strip():
+            raise AssertionError(f"the columns of prompt {prompt!r} reached the reward with prompt {query!r}")
+    return [
+        float(word in response.split()) for word, response in zip(columns["word"], responses, strict=True)
+    ]

@@ -182,7 +182,7 @@ def test_reward_with_another_tokenizer_scores_the_decoded_text(module: PPOModule
         pad_token_id=module.tokenizer.pad_token_id,
         eos_token_id=module.tokenizer.eos_token_id,
     )
-    scores, _ = score_rollout(module.reward, module.tokenizer, rollout)
+    scores, _ = score_rollout(module.reward, module.tokenizer, rollout, {})
 
     texts = [
         module.tokenizer.decode(ids[mask.bool()], skip_special_tokens=True)
@@ -293,7 +293,7 @@ def edge_prompts(tokenizer: str, tmp_path: Path, prompt_min_tokens: int, prompt_
         eval_fraction=0.2,
     )
     data.setup("fit")
-    return data._make_prompts(Dataset.from_dict({"text": EDGE_TEXTS}))
+    return data.prompt_source()(Dataset.from_dict({"text": EDGE_TEXTS}), data.tokenizer, "train")
 
 
 def test_edge_texts_with_the_tiny_tokenizer(tmp_path: Path, tiny_assets: Path) -> None:

@@ -25,7 +25,14 @@ from lightning_ppo.commands import export_command
 from lightning_ppo.config import PPOConfig
 from lightning_ppo.data import PromptDataModule
 from lightning_ppo.errors import ConfigError
-from lightning_ppo.rewards import FunctionReward, RewardModel, WeightedSumReward, as_scores, call_reward
+from lightning_ppo.rewards import (
+    FunctionReward,
+    RewardModel,
+    SampleBatch,
+    WeightedSumReward,
+    as_scores,
+    call_reward,
+)
 from lightning_ppo.shaping import ShapingConfig
 from tests.helpers import cli_seed_args
 
@@ -138,7 +145,8 @@ def test_a_reward_function_returning_none_or_too_few_scores_is_named(function: s
 
 
 def test_a_reward_class_returning_texts_is_named_also_inside_a_weighted_sum() -> None:
-    torch.testing.assert_close(call_reward(ListReward(), TEXTS, TEXTS, TEXTS), torch.full((3,), 0.5))
+    samples = SampleBatch(TEXTS, TEXTS, TEXTS, [], [])
+    torch.testing.assert_close(call_reward(ListReward(), samples), torch.full((3,), 0.5))
     summed = WeightedSumReward([ListReward(), TextReward()], [1.0, 1.0])
     with pytest.raises(ConfigError, match=rf"the reward {__name__}\.TextReward returned a list of 3 element"):
         summed(TEXTS, TEXTS, TEXTS)
