@@ -249,3 +249,19 @@ def rollout_statistics(
         "tokens/queries_len_mean": prompt_mask.sum(-1).float().mean(),
         "tokens/responses_len_mean": mask.sum(-1).mean(),
     }
+
+
+def sampling_mismatch(
+    rollout: Rollout, passes: RolloutPasses, global_max: Callable[[Tensor], Tensor]
+) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+    """How far the engine's log-probs of the sampled tokens are from the trainer's old ones (TRL #4772):
+    mean |engine - trainer| over this rank's response tokens (to average over ranks), and the largest over
+    every rank's (the same on every rank). Both empty when the engine reports no log-probs (the HF engines
+    sample with the trainer's own model)."""
+    if rollout.sampling_logprobs is None:
+        return {}, {}
+    mask = rollout.response_mask
+    diff = (rollout.sampling_logprobs - passes.logprobs).abs() * mask  # (B, R)
+    return {"rollout/logprob_diff": masked_mean(diff, mask)}, {
+        "rollout/logprob_diff_max": global_max(diff.max())
+    }

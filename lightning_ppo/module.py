@@ -32,6 +32,7 @@ from lightning_ppo.experience import (
     make_experience,
     per_token_rewards,
     rollout_statistics,
+    sampling_mismatch,
 )
 from lightning_ppo.generation import GenerationEngine, build_engine
 from lightning_ppo.lora import LoraOptions
@@ -350,9 +351,13 @@ class PPOModule(LightningModule):
             self.kl_ctl.update(float(mean_kl), rollout.response_mask.shape[0] * self.trainer.world_size)
         lr = float(self.optimizers().param_groups[0]["lr"])
         stats = rollout_statistics(rollout, passes, rewards, shaped)
+        mismatch, mismatch_max = sampling_mismatch(
+            rollout, passes, lambda x: strategy.reduce(x, reduce_op="max")
+        )
         metrics = StepMetrics(
             local={
                 **stats,
+                **mismatch,
                 "ppo/learning_rate": torch.tensor(lr),
                 "ppo/skipped_optimizer_steps": self.bad_numbers.pop_skipped_optimizer_steps(),
                 **train_stats,
@@ -364,6 +369,7 @@ class PPOModule(LightningModule):
                 "env/reward_std": scores.all.std(),
                 "objective/kl": mean_kl,
                 "objective/kl_coef": torch.tensor(kl_coef),
+                **mismatch_max,
             },
         )
         return IterationResult(metrics, scores, sequence_kls)

