@@ -252,7 +252,7 @@ def rollout_statistics(
 
 
 def sampling_mismatch(
-    rollout: Rollout, passes: RolloutPasses, global_max: Callable[[Tensor], Tensor]
+    rollout: Rollout, passes: ForwardPasses, global_max: Callable[[Tensor], Tensor]
 ) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
     """How far the engine's log-probs of the sampled tokens are from the trainer's old ones (TRL #4772):
     mean |engine - trainer| over this rank's response tokens (to average over ranks), and the largest over
