@@ -18,7 +18,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DistributedSampler
 
 import lightning_ppo.module as module_file
-from lightning_ppo import update
+from lightning_ppo import evaluation, update
 from lightning_ppo.compat import cluster_environment
 from lightning_ppo.core import logprobs_from_logits
 
@@ -80,6 +80,7 @@ class RankProbe(Callback):
             return ppo_loss(models, batch, config)
 
         module_file.score_rollout, update.ppo_loss = recording_score, recording_ppo_loss
+        evaluation.score_rollout = recording_score  # validation, test and predict score there
         self._originals = score, ppo_loss  # put back at the end of fit (some tests fit in-process)
 
     # no annotations: DDP refuses a hook whose `bucket` annotation is not the class dist.GradBucket itself
@@ -95,6 +96,7 @@ class RankProbe(Callback):
 
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         module_file.score_rollout, update.ppo_loss = self._originals
+        evaluation.score_rollout = self._originals[0]
         self.record["end_hash"] = weights_hash(pl_module.policy)
         self.record["global_step"] = trainer.global_step
         sampler = trainer.train_dataloader.sampler

@@ -130,6 +130,7 @@ def test_test_compares_reference_and_policy_and_writes_the_table(fitted, tmp_pat
         "response (after)",
         "rewards (before)",
         "rewards (after)",
+        "label",  # the review's other column, kept beside its prompt
     }
     mean_after = sum(float(r["rewards (after)"]) for r in rows) / len(rows)
     assert mean_after == pytest.approx(float(metrics["test/reward_policy_mean"]), abs=1e-4)
