@@ -392,6 +392,18 @@ SWEEP = [
 ]
 
 
+def sweep_params() -> list:
+    """Every case; the fast tier keeps each section's first key, each of its values (the rest is slow)."""
+    first_of_section: dict[str, str] = {}
+    for key, _ in SWEEP:
+        first_of_section.setdefault(key.rpartition(".")[0], key)
+    fast = set(first_of_section.values())
+    return [
+        pytest.param(key, value, id=f"{key}={value}", marks=() if key in fast else pytest.mark.slow)
+        for key, value in SWEEP
+    ]
+
+
 def run_cli(
     capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, *args: str
 ) -> tuple[int, str]:
@@ -411,7 +423,7 @@ def error_paragraph(err: str, loaded: bool = False) -> str:
     return lines[-1]
 
 
-@pytest.mark.parametrize(("key", "value"), SWEEP, ids=[f"{key}={value}" for key, value in SWEEP])
+@pytest.mark.parametrize(("key", "value"), sweep_params())
 def test_every_numeric_setting_is_checked_before_any_model_loads(
     key: str, value: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
