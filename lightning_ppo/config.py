@@ -55,6 +55,11 @@ class PPOConfig:
             controller) or loss (GRPO's: kl_loss_coef x the masked mean of the k3 estimator in the loss; the
             reward then holds no KL and the KL controller is not used).
         kl_loss_coef: Weight of the k3 KL term in the loss when kl_in is loss.
+        tis_cap: Truncated importance sampling: weight each token's policy-gradient loss by
+            min(exp(trainer log-prob - engine log-prob), tis_cap), the trainer's old float32 log-probs
+            against the generation engine's (veRL's tis_imp_ratio_cap, typically 2), to correct for the
+            engine/trainer mismatch; null disables it. Only an engine that reports its log-probs
+            (model.sampling.engine vllm) has a mismatch to correct: with loop and generate the weights are 1.
     """
 
     ppo_epochs: int = 4
@@ -82,6 +87,7 @@ class PPOConfig:
     grpo_scale_by_std: bool = True
     kl_in: Literal["reward", "loss"] = "reward"
     kl_loss_coef: float = 0.04  # DeepSeekMath (arXiv:2402.03300, section 4.2): "The KL coefficient is 0.04"
+    tis_cap: float | None = None
 
     def __post_init__(self) -> None:
         positive = (
@@ -100,6 +106,7 @@ class PPOConfig:
         for name in ("gamma", "lam"):
             check_number(f"model.ppo.{name}", getattr(self, name), 0, 1)
         check_number("model.ppo.max_grad_norm", self.max_grad_norm, 0, open_low=True, optional=True)
+        check_number("model.ppo.tis_cap", self.tis_cap, 0, open_low=True, optional=True)
 
     @property
     def critic_free(self) -> bool:

@@ -3,6 +3,7 @@
 Imports only torch. Tensors are (B, T) over right-padded response tokens with a 0/1 `mask`; formulas follow
 TRL 0.11's legacy PPOTrainer. Only `masked_var(unbiased=True)` (so `masked_whiten`) syncs host and device."""
 
+import math
 from collections.abc import Callable
 from typing import Literal, get_args
 
@@ -171,18 +172,40 @@ def _gae(values: Tensor, rewards: Tensor, gamma: float, lam: float) -> Tensor:
     return torch.stack(columns[:0:-1], dim=1)  # (B, T)
 
 
-def policy_loss(
-    logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, mask: Tensor, cliprange: float
-) -> tuple[Tensor, dict[str, Tensor]]:
-    """PPO clipped surrogate loss, `masked_mean(max(-A * ratio, -A * clip(ratio, 1 - eps, 1 + eps)))`.
+def tis_weights(old_logprobs: Tensor, sampling_logprobs: Tensor, mask: Tensor, cap: float) -> Tensor:
+    """Truncated importance-sampling weights (B, T), `min(exp(old - sampling), cap)`, detached, 1 off `mask`.
 
-    Stats (detached, 0-dim): clipfrac, approxkl, policykl, ratio (masked means, TRL's definitions).
+    The rollout was drawn from the engine's distribution (`sampling_logprobs`), not the trainer's
+    (`old_logprobs`): each token's policy-gradient loss is weighted by their probability ratio, capped
+    (veRL's `tis_imp_ratio_cap`; Yao et al. 2025, "Your efficient RL framework secretly brings you
+    off-policy RL training"). The log-ratio is clamped at log(cap) before exp, so no overflow."""
+    with torch.no_grad():
+        log_ratio = (old_logprobs.float() - sampling_logprobs.float()).clamp(max=math.log(cap))
+        return torch.where(mask.bool(), log_ratio.exp(), torch.ones_like(log_ratio))
+
+
+def policy_loss(
+    logprobs: Tensor,
+    old_logprobs: Tensor,
+    advantages: Tensor,
+    mask: Tensor,
+    cliprange: float,
+    weights: Tensor | None = None,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """PPO clipped surrogate loss, `masked_mean(w * max(-A * ratio, -A * clip(ratio, 1 - eps, 1 + eps)))`.
+
+    `weights` (B, T): per-token importance weights (`tis_weights`, no gradient), None for w = 1 (the same
+    loss bit for bit). Stats (detached, 0-dim): clipfrac, approxkl, policykl, ratio (masked means, TRL's
+    definitions, unweighted).
     """
     log_ratio = logprobs - old_logprobs  # (B, T)
     ratio = log_ratio.exp()  # (B, T)
     pg_losses = -advantages * ratio  # (B, T)
     pg_losses2 = -advantages * ratio.clamp(1.0 - cliprange, 1.0 + cliprange)  # (B, T)
-    loss = masked_mean(torch.maximum(pg_losses, pg_losses2), mask)
+    token_losses = torch.maximum(pg_losses, pg_losses2)  # (B, T)
+    if weights is not None:  # after the clip, as veRL: the weight scales the clipped objective
+        token_losses = token_losses * weights.detach()
+    loss = masked_mean(token_losses, mask)
     with torch.no_grad():
         stats = {
             "clipfrac": masked_mean((pg_losses2 > pg_losses).to(ratio.dtype), mask),

@@ -21,6 +21,7 @@ from lightning_ppo.core import (
     masked_sum,
     reinforce_pp_advantages,
     rloo_advantages,
+    tis_weights,
 )
 from lightning_ppo.models import PPOModels, eval_mode
 from lightning_ppo.packing import (
@@ -33,7 +34,15 @@ from lightning_ppo.packing import (
 )
 from lightning_ppo.rollout import Rollout
 
-PER_TOKEN_FIELDS = ("response_mask", "old_logprobs", "ref_logprobs", "old_values", "advantages", "returns")
+PER_TOKEN_FIELDS = (
+    "response_mask",
+    "old_logprobs",
+    "ref_logprobs",
+    "old_values",
+    "advantages",
+    "returns",
+    "tis_weights",
+)
 
 
 @dataclass
@@ -51,6 +60,7 @@ class Experience:
     returns: Tensor | None  # (B, R) float32 value targets; None for a critic-free estimator (no value loss)
     prompt_pad: Tensor  # (B,) long, on CPU: left padding of each prompt
     response_len: Tensor  # (B,) long, on CPU: real response tokens of each row
+    tis_weights: Tensor | None = None  # (B, R) float32 truncated IS weights (model.ppo.tis_cap); None: w = 1
 
     def select(self, rows: Tensor) -> Experience:
         """The given rows, padded only to the longest prompt and response among them."""
@@ -184,7 +194,8 @@ def make_experience(
     """Advantages of `config.advantage_estimator` from the per-token rewards (B, R), packed for the epochs.
 
     Rows [g*k, (g+1)*k) are prompt g's k samples (grpo, rloo); `sum_across_ranks` gives reinforce_pp the
-    global batch's statistics. Critic-free estimators have no returns."""
+    global batch's statistics. Critic-free estimators have no returns. With `config.tis_cap` and an engine
+    that reported its log-probs, the truncated importance-sampling weights (`core.tis_weights`)."""
     mask = rollout.response_mask
     if config.advantage_estimator == "gae":
         advantages, returns = compute_advantages(
@@ -213,6 +224,11 @@ def make_experience(
         returns=returns,
         prompt_pad=lengths.prompt_pad,
         response_len=lengths.response_len,
+        tis_weights=(
+            None
+            if config.tis_cap is None or rollout.sampling_logprobs is None
+            else tis_weights(passes.logprobs, rollout.sampling_logprobs, mask, config.tis_cap)
+        ),
     )
 
 

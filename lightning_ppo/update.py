@@ -86,7 +86,9 @@ def ppo_loss(models: PPOModels, batch: Experience, config: PPOConfig) -> tuple[T
     mask = batch.response_mask
     logprobs, entropy, values, computed = _forward(models, batch, config)
     useful = int(batch.lengths.totals(batch.response_start).sum())
-    pg_loss, pg_stats = policy_loss(logprobs, batch.old_logprobs, batch.advantages, mask, config.cliprange)
+    pg_loss, pg_stats = policy_loss(
+        logprobs, batch.old_logprobs, batch.advantages, mask, config.cliprange, batch.tis_weights
+    )
     loss = pg_loss
     # TRL's guard: a minibatch whose mean ratio explodes contributes nothing (no host sync needed)
     ratio_ok = (pg_stats["ratio"] <= config.ratio_threshold).to(loss.dtype)
@@ -103,6 +105,10 @@ def ppo_loss(models: PPOModels, batch: Experience, config: PPOConfig) -> tuple[T
         "ppo/skipped_minibatches": 1 - ratio_ok,
         "tokens/update_waste": torch.tensor(1 - useful / computed, device=mask.device),
     }
+    if batch.tis_weights is not None:  # model.ppo.tis_cap with an engine's log-probs
+        stats["ppo/tis_weight_mean"] = masked_mean(batch.tis_weights, mask)
+        capped = batch.tis_weights >= config.tis_cap * (1 - 1e-6)  # exp(log(cap)) may round below cap
+        stats["ppo/tis_capped_frac"] = masked_mean(capped.to(mask.dtype), mask)
     if batch.returns is not None:  # a value function to fit (gae)
         vf_loss, vf_stats = value_loss(values, batch.old_values, batch.returns, mask, config.cliprange_value)
         loss = loss + config.vf_coef * vf_loss

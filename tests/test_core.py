@@ -547,3 +547,83 @@ def test_kl_controller_state_dict_round_trip(make) -> None:
     restored.update(7.0, n_steps=128)
     saved.update(7.0, n_steps=128)
     assert restored.value == saved.value
+
+
+# ---------------------------------------------------------------- truncated importance sampling
+
+
+def naive_tis_policy_loss(logp, old_logp, sampling_logp, advantages, mask, cliprange, cap):
+    """Each real token's clipped loss times min(exp(old - sampling), cap), averaged over the real tokens."""
+    losses, weights = [], []
+    for b in range(mask.shape[0]):
+        for t in range(mask.shape[1]):
+            if mask[b, t] != 1:
+                continue
+            a = float(advantages[b, t])
+            ratio = math.exp(float(logp[b, t]) - float(old_logp[b, t]))
+            w = min(math.exp(float(old_logp[b, t]) - float(sampling_logp[b, t])), cap)
+            losses.append(w * max(-a * ratio, -a * min(max(ratio, 1 - cliprange), 1 + cliprange)))
+            weights.append(w)
+    return naive_mean(losses), weights
+
+
+def tis_batch(mask: torch.Tensor):
+    logp, old_logp, advantages = policy_batch(mask, 0.3)
+    sampling_logp = padded(old_logp + torch.randn(mask.shape, dtype=torch.float64) * 0.8, mask)
+    return logp, old_logp, sampling_logp, advantages
+
+
+def test_tis_weighted_policy_loss_matches_loop(mask: torch.Tensor) -> None:
+    logp, old_logp, sampling_logp, advantages = tis_batch(mask)
+    weights = core.tis_weights(old_logp, sampling_logp, mask, cap=2.0)
+    loss, _ = core.policy_loss(logp, old_logp, advantages, mask, 0.2, weights)
+    expected_loss, expected_weights = naive_tis_policy_loss(
+        logp, old_logp, sampling_logp, advantages, mask, 0.2, 2.0
+    )
+    assert_close(loss, scalar(expected_loss))
+    real = weights[mask.bool()]
+    assert_close(real, torch.tensor(expected_weights, dtype=real.dtype), rtol=1e-6, atol=1e-6)
+    assert float(real.max()) <= 2.0 + 1e-6 and (real > 2.0 - 1e-6).any()  # the cap bites on this batch
+    assert (weights[~mask.bool()] == 1).all()  # padding: w = 1, finite
+
+
+def test_tis_weights_of_one_give_exactly_the_unweighted_loss(mask: torch.Tensor) -> None:
+    logp, old_logp, advantages = policy_batch(mask, 0.5)
+    weights = core.tis_weights(old_logp, old_logp.clone(), mask, cap=2.0)
+    assert (weights == 1).all()
+    plain, plain_stats = core.policy_loss(logp, old_logp, advantages, mask, 0.2)
+    weighted, weighted_stats = core.policy_loss(logp, old_logp, advantages, mask, 0.2, weights)
+    assert torch.equal(plain, weighted)
+    for name, value in plain_stats.items():
+        assert torch.equal(value, weighted_stats[name]), name
+
+
+def test_no_gradient_flows_through_the_tis_weights(mask: torch.Tensor) -> None:
+    logp, old_logp, sampling_logp, advantages = tis_batch(mask)
+    logp, old_logp, sampling_logp, advantages = (
+        x * mask for x in (logp, old_logp, sampling_logp, advantages)
+    )
+    old_logp.requires_grad_(True)
+    sampling_logp.requires_grad_(True)
+    weights = core.tis_weights(old_logp, sampling_logp, mask, cap=2.0)
+    assert not weights.requires_grad
+    logp.requires_grad_(True)
+    loss, _ = core.policy_loss(logp, old_logp.detach(), advantages, mask, 0.2, weights)
+    loss.backward()
+    assert sampling_logp.grad is None and old_logp.grad is None
+    # d loss / d logp on an unclipped token is w * (-A * ratio) / n_real: the weight scales the gradient
+    n_real = float(mask.sum())
+    ratio = (logp - old_logp).exp().detach()
+    unclipped = mask.bool() & ((ratio - 1).abs() < 0.2 - 1e-9)
+    expected = (weights * -advantages * ratio / n_real)[unclipped]
+    assert_close(logp.grad[unclipped], expected)
+
+
+@pytest.mark.parametrize("cap", [0, -1.0, float("inf"), float("nan")])
+def test_tis_cap_must_be_a_positive_number(cap: float) -> None:
+    from lightning_ppo.config import PPOConfig
+    from lightning_ppo.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="model.ppo.tis_cap"):
+        PPOConfig(tis_cap=cap)
+    assert PPOConfig().tis_cap is None and PPOConfig(tis_cap=2.0).tis_cap == 2.0

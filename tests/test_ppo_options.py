@@ -103,3 +103,38 @@ def test_full_kl_runs_end_to_end_and_a_fixed_coefficient_stays_put(tiny_assets: 
     assert all(torch.isfinite(torch.tensor(v)).all() for v in logged.values())
     assert logged["objective/kl_coef"] == [pytest.approx(cli.model.ppo.init_kl_coef)] * 3
     assert logged["ppo/mean_non_score_reward"][-1] < 0  # -coef * exact KL, once the policy has moved
+
+
+def test_tis_weights_reach_the_policy_loss_and_its_statistics(tiny_assets: Path):
+    """model.ppo.tis_cap with an engine's log-probs: the experience carries the capped weights per row
+    (sliced with the minibatch), the loss is weighted and `ppo/tis_*` logged; without them, w = 1."""
+    from dataclasses import replace
+
+    module = PPOModule(policy="tiny:policy", reward_model="tiny:reward")
+    encoded = module.tokenizer(["the movie was", "this film is"], return_tensors="pt", padding=True)
+    batch = {"input_ids": encoded.input_ids, "attention_mask": encoded.attention_mask}
+    rollout = module.generate_rollout(module.policy.lm, batch, torch.tensor([5, 6]))
+    passes = forward_passes(module.models, rollout)
+    mask = rollout.response_mask
+    rewards = torch.zeros_like(mask)
+    rewards[:, 0] = torch.tensor([1.0, -1.0])
+    config = replace(module.ppo, tis_cap=1.5)
+    assert make_experience(rollout, passes, rewards, config).tis_weights is None  # HF engine: w = 1
+    _, plain_stats = ppo_loss(
+        module.models, make_experience(rollout, passes, rewards, module.ppo), module.ppo
+    )
+
+    rollout.sampling_logprobs = (passes.logprobs + 0.4 * torch.randn_like(mask)) * mask  # an engine's
+    experience = make_experience(rollout, passes, rewards, config)
+    expected = torch.where(
+        mask.bool(), (passes.logprobs - rollout.sampling_logprobs).exp().clamp(max=1.5), torch.ones_like(mask)
+    )
+    torch.testing.assert_close(experience.tis_weights, expected)
+    row = experience.select(torch.tensor([1]))
+    assert row.tis_weights.shape == row.response_mask.shape
+    _, stats = ppo_loss(module.models, experience, config)
+    torch.testing.assert_close(stats["ppo/tis_weight_mean"], expected[mask.bool()].mean())
+    capped = (expected[mask.bool()] >= 1.5 * (1 - 1e-6)).float().mean()
+    torch.testing.assert_close(stats["ppo/tis_capped_frac"], capped)
+    assert "ppo/tis_weight_mean" not in plain_stats
+    assert not torch.allclose(stats["ppo/loss/policy"], plain_stats["ppo/loss/policy"])
