@@ -336,7 +336,8 @@ class PromptDataModule(LightningDataModule):
                 f"data.train_split={h.train_split!r} is not a split of {h.dataset!r}: {list(data)}"
             )
         train = data[h.train_split]
-        column, key = self.prompt_source().column, self.prompt_source().key
+        source = self.prompt_source()
+        column, key = source.column, source.key
         if column not in train.column_names:
             raise ConfigError(
                 f"{key}={column!r} is not a column of {h.dataset!r}; its columns are {train.column_names}"

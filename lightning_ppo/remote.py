@@ -65,7 +65,7 @@ class RemoteReward(RewardModel):
         responses: list[str],
         columns: dict[str, list[Any]] | None = None,
     ) -> Tensor:
-        return self.score(SampleBatch(queries, responses, texts, [], [], columns or {}))
+        return self.score(SampleBatch.from_texts(texts, queries, responses, columns))
 
     def score(self, samples: SampleBatch) -> Tensor:
         """Micro-batches of `batch_size` rows posted as JSON, at most `max_concurrency` at a time."""
@@ -159,14 +159,12 @@ def make_server(reward: RewardModel, host: str = "127.0.0.1", port: int = 0) -> 
         def do_POST(self) -> None:
             try:
                 payload = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))))
-                samples = SampleBatch(
-                    prompts=payload["prompts"],
-                    responses=payload["responses"],
-                    texts=payload["texts"],
-                    prompt_ids=[],
-                    response_ids=[],
-                    columns=payload.get("columns") or {},
-                    prompt_messages=payload.get("prompt_messages"),
+                samples = SampleBatch.from_texts(
+                    payload["texts"],
+                    payload["prompts"],
+                    payload["responses"],
+                    payload.get("columns"),
+                    payload.get("prompt_messages"),
                 )
             except (ValueError, KeyError, TypeError) as error:
                 self._answer(400, {"error": f"expected texts, prompts, responses (and columns): {error}"})

@@ -36,6 +36,18 @@ class SampleBatch:
         return len(self.texts)
 
     @classmethod
+    def from_texts(
+        cls,
+        texts: list[str],
+        prompts: list[str],
+        responses: list[str],
+        columns: dict[str, list[Any]] | None = None,
+        prompt_messages: list[list[dict[str, str]] | None] | None = None,
+    ) -> SampleBatch:
+        """Samples known only as text (a direct call, a request to a reward server): no token ids."""
+        return cls(prompts, responses, texts, [], [], dict(columns or {}), prompt_messages)
+
+    @classmethod
     def from_rollout(
         cls,
         tokenizer: PreTrainedTokenizerBase,
@@ -286,4 +298,4 @@ class WeightedSumReward(RewardModel):
         responses: list[str],
         columns: dict[str, list[Any]] | None = None,
     ) -> Tensor:
-        return self.score(SampleBatch(queries, responses, texts, [], [], columns or {}))
+        return self.score(SampleBatch.from_texts(texts, queries, responses, columns))
