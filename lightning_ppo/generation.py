@@ -7,13 +7,16 @@ the weights (vLLM) syncs them before it samples again.
 
 from __future__ import annotations
 
+from typing import Protocol
+
 from torch import Tensor, nn
 
 from lightning_ppo.rollout import Rollout, SamplingConfig, sample_responses
 
 
-class GenerationEngine:
-    """Samples responses to prompts; `model.sampling.engine` picks the implementation."""
+class GenerationEngine(Protocol):
+    """Samples responses to prompts; `model.sampling.engine` picks the implementation. A protocol, so an
+    engine in an optional module (`vllm_engine`) need not import this one, which builds it."""
 
     def sample(
         self,
@@ -58,7 +61,9 @@ class HuggingFaceEngine(GenerationEngine):
         )
 
 
-def build_engine(config: SamplingConfig, policy: nn.Module, pad_token_id: int, eos_token_id: int | None):
+def build_engine(
+    config: SamplingConfig, policy: nn.Module, pad_token_id: int, eos_token_id: int | None
+) -> GenerationEngine:
     """The engine `config.engine` names, for `policy` (the trained LM)."""
     if config.engine == "vllm":
         from lightning_ppo.vllm_engine import VLLMEngine  # vLLM is an optional extra

@@ -23,15 +23,15 @@ import torch
 from torch import Tensor, nn
 
 from lightning_ppo.errors import ConfigError
-from lightning_ppo.generation import GenerationEngine
 from lightning_ppo.lora import adapts_tied_output_layer, is_lora
 from lightning_ppo.rollout import Rollout, SamplingConfig, VLLMOptions
 
 INSTALL_HINT = "install it with `bash scripts/install_vllm.sh` (docs/vllm.md), or set another engine"
 
 
-class VLLMEngine(GenerationEngine):
-    """An in-process vLLM `LLM` holding its own copy of the weights of the model it last sampled from."""
+class VLLMEngine:
+    """A `generation.GenerationEngine`: an in-process vLLM `LLM` holding its own copy of the weights of the
+    model it last sampled from."""
 
     def __init__(
         self, policy: nn.Module, options: VLLMOptions | None, pad_token_id: int, eos_token_id: int | None
