@@ -1,4 +1,5 @@
-"""Shared fixtures: the tiny assets are built once per machine and recipe, other caches per session."""
+"""Shared fixtures of every tier (unit/, integration/, e2e/): the tiny assets are built once per machine
+and recipe, other caches per session; everything under e2e/ is marked `slow`."""
 
 from __future__ import annotations
 
@@ -18,6 +19,17 @@ from tests.helpers import TEST_SEED, seeded
 
 # before any asset is built; CLI runs in subprocesses inherit it
 os.environ.setdefault("LIGHTNING_PPO_TINY_SEED", str(TEST_SEED))
+
+
+E2E = Path(__file__).parent / "e2e"
+
+
+@pytest.hookimpl(tryfirst=True)  # before `-m` deselects by marker
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Every test under tests/e2e is `slow`: whole runs stay out of the fast tier without a marker each."""
+    for item in items:
+        if E2E in item.path.parents:
+            item.add_marker(pytest.mark.slow)
 
 
 def asset_cache() -> Path:

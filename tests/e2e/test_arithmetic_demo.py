@@ -19,7 +19,7 @@ from lightning_ppo.cli import main
 from tests.helpers import cli_seed_args
 
 pytestmark = pytest.mark.slow
-CONFIG = str(Path(__file__).parents[1] / "configs" / "arithmetic_ppo.yaml")
+CONFIG = str(Path(__file__).parents[2] / "configs" / "arithmetic_ppo.yaml")
 Z_FALSE_ALARM = 3.72  # one-sided normal quantile of 1e-4 (tests.helpers.FALSE_ALARM)
 
 

@@ -10,16 +10,16 @@ import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from lightning_ppo.cli import main
-from tests.helpers import cli_seed_args
+from tests.helpers import RANK_PROBE, cli_seed_args
 
-TINY = str(Path(__file__).parents[1] / "configs" / "tiny.yaml")
+TINY = str(Path(__file__).parents[2] / "configs" / "tiny.yaml")
 STEPS = 4
 
 pytestmark = pytest.mark.slow
 
 
 def test_bf16_mixed_fit_on_cpu(tiny_assets: Path, tmp_path: Path):
-    probe = {"class_path": "probes.RankProbe", "init_args": {"out_dir": str(tmp_path / "probe")}}
+    probe = {"class_path": RANK_PROBE, "init_args": {"out_dir": str(tmp_path / "probe")}}
     cli = main(
         [
             "fit", "--config", TINY, *cli_seed_args(),

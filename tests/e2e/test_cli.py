@@ -9,14 +9,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
 from lightning_ppo.cli import main
-from tests.helpers import assert_reward_rose, cli_seed_args
+from tests.helpers import TINY, assert_reward_rose, cli_seed_args, scalars
 
-CONFIGS = sorted((Path(__file__).parents[1] / "configs").glob("*.yaml"))
-TINY = str(Path(__file__).parents[1] / "configs" / "tiny.yaml")
+CONFIGS = sorted((Path(__file__).parents[2] / "configs").glob("*.yaml"))
 PPO_STEPS = 16
 
 pytestmark = pytest.mark.slow
@@ -25,12 +23,6 @@ pytestmark = pytest.mark.slow
 def run_cli(*args: str):
     """Run the CLI in-process, as `python -m lightning_ppo ARGS`, and return the LightningCLI object."""
     return main(list(args))
-
-
-def scalars(log_dir: Path) -> dict[str, list[float]]:
-    events = EventAccumulator(str(log_dir), size_guidance={"scalars": 0})
-    events.Reload()
-    return {tag: [e.value for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
 
 
 @pytest.fixture(scope="module")

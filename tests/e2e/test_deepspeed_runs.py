@@ -3,7 +3,7 @@
 For each stage: a fit of 4 PPO steps with a mid-epoch checkpoint, a resume from it, the end-of-fit export,
 `test` on the final checkpoint, and the export command on the checkpoint folder. ZeRO-3 runs with
 `stage3_param_persistence_threshold: 0`, or the tiny model would never be partitioned. Alone:
-    python -m pytest -q tests/test_deepspeed_cpu.py
+    python -m pytest -q tests/e2e/test_deepspeed_runs.py
 """
 
 from __future__ import annotations
@@ -24,8 +24,9 @@ from lightning_ppo.commands import export_command
 from lightning_ppo.export import load_value_head
 from tests.helpers import cli_seed_args
 
-ROOT = Path(__file__).parents[1]
+ROOT = Path(__file__).parents[2]
 TINY = str(ROOT / "configs" / "tiny.yaml")
+ZERO_PROBE = "tests.helpers.zero_probe.TestWeightsProbe"  # the weights `test` sees, rank 0
 PPO_STEPS, OPT_STEPS_PER_PPO_STEP = 4, 2  # 1 PPO epoch x (8 prompts / minibatches of 4)
 MID_EPOCH = 2 * OPT_STEPS_PER_PPO_STEP  # the checkpoint the resume starts from: after PPO step 2 of 4
 COMPARED = ("env/reward_mean", "objective/kl", "objective/kl_coef", "ppo/loss/total", "ppo/loss/policy")
@@ -55,7 +56,7 @@ def cli(verb: str, stage: int, work: Path, save_dir: str, *args: str) -> None:
         "--trainer.logger.init_args.save_dir", save_dir,
         *args,
     ]  # fmt: skip
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests")])}
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
     env.pop("OMP_NUM_THREADS", None)  # Lightning splits the cores between the ranks by itself
     # a rank waiting in a collective the other skipped hangs: the timeout turns that into a failure
     result = subprocess.run(command, cwd=work, env=env, capture_output=True, text=True, timeout=900)
@@ -83,7 +84,7 @@ def runs(request: pytest.FixtureRequest, tiny_assets: Path, tmp_path_factory: py
     whole = fit(stage, work, "whole")
     checkpoints = whole / "checkpoints"
     resumed = fit(stage, work, "resumed", "--ckpt_path", str(checkpoints / f"epoch=0-step={MID_EPOCH}.ckpt"))
-    probe = {"class_path": "zero_probe.TestWeightsProbe", "init_args": {"out_file": str(work / "tested.pt")}}
+    probe = {"class_path": ZERO_PROBE, "init_args": {"out_file": str(work / "tested.pt")}}
     cli(
         "test", stage, work, "tested", "--ckpt_path", str(checkpoints / "last.ckpt"),
         f"--trainer.callbacks+={json.dumps(probe)}",
@@ -186,7 +187,7 @@ def run_named(verb: str, name_args: list[str], work: Path, devices: int, *args: 
     ]  # fmt: skip
     env = {
         **os.environ,
-        "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests")]),
+        "PYTHONPATH": str(ROOT),
         "OMP_NUM_THREADS": "1",
     }
     result = subprocess.run(command, cwd=work, env=env, capture_output=True, text=True, timeout=600)
@@ -211,7 +212,7 @@ def test_lightnings_deepspeed_names_run_on_cpu_processes(name: str, tiny_assets:
     exported = policy_weights(run / "export")
     if name == "deepspeed_stage_3":
         probe = {
-            "class_path": "zero_probe.TestWeightsProbe",
+            "class_path": ZERO_PROBE,
             "init_args": {"out_file": str(tmp_path / "t.pt")},
         }
         run_named("test", name_args, tmp_path, devices, "--ckpt_path", str(last),

@@ -1,7 +1,7 @@
 """A real 2-process DDP fit on CPU (gloo) through the command line, checked rank by rank.
 
-Each rank records what it saw with `probes.RankProbe`; the test compares the two records with each other
-and with what rank 0 logged to TensorBoard.
+Each rank records what it saw with `tests.helpers.probes.RankProbe`; the test compares the two records
+with each other and with what rank 0 logged to TensorBoard.
 """
 
 from __future__ import annotations
@@ -15,11 +15,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from tests.helpers import cli_seed_args
+from tests.helpers import RANK_PROBE, cli_seed_args, scalars
 
-ROOT = Path(__file__).parents[1]
+ROOT = Path(__file__).parents[2]
 STEPS, BATCH, MINI_BATCH, ACCUMULATION, EPOCHS, VAL_SIZE = 3, 16, 8, 2, 2, 16
 
 pytestmark = pytest.mark.slow
@@ -29,7 +28,7 @@ pytestmark = pytest.mark.slow
 def ddp_run(tiny_assets: Path, tmp_path_factory: pytest.TempPathFactory):
     """`python -m lightning_ppo fit` with `--trainer.strategy ddp --trainer.devices 2` in a temp folder."""
     work = tmp_path_factory.mktemp("ddp")
-    probe = {"class_path": "probes.RankProbe", "init_args": {"out_dir": str(work / "probe")}}
+    probe = {"class_path": RANK_PROBE, "init_args": {"out_dir": str(work / "probe")}}
     command = [
         sys.executable, "-m", "lightning_ppo", "fit",
         "--config", str(ROOT / "configs" / "tiny.yaml"), *cli_seed_args(),
@@ -49,7 +48,7 @@ def ddp_run(tiny_assets: Path, tmp_path_factory: pytest.TempPathFactory):
 
 
 def run_on_two_ranks(command: list[str], cwd: Path) -> None:
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests")])}
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
     env.pop("OMP_NUM_THREADS", None)  # Lightning must split the cores between the ranks by itself
     # a rank waiting in a collective the other skipped hangs: the timeout turns that into a failure
     result = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
@@ -70,12 +69,6 @@ def ddp_test_run(ddp_run) -> Path:
     ]  # fmt: skip
     run_on_two_ranks(command, work)
     return work / "test_runs"
-
-
-def scalars(log_dir: Path) -> dict[str, list[float]]:
-    events = EventAccumulator(str(log_dir), size_guidance={"scalars": 0})
-    events.Reload()
-    return {tag: [e.value for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
 
 
 def test_ranks_roll_out_different_prompts(ddp_run):
@@ -189,7 +182,7 @@ def test_critic_free_estimators_train_in_step_on_two_ranks(
     estimator: str, kl_in: str, tiny_assets: Path, tmp_path: Path
 ):
     """2 PPO steps of 4 prompts x 2 samples per rank (reinforce_pp all-reduces its whitening statistics)."""
-    probe = {"class_path": "probes.RankProbe", "init_args": {"out_dir": str(tmp_path / "probe")}}
+    probe = {"class_path": RANK_PROBE, "init_args": {"out_dir": str(tmp_path / "probe")}}
     command = [
         sys.executable, "-m", "lightning_ppo", "fit",
         "--config", str(ROOT / "configs" / "tiny.yaml"), *cli_seed_args(),

@@ -12,8 +12,7 @@ import torch
 
 from benchmarks.estimators import demo_fit_args
 from lightning_ppo.cli import main
-from tests.helpers import assert_reward_rose, cli_seed_args
-from tests.test_cli import scalars
+from tests.helpers import assert_reward_rose, cli_seed_args, scalars
 
 pytestmark = pytest.mark.slow
 STEPS, PROMPTS, K = 20, 16, 4

@@ -16,7 +16,7 @@ from lightning_ppo.lora import LoraOptions
 from lightning_ppo.module import PPOModule
 from tests.helpers import cli_seed_args, seeded
 
-TINY = str(Path(__file__).parents[1] / "configs" / "tiny.yaml")
+TINY = str(Path(__file__).parents[2] / "configs" / "tiny.yaml")
 
 pytestmark = pytest.mark.slow
 

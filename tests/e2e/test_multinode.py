@@ -23,9 +23,9 @@ import torch
 from safetensors.torch import load_file
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from tests.helpers import cli_seed_args
+from tests.helpers import RANK_PROBE, cli_seed_args
 
-ROOT = Path(__file__).parents[1]
+ROOT = Path(__file__).parents[2]
 PPO_STEPS, BATCH, OPT_STEPS_PER_PPO_STEP = 4, 8, 2  # 1 PPO epoch x (8 prompts / minibatches of 4)
 MID = 2 * OPT_STEPS_PER_PPO_STEP  # the checkpoint after PPO step 2, which the resumes start from
 COMPARED = ("env/reward_mean", "env/reward_std", "objective/kl", "objective/kl_coef", "ppo/loss/total")
@@ -43,7 +43,7 @@ def free_port() -> int:
 
 def fit_args(probe_dir: Path, *args: str) -> list[str]:
     """`lightning_ppo fit` on the tiny config: 4 PPO steps, checkpoints after steps 2 and 4 (all kept)."""
-    probe = {"class_path": "probes.RankProbe", "init_args": {"out_dir": str(probe_dir)}}
+    probe = {"class_path": RANK_PROBE, "init_args": {"out_dir": str(probe_dir)}}
     return [
         "-m", "lightning_ppo", "fit", "--config", str(ROOT / "configs" / "tiny.yaml"), *cli_seed_args(),
         "--trainer.accelerator", "cpu", "--trainer.strategy", "ddp",
@@ -62,7 +62,7 @@ def fit_args(probe_dir: Path, *args: str) -> list[str]:
 def base_env() -> dict[str, str]:
     launcher = ("SLURM_", "MASTER_", "RANK", "LOCAL_RANK", "WORLD_SIZE")  # the tests' own, not the caller's
     env = {k: v for k, v in os.environ.items() if not k.startswith(launcher)}
-    env.update(PYTHONPATH=os.pathsep.join([str(ROOT), str(ROOT / "tests")]), OMP_NUM_THREADS="1")
+    env.update(PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
     return env
 
 

@@ -12,8 +12,7 @@ import pytest
 
 from lightning_ppo.cli import main
 from lightning_ppo.tiny import ensure_tiny_assets
-from tests.helpers import cli_seed_args
-from tests.test_cli import TINY
+from tests.helpers import TINY, cli_seed_args
 
 pytestmark = pytest.mark.slow
 WORDS = ["great", "film", "bad"]
@@ -37,7 +36,7 @@ def test_the_rows_columns_reach_the_reward_in_fit_test_and_predict(tiny_assets: 
     reward = tmp_path / "reward.yaml"
     reward.write_text(
         "model:\n  reward:\n    class_path: lightning_ppo.rewards.FunctionReward\n"
-        "    init_args:\n      function: tests.reward_helpers:says_the_row_word\n"
+        "    init_args:\n      function: tests.helpers.rewards:says_the_row_word\n"
     )
     common = [
         "--config", TINY, *cli_seed_args(), "--config", str(reward), "--data.dataset", str(data),

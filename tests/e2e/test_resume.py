@@ -1,20 +1,22 @@
-"""Exact resume: 3 PPO steps, stop, resume for 3 more == 6 steps uninterrupted; and the loader's position."""
+"""Resume through the command line: 3 PPO steps, stop, resume for 3 more == 6 steps uninterrupted; and
+resuming with other settings: safe changes take effect and are printed, the others exit 2 naming them."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-from torch.utils.data import Dataset
 
+from lightning_ppo import cli
 from lightning_ppo.checkpointing import AtomicCheckpointIO
 from lightning_ppo.cli import main
-from lightning_ppo.resumable import resumable_loader
-from tests.helpers import cli_seed_args
+from lightning_ppo.module import PPOModule
+from tests.helpers import TINY, cli_seed_args
 
-TINY = str(Path(__file__).parents[1] / "configs" / "tiny.yaml")
 OPT_STEPS_PER_PPO_STEP = 8  # 4 PPO epochs x (16 / 8) minibatches
 COMPARED = ("env/reward_mean", "objective/kl", "objective/kl_coef", "ppo/loss/total", "ppo/loss/policy")
 
@@ -82,37 +84,153 @@ def test_a_resumed_fit_logs_what_an_uninterrupted_one_does(tiny_assets: Path, tm
         torch.testing.assert_close(resumed_state[key], weight, rtol=0, atol=1e-6)
 
 
-class Numbers(Dataset):
-    def __len__(self) -> int:
-        return 40
-
-    def __getitem__(self, index: int) -> int:
-        return index
+# ------------------------------------------------------------------------------------------------
+# Through the command line, from a tiny fit's checkpoint
 
 
-def test_a_restored_loader_hands_out_the_rest_of_its_epoch_once():
-    loader = resumable_loader(Numbers(), batch_size=4, seed=3, world={})
-    loader.sampler.set_epoch(2)
-    full_epoch = [batch.tolist() for batch in loader]
-    iterator = iter(loader)
-    seen = [next(iterator).tolist() for _ in range(3)]
-    state = loader.state_dict()
-
-    restored = resumable_loader(Numbers(), batch_size=4, seed=3, world={})
-    restored.load_state_dict(state)
-    restored.sampler.set_epoch(2)
-    rest = [batch.tolist() for batch in restored]
-    assert seen + rest == full_epoch
-    assert len(restored) == len(full_epoch)  # Lightning counts the epoch's length from the start
-    assert [batch.tolist() for batch in restored] == full_epoch  # the skip applies to one pass only
-
-    restored.load_state_dict(state)
-    restored.sampler.set_epoch(3)  # a state from another epoch is not applied
-    assert len([batch for batch in restored]) == len(full_epoch)
+def tiny_args(root: Path, *args: str) -> list[str]:
+    """PPO steps of 8 prompts and 1 optimizer step each, no validation, no sample tables."""
+    return [
+        "--config", TINY, *cli_seed_args(),
+        "--trainer.max_epochs", "1", "--trainer.limit_val_batches", "0",
+        "--data.batch_size", "8", "--data.val_size", "8",
+        "--model.ppo.mini_batch_size", "8", "--model.ppo.ppo_epochs", "1",
+        "--model.log_samples_every_n_steps", "0",
+        "--trainer.logger.init_args.save_dir", str(root),
+        *args,
+    ]  # fmt: skip
 
 
-def test_ranks_share_an_epoch_without_overlap():
-    shares = [resumable_loader(Numbers(), 4, 0, {"num_replicas": 2, "rank": rank}) for rank in (0, 1)]
-    indices = [sorted(i for batch in loader for i in batch.tolist()) for loader in shares]
-    assert not set(indices[0]) & set(indices[1])
-    assert sorted(indices[0] + indices[1]) == list(range(40))
+@pytest.fixture(scope="module")
+def fitted(tiny_assets: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The log folder of a 2-step tiny fit (export/, and checkpoints/last.ckpt saved mid-epoch)."""
+    root = tmp_path_factory.mktemp("fit")
+    args = ["--trainer.max_steps", "2", "--trainer.callbacks.init_args.every_n_train_steps", "1"]
+    done = cli.main(["fit", *tiny_args(root, *args)])
+    return Path(done.trainer.log_dir)
+
+
+@pytest.mark.slow
+def test_changed_safe_settings_take_effect_and_are_printed(fitted: Path, tmp_path: Path, capsys):
+    resumed = cli.main(
+        [
+            "fit", *tiny_args(tmp_path, "--trainer.max_steps", "3"),
+            "--ckpt_path", str(fitted / "checkpoints" / "last.ckpt"),
+            "--model.learning_rate", "5e-4",
+            "--model.ppo.cliprange", "0.1",
+            "--model.ppo.adap_kl_ctrl", "false", "--model.ppo.init_kl_coef", "0.3",
+        ]
+    )  # fmt: skip
+    assert resumed.trainer.global_step == 3  # one more PPO step after the checkpoint's 2
+    assert [group["lr"] for group in resumed.trainer.optimizers[0].param_groups] == [5e-4]
+    assert resumed.model.ppo.cliprange == 0.1
+    assert resumed.model.kl_ctl.value == 0.3  # fixed now, from the new coefficient
+    saved = yaml.safe_load((Path(resumed.trainer.log_dir) / "config.yaml").read_text())
+    assert saved["model"]["learning_rate"] == 5e-4
+    assert saved["model"]["ppo"]["cliprange"] == 0.1
+    out = capsys.readouterr().out
+    for line in (
+        "model.learning_rate: 0.001 -> 0.0005",
+        "model.ppo.cliprange: 0.2 -> 0.1",
+        "model.ppo.adap_kl_ctrl: true -> false",
+        "model.ppo.init_kl_coef: 0.05 -> 0.3",
+    ):
+        assert line in out, out
+
+
+REFUSED_RUNS = {
+    "estimator": (
+        ["--model.ppo.advantage_estimator", "reinforce_pp"],
+        ['model.ppo.advantage_estimator (checkpoint "gae", requested "reinforce_pp"'],
+    ),
+    "lora": (["--model.lora.r", "8"], ['model.lora (checkpoint null, requested {"r": 8']),
+    "batch_size": (["--data.batch_size", "16"], ["data.batch_size (checkpoint 8, requested 16"]),
+    "two_keys": (
+        ["--data.seed", "1", "--model.reward_label", "NEGATIVE"],
+        [
+            "data.seed (checkpoint 0, requested 1",
+            'model.reward_label (checkpoint "POSITIVE", requested "NEGATIVE"',
+        ],
+    ),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", list(REFUSED_RUNS))
+def test_a_change_that_cannot_take_effect_exits_2_naming_the_keys(fitted: Path, tmp_path: Path, capsys, case):
+    args, expected = REFUSED_RUNS[case]
+    checkpoint = str(fitted / "checkpoints" / "last.ckpt")
+    with pytest.raises(SystemExit) as exit_info:
+        cli.run(["fit", *tiny_args(tmp_path, *args), "--ckpt_path", checkpoint])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    paragraph = err[err.index("lightning-ppo: error: --ckpt_path") :].strip()
+    assert "\n" not in paragraph, err
+    for part in expected:
+        assert part in paragraph, paragraph
+    assert "--model.policy <log_dir>/export" in paragraph
+
+
+@pytest.mark.slow
+def test_another_policy_is_refused_by_test_too_and_the_documented_fresh_start_works(
+    fitted: Path, tmp_path: Path, capsys
+):
+    export = fitted / "export"
+    with pytest.raises(SystemExit) as exit_info:
+        cli.run(
+            ["test", *tiny_args(tmp_path), "--model.policy", str(export), "--ckpt_path",
+             str(fitted / "checkpoints" / "last.ckpt")]
+        )  # fmt: skip
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert f'model.policy (checkpoint "tiny:policy", requested "{export}"' in err
+    assert "To test this checkpoint" in err
+
+    # what the refusal advises: a new fit from the exported policy, with the refused settings changed
+    fresh = cli.main(
+        ["fit", *tiny_args(tmp_path, "--trainer.max_steps", "1"), "--model.policy", str(export),
+         "--data.batch_size", "16", "--model.ppo.advantage_estimator", "reinforce_pp"]
+    )  # fmt: skip
+    assert fresh.trainer.global_step == 2  # one PPO step: 16 rows, 2 optimizer steps of 8
+    tuned = torch.load(fitted / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
+    start = PPOModule(policy=str(export), reward_model="tiny:reward").policy.lm.state_dict()
+    for name, weight in start.items():  # the fresh fit started from the tuned weights
+        torch.testing.assert_close(weight, tuned[f"policy.lm.{name}"], rtol=0, atol=0)
+
+
+@pytest.mark.slow
+def test_a_run_stopped_for_bad_steps_resumes_from_its_checkpoint_with_the_setting_changed(
+    tiny_assets: Path, tmp_path: Path, capsys
+):
+    """The README's advice: a NaN-only reward stops the run; it resumes with a higher bad-step limit and
+    the classifier reward (a changed model.reward is not compared: checkpoints do not save it)."""
+    nan_reward = json.dumps(
+        {
+            "class_path": "lightning_ppo.rewards.FunctionReward",
+            "init_args": {"function": "tests.helpers.rewards:nan_score"},
+        }
+    )
+    args = ["--trainer.limit_train_batches", "4"]
+    with pytest.raises(SystemExit) as exit_info:
+        cli.run(
+            [
+                "fit",
+                *tiny_args(
+                    tmp_path, *args, "--model.max_consecutive_bad_steps", "2", f"--model.reward={nan_reward}"
+                ),
+            ]
+        )
+    assert exit_info.value.code == 3
+    (stopped,) = tmp_path.glob("tiny/version_0/checkpoints/bad-steps.ckpt")
+    capsys.readouterr()
+
+    resumed = cli.main(
+        ["fit", *tiny_args(tmp_path, *args, "--model.max_consecutive_bad_steps", "5"),
+         "--ckpt_path", str(stopped)]
+    )  # fmt: skip
+    assert resumed.model.bad_numbers.stop_checkpoint is None
+    # the checkpoint was saved inside the last bad PPO step, so the resume does it again: steps 2-4, each
+    # now with its optimizer step
+    assert resumed.trainer.global_step == 3
+    assert resumed.model.bad_numbers.max_consecutive_bad_steps == 5
+    assert "model.max_consecutive_bad_steps: 2 -> 5" in capsys.readouterr().out

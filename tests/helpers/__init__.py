@@ -1,4 +1,4 @@
-"""Helpers shared by the tests: the suite's seed, which one environment variable changes for every draw.
+"""Helpers shared by every tier: the suite's seed, which one environment variable changes for every draw.
 
 `LIGHTNING_PPO_TEST_SEED=N python -m pytest` shifts every seed a test uses (`seeded`), the seed of the
 CLI runs (`cli_seed_args`) and the seed the tiny assets are built with (conftest sets
@@ -10,16 +10,21 @@ from __future__ import annotations
 import math
 import os
 import time
+from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
 import torch
 from lightning.pytorch import Callback
+from lightning.pytorch.loggers import Logger
 from torch import Tensor
 
 from lightning_ppo.core import upcast
 
 TEST_SEED = int(os.environ.get("LIGHTNING_PPO_TEST_SEED", "0"))
+ROOT = Path(__file__).resolve().parents[2]  # the checkout: subprocesses get it as PYTHONPATH
+TINY = str(ROOT / "configs" / "tiny.yaml")
+RANK_PROBE = "tests.helpers.probes.RankProbe"  # a CLI callback: what each rank saw, as JSON
 
 
 def seeded(n: int = 0) -> int:
@@ -221,3 +226,34 @@ class PauseAtTrainBatchEnd(Callback):
             self.path.touch()
             while not self.release.exists():
                 time.sleep(0.01)
+
+
+# ---------------------------------------------------------------------------------------------------
+# What a run logged
+
+
+def scalars(log_dir: Path) -> dict[str, list[float]]:
+    """Every scalar a TensorBoard run folder holds: tag -> values in step order."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(log_dir), size_guidance={"scalars": 0})
+    events.Reload()
+    return {tag: [e.value for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
+
+
+class RecordingLogger(Logger):
+    """Keeps every logged scalar in memory: name -> values in step order."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.metrics: dict[str, list[float]] = defaultdict(list)
+
+    name = "recording"
+    version = 0
+
+    def log_hyperparams(self, params: Any, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        for name, value in metrics.items():
+            self.metrics[name].append(float(value))

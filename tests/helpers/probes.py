@@ -1,7 +1,8 @@
 """A test-only callback that records what one rank saw and did, for tests that run the real CLI.
 
-Passed on the command line: `--trainer.callbacks+={"class_path": "probes.RankProbe", "init_args":
-{"out_dir": DIR}}` with `tests/` on PYTHONPATH. At the end of `fit` each rank writes `DIR/rank<N>.json`.
+Passed on the command line, with the checkout on PYTHONPATH: `--trainer.callbacks+={"class_path":
+"tests.helpers.probes.RankProbe", "init_args": {"out_dir": DIR}}`. At the end of `fit` each rank writes
+`DIR/rank<N>.json`.
 """
 
 from __future__ import annotations

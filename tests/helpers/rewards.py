@@ -1,4 +1,4 @@
-"""Reward functions for the tests, importable by dotted path as `tests.reward_helpers:<name>`."""
+"""Reward functions for the tests, importable by dotted path as `tests.helpers.rewards:<name>`."""
 
 from __future__ import annotations
 

@@ -1,7 +1,8 @@
 """A test-only callback: the policy's weights as `test` sees them, gathered whole under ZeRO-3.
 
-Passed on the command line with `tests/` on PYTHONPATH: `--trainer.callbacks+={"class_path":
-"zero_probe.TestWeightsProbe", "init_args": {"out_file": FILE}}`; rank 0 writes FILE (a torch state dict).
+Passed on the command line with the checkout on PYTHONPATH: `--trainer.callbacks+={"class_path":
+"tests.helpers.zero_probe.TestWeightsProbe", "init_args": {"out_file": FILE}}`; rank 0 writes FILE (a torch
+state dict).
 """
 
 from __future__ import annotations

@@ -6,14 +6,12 @@ from __future__ import annotations
 import json
 import logging
 import sys
-from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 from lightning.pytorch import Trainer
-from lightning.pytorch.loggers import Logger
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from transformers import GenerationConfig
 
@@ -24,29 +22,11 @@ from lightning_ppo.data import PromptDataModule
 from lightning_ppo.module import PPOConfig, PPOModule
 from lightning_ppo.nan_guard import BAD_STEPS_EXIT_CODE, STOP_CHECKPOINT
 from lightning_ppo.rollout import SamplingConfig, sample_responses
-from tests.helpers import cli_seed_args
+from tests.helpers import RecordingLogger, cli_seed_args
 
-TINY = str(Path(__file__).parents[1] / "configs" / "tiny.yaml")
+TINY = str(Path(__file__).parents[2] / "configs" / "tiny.yaml")
 BATCH, MINI_BATCH, EPOCHS = 8, 4, 2
 OPTIMIZER_STEPS_PER_PPO_STEP = EPOCHS * BATCH // MINI_BATCH
-
-
-class RecordingLogger(Logger):
-    """Keeps every logged scalar in memory: name -> values in step order."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.metrics: dict[str, list[float]] = defaultdict(list)
-
-    name = "recording"
-    version = 0
-
-    def log_hyperparams(self, params: Any, *args: Any, **kwargs: Any) -> None:
-        pass
-
-    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
-        for name, value in metrics.items():
-            self.metrics[name].append(float(value))
 
 
 def make_module(cls: type[PPOModule] = PPOModule, ratio_threshold: float = 10.0, **kwargs: Any) -> PPOModule:
@@ -305,7 +285,7 @@ def test_a_run_stopped_for_bad_steps_exits_3_through_the_cli(
 ) -> None:
     """A reward model that only returns NaN: every batch is skipped, the run stops, and the shell sees it."""
     reward = {"class_path": "lightning_ppo.rewards.FunctionReward"}
-    reward["init_args"] = {"function": "tests.reward_helpers:nan_score"}
+    reward["init_args"] = {"function": "tests.helpers.rewards:nan_score"}
     args = [
         "lightning-ppo", "fit", "--config", TINY, *cli_seed_args(),
         "--trainer.limit_train_batches", "4", "--trainer.max_epochs", "1", "--trainer.limit_val_batches", "0",

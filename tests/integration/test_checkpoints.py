@@ -1,7 +1,6 @@
-"""Checkpoints name their layout version: version 1 (before the key existed) loads, a later one is refused.
-
-And the checkpoint callback's state key stays the one older checkpoints were saved under.
-"""
+"""Checkpoint files: a failed write leaves the previous one; checkpoints name their layout version (version
+1, before the key existed, loads; a later one is refused); the callback's state key stays the one older
+checkpoints were saved under."""
 
 from __future__ import annotations
 
@@ -12,10 +11,25 @@ import pytest
 import torch
 from lightning.pytorch.demos.boring_classes import BoringModel
 
-from lightning_ppo.checkpointing import CHECKPOINT_VERSION, SafeCheckpoints
+from lightning_ppo.checkpointing import CHECKPOINT_VERSION, AtomicCheckpointIO, SafeCheckpoints
 from lightning_ppo.config import PPOConfig
 from lightning_ppo.errors import ConfigError
 from lightning_ppo.module import PPOModule
+
+
+class Unpicklable:
+    def __reduce__(self):
+        raise RuntimeError("killed mid-write")
+
+
+def test_a_failed_write_leaves_the_previous_checkpoint_and_no_temporary_file(tmp_path: Path):
+    io = AtomicCheckpointIO()
+    path = tmp_path / "last.ckpt"
+    io.save_checkpoint({"global_step": 1, "weights": torch.ones(1000)}, path)
+    with pytest.raises(RuntimeError, match="mid-write"):
+        io.save_checkpoint({"weights": torch.zeros(1000), "after": Unpicklable()}, path)
+    assert io.load_checkpoint(path)["global_step"] == 1
+    assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]
 
 
 @pytest.fixture(scope="module")

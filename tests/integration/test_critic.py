@@ -11,8 +11,7 @@ from transformers import AutoModel
 from lightning_ppo.cli import main
 from lightning_ppo.models import ValueModel, build_critic, load_tokenizer
 from lightning_ppo.module import PPOModule
-from tests.helpers import cli_seed_args
-from tests.test_cli import TINY, scalars
+from tests.helpers import TINY, cli_seed_args, scalars
 
 
 def test_the_critic_gives_the_values_and_has_its_own_learning_rate(tiny_assets: Path):

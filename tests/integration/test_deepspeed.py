@@ -1,6 +1,6 @@
 """DeepSpeed ZeRO-2/3 in-process: the shipped configs, the DeepSpeed config the module writes, the frozen
 models kept out of the engine, and ZeRO-3 generation (gather once, synced_gpus). The real 2-process runs
-(fit, resume, export, test) are in tests/test_deepspeed_cpu.py.
+(fit, resume, export, test) are in tests/e2e/test_deepspeed_runs.py.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ from lightning_ppo.parallel import (
 from lightning_ppo.rollout import draw_response_lengths
 from tests.helpers import cli_seed_args
 
-ROOT = Path(__file__).parents[1]
+ROOT = Path(__file__).parents[2]
 CONFIGS = ROOT / "configs"
 
 

@@ -12,8 +12,7 @@ from lightning_ppo.cli import main
 from lightning_ppo.lora import LoraOptions, adapts_tied_output_layer, apply_lora, save_policy
 from lightning_ppo.models import freeze, load_causal_lm, response_logits
 from lightning_ppo.module import PPOModule
-from tests.helpers import cli_seed_args, reward_trend
-from tests.test_cli import TINY, scalars
+from tests.helpers import TINY, cli_seed_args, reward_trend, scalars
 
 LORA_STEPS = 24
 LORA_LR = "3e-3"

@@ -15,8 +15,7 @@ from lightning_ppo.models import response_logits
 from lightning_ppo.module import PPOModule
 from lightning_ppo.rollout import SamplingConfig
 from lightning_ppo.update import ppo_loss
-from tests.helpers import cli_seed_args
-from tests.test_cli import TINY, scalars
+from tests.helpers import TINY, cli_seed_args, scalars
 
 
 def test_temperature_divides_the_logits_of_old_ref_and_training_passes(tiny_assets: Path):

@@ -22,7 +22,7 @@ from lightning_ppo.remote import RemoteReward, RemoteRewardError, make_server
 from lightning_ppo.rewards import RewardModel
 from tests.helpers import cli_seed_args
 
-ROOT = Path(__file__).parents[1]
+ROOT = Path(__file__).parents[2]
 TEXTS = [f"text {i}" for i in range(10)]
 
 

@@ -9,8 +9,7 @@ import torch
 
 from lightning_ppo.cli import main
 from lightning_ppo.rewards import ClassifierReward, FunctionReward, WeightedSumReward
-from tests.helpers import assert_reward_rose, cli_seed_args
-from tests.test_cli import TINY, scalars
+from tests.helpers import TINY, assert_reward_rose, cli_seed_args, scalars
 
 TEXTS = ["a great great film", "a dull film"]
 QUERIES = ["a", "a"]
@@ -18,15 +17,15 @@ RESPONSES = ["great great film", "dull film"]
 
 
 def test_function_reward_imports_the_function_and_checks_its_output():
-    reward = FunctionReward("tests.reward_helpers:count_word")
+    reward = FunctionReward("tests.helpers.rewards:count_word")
     torch.testing.assert_close(reward(TEXTS, QUERIES, RESPONSES), torch.tensor([2.0, 0.0]))
     with pytest.raises(ValueError, match="package.module:function"):
-        FunctionReward("tests.reward_helpers.count_word")
+        FunctionReward("tests.helpers.rewards.count_word")
 
 
 def test_weighted_sum_adds_weighted_rewards():
-    count = FunctionReward("tests.reward_helpers:count_word")
-    length = FunctionReward("tests.reward_helpers:response_length")
+    count = FunctionReward("tests.helpers.rewards:count_word")
+    length = FunctionReward("tests.helpers.rewards:response_length")
     total = WeightedSumReward([count, length], [2.0, -0.5])
     torch.testing.assert_close(total(TEXTS, QUERIES, RESPONSES), torch.tensor([2 * 2 - 0.5 * 3, -0.5 * 2]))
     with pytest.raises(ValueError, match="weights"):
@@ -48,7 +47,7 @@ def test_a_function_reward_from_yaml_rises_during_fit(tiny_assets: Path, tmp_pat
         "  reward:\n"
         "    class_path: lightning_ppo.rewards.FunctionReward\n"
         "    init_args:\n"
-        "      function: tests.reward_helpers:count_word\n"
+        "      function: tests.helpers.rewards:count_word\n"
     )
     cli = main(
         [

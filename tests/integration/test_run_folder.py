@@ -12,8 +12,7 @@ import pytest
 
 from lightning_ppo import cli, run_folder
 from lightning_ppo.errors import ConfigError
-from tests.helpers import cli_seed_args
-from tests.test_cli import TINY
+from tests.helpers import TINY, cli_seed_args
 
 
 def write_lock(folder: Path, pid: int, **fields: object) -> Path:

@@ -11,8 +11,7 @@ from lightning_ppo.cli import main
 from lightning_ppo.module import PPOModule
 from lightning_ppo.rollout import Rollout
 from lightning_ppo.shaping import RunningMoments, ShapingConfig, shape_scores
-from tests.helpers import cli_seed_args, seeded
-from tests.test_cli import TINY, scalars
+from tests.helpers import TINY, cli_seed_args, scalars, seeded
 
 OFF = ShapingConfig()
 

@@ -2,7 +2,7 @@
 
 The engine tests carry the `vllm` marker and skip, with the reason, where vllm is not installed
 (`bash scripts/install_vllm.sh` in an environment of its own: docs/vllm.md) or the CPU lacks AVX-512:
-    . .venv-vllm/bin/activate && python -m pytest -q -m vllm tests/test_vllm.py
+    . .venv-vllm/bin/activate && python -m pytest -q -m vllm tests/integration/test_vllm.py
 The tests of the weights the engine gets and of the errors run everywhere.
 """
 
@@ -33,10 +33,16 @@ from lightning_ppo.module import PPOModule
 from lightning_ppo.rollout import SamplingConfig, VLLMOptions, sample_responses
 from lightning_ppo.tiny import make_reviews
 from lightning_ppo.vllm_engine import _has_avx512, effective_weights
-from tests.helpers import assert_same_greedy_tokens, cli_seed_args, kept_tokens, seeded
-from tests.test_faults import RecordingLogger
+from tests.helpers import (
+    RecordingLogger,
+    assert_same_greedy_tokens,
+    cli_seed_args,
+    kept_tokens,
+    scalars,
+    seeded,
+)
 
-ROOT = Path(__file__).parents[1]
+ROOT = Path(__file__).parents[2]
 
 
 def _why_no_vllm() -> str | None:
@@ -314,7 +320,6 @@ def test_a_ddp_fit_builds_one_engine_per_rank(tiny_assets: Path, tmp_path: Path)
     assert result.returncode == 0, result.stderr[-4000:]
     engines = set(re.findall(r"pid=(\d+)\) INFO .* init engine", result.stdout + result.stderr))
     assert len(engines) == 2, engines  # one engine in each rank's process
-    from tests.test_distributed import scalars
 
     logged = scalars(tmp_path / "runs" / "tiny" / "version_0")
     assert len(logged["rollout/logprob_diff"]) == 2
