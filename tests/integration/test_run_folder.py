@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -15,11 +16,20 @@ from lightning_ppo.errors import ConfigError
 from tests.helpers import TINY, cli_seed_args
 
 
+def start_time(pid: int) -> str:
+    """The process's start time as the lock records it: field 22 of /proc/<pid>/stat (Linux)."""
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+
+
 def write_lock(folder: Path, pid: int, **fields: object) -> Path:
+    """The lock file `acquire` writes, as process `pid` on this host would have written it."""
     folder.mkdir(parents=True, exist_ok=True)
-    holder = {"pid": pid, "host": run_folder._me()["host"], "start_time": run_folder._start_time(pid)}
-    (folder / run_folder.LOCK_NAME).write_text(json.dumps({**holder, **fields}) + "\n")
-    return folder / run_folder.LOCK_NAME
+    lock = folder / run_folder.LOCK_NAME
+    holder = {"pid": pid, "host": socket.gethostname(), "slurm_job": None, **fields}
+    if "start_time" not in holder:
+        holder["start_time"] = start_time(pid)
+    lock.write_text(json.dumps(holder) + "\n")
+    return lock
 
 
 @pytest.fixture
@@ -30,6 +40,14 @@ def live_process():
     process.wait()
 
 
+def test_the_lock_names_this_process_as_the_test_writes_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """`write_lock` writes what `acquire` does, so the tests below fake real holders."""
+    monkeypatch.delenv("SLURM_JOB_ID", raising=False)
+    lock = run_folder.acquire(tmp_path)
+    assert json.loads(lock.read_text()) == json.loads(write_lock(tmp_path / "mine", os.getpid()).read_text())
+    run_folder.release(lock)
+
+
 def test_a_live_holder_is_refused_and_named(tmp_path: Path, live_process: subprocess.Popen):
     write_lock(tmp_path, live_process.pid)
     with pytest.raises(ConfigError, match=rf"in use by another fit \(pid {live_process.pid} on"):
@@ -38,7 +56,7 @@ def test_a_live_holder_is_refused_and_named(tmp_path: Path, live_process: subpro
 
 def test_a_lock_whose_holder_ended_is_taken_over(tmp_path: Path):
     ended = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True)
-    write_lock(tmp_path, int(ended.stdout))
+    write_lock(tmp_path, int(ended.stdout), start_time=None)  # its /proc entry is gone
     lock = run_folder.acquire(tmp_path)
     assert json.loads(lock.read_text())["pid"] == os.getpid()
     run_folder.release(lock)
@@ -61,8 +79,9 @@ def test_the_same_slurm_job_step_requeued_takes_over(tmp_path: Path, monkeypatch
 
 
 def test_this_process_own_leftover_lock_is_taken_over(tmp_path: Path):
-    write_lock(tmp_path, os.getpid())  # an in-process fit that raised
+    run_folder.acquire(tmp_path)  # an in-process fit that raised before releasing it
     run_folder.release(run_folder.acquire(tmp_path))
+    assert not (tmp_path / run_folder.LOCK_NAME).exists()
 
 
 @pytest.mark.slow

@@ -141,14 +141,18 @@ def test_batches_are_left_padded_with_eos(tmp_path: Path, tokenizer_dir: str) ->
 
 
 def test_held_out_fraction_when_there_is_no_eval_split(tmp_path: Path, tokenizer_dir: str) -> None:
-    texts = make_texts(100)
-    data = save_splits(tmp_path / "d", train=texts)
-    module = make_module(data, tokenizer_dir, eval_fraction=0.1, val_size=100)
+    rows = Dataset.from_dict({"text": make_texts(100), "row": list(range(100))})
+    DatasetDict(train=rows).save_to_disk(tmp_path / "d")
+    module = make_module(tmp_path / "d", tokenizer_dir, eval_fraction=0.1, val_size=100)
     module.setup("fit")
     assert len(module.prompts["train"]) == 90 and len(module.prompts["val"]) == 10
 
-    train_split, held_out = module._splits()
-    assert not set(train_split["text"]) & set(held_out["text"])
+    # each text once: in the training prompts or held out, never both (the loaders hand out its `row`)
+    trained = [row for batch in module.train_dataloader() for row in batch["columns"]["row"]]
+    held_out = [row for batch in module.val_dataloader() for row in batch["columns"]["row"]]
+    assert len(trained) == 88 and len(held_out) == 10  # 22 full batches of 4; the partial one is dropped
+    assert not set(trained) & set(held_out)
+    assert sorted(set(module.prompts["train"]["row"]) | set(held_out)) == list(range(100))
 
 
 def test_eval_split_none_holds_out_from_train(tmp_path: Path, tokenizer_dir: str) -> None:
