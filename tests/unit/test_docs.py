@@ -1,4 +1,5 @@
-"""The documentation stays true: the generated configuration page, links and anchors, layouts, a short README.
+"""The documentation stays true: the generated configuration page, links and anchors, layouts, the test
+files it names, a short README.
 
 Fast tier: imports the config classes, loads no model.
 """
@@ -91,3 +92,13 @@ def test_the_layouts_name_every_module_and_only_those() -> None:
             f"{page.relative_to(ROOT)}'s layout is stale: missing {sorted(modules - listed)}, "
             f"gone {sorted(listed - modules)}"
         )
+
+
+def test_every_test_file_the_docs_name_exists() -> None:
+    """The test files README.md, docs/*.md and .ci/run point to as proof or to run, after tests move."""
+    missing = []
+    for page in [README, ROOT / ".ci" / "run", *sorted((ROOT / "docs").glob("*.md"))]:
+        for path in re.findall(r"\btests/[\w/]+\.py\b", page.read_text()):
+            if not (ROOT / path).is_file():
+                missing.append(f"{page.relative_to(ROOT)}: {path}")
+    assert not missing, f"test files named but not there: {missing}"
