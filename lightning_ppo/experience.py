@@ -17,7 +17,6 @@ from lightning_ppo.core import (
     compute_rewards,
     grpo_advantages,
     logprobs_from_logits,
-    masked_mean,
     masked_sum,
     reinforce_pp_advantages,
     rloo_advantages,
@@ -249,35 +248,3 @@ def critic_free_advantages(
     if config.advantage_estimator == "rloo":
         return rloo_advantages(rewards, mask, samples_per_prompt)
     return reinforce_pp_advantages(rewards, mask, sum_across_ranks)
-
-
-def rollout_statistics(
-    rollout: Rollout, passes: ForwardPasses, rewards: Rewards, scores: Tensor
-) -> dict[str, Tensor]:
-    """TRL's statistics of this rank's rows (the reward's, over every rank, are logged from `Scores`)."""
-    mask = rollout.response_mask
-    prompt_mask = rollout.attention_mask[:, : rollout.response_start]
-    return {
-        "objective/entropy": (-passes.logprobs * mask).sum(-1).mean(),
-        "ppo/mean_scores": scores.mean(),
-        "ppo/std_scores": scores.std(),
-        "ppo/mean_non_score_reward": masked_mean(rewards.non_score_rewards, mask),  # per token, as TRL
-        "tokens/queries_len_mean": prompt_mask.sum(-1).float().mean(),
-        "tokens/responses_len_mean": mask.sum(-1).mean(),
-    }
-
-
-def sampling_mismatch(
-    rollout: Rollout, passes: ForwardPasses, global_max: Callable[[Tensor], Tensor]
-) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
-    """How far the engine's log-probs of the sampled tokens are from the trainer's old ones (TRL #4772):
-    mean |engine - trainer| over this rank's response tokens (to average over ranks), and the largest over
-    every rank's (the same on every rank). Both empty when the engine reports no log-probs (the HF engines
-    sample with the trainer's own model)."""
-    if rollout.sampling_logprobs is None:
-        return {}, {}
-    mask = rollout.response_mask
-    diff = (rollout.sampling_logprobs - passes.logprobs).abs() * mask  # (B, R)
-    return {"rollout/logprob_diff": masked_mean(diff, mask)}, {
-        "rollout/logprob_diff_max": global_max(diff.max())
-    }

@@ -292,6 +292,12 @@ class PPOModels:
     def tempered(self, logits: Tensor) -> Tensor:
         return logits if self.temperature == 1.0 else logits / self.temperature
 
+    def use_float32_heads(self, on: bool) -> None:
+        """The LM head and the value heads in float32, or in the weights' dtype (`model.fp32_lm_head`)."""
+        self.policy.float32_head = on
+        if self.critic is not None:
+            self.critic.float32_head = on
+
 
 def build_models(
     policy: str,

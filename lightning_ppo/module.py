@@ -7,11 +7,11 @@ Evaluation is in `evaluation`, the math in `core`; this file holds no formula.
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Any
 
 import torch
 from lightning.pytorch import Callback, LightningModule
-from lightning.pytorch.loggers import TensorBoardLogger
 from torch import Tensor, nn
 
 from lightning_ppo.checkpointing import (
@@ -20,20 +20,12 @@ from lightning_ppo.checkpointing import (
     load_training_state,
     save_training_state,
 )
-from lightning_ppo.compat import logging_step
-from lightning_ppo.config import PPOConfig
+from lightning_ppo.config import MODULE_ARGS, PPOConfig
 from lightning_ppo.core import AdaptiveKLController, FixedKLController
 from lightning_ppo.data import check_prompt_settings, repeat_prompts
 from lightning_ppo.errors import check_number
 from lightning_ppo.evaluation import Evaluator, JsonlPredictionWriter
-from lightning_ppo.experience import (
-    ForwardPasses,
-    forward_passes,
-    make_experience,
-    per_token_rewards,
-    rollout_statistics,
-    sampling_mismatch,
-)
+from lightning_ppo.experience import ForwardPasses, forward_passes, make_experience, per_token_rewards
 from lightning_ppo.generation import GenerationEngine, build_engine
 from lightning_ppo.lora import LoraOptions
 from lightning_ppo.models import build_models, eval_mode
@@ -42,8 +34,9 @@ from lightning_ppo.monitoring import (
     PhaseTimer,
     StepClock,
     StepMetrics,
+    iteration_metrics,
+    log_samples,
     rollout_counts,
-    samples_table,
 )
 from lightning_ppo.nan_guard import BadNumberGuard
 from lightning_ppo.parallel import (
@@ -52,9 +45,8 @@ from lightning_ppo.parallel import (
     gathered_for_generation,
     no_backward_sync,
 )
-from lightning_ppo.report import log_training_histograms
 from lightning_ppo.resume import check_resumed_settings
-from lightning_ppo.rewards import ClassifierReward, RewardModel, SampleBatch, score_rollout
+from lightning_ppo.rewards import ClassifierReward, RewardModel, score_rollout
 from lightning_ppo.rollout import (
     Rollout,
     SamplingConfig,
@@ -74,39 +66,7 @@ torch.serialization.add_safe_globals([*_OPTION_CLASSES, (PPOConfig, f"{__name__}
 
 
 class PPOModule(LightningModule):
-    """PPO fine-tuning of a causal LM against a reward model, with a frozen reference for the KL penalty.
-
-    Args:
-        policy: Causal LM to tune: hub id, local folder, or `tiny:policy` (built offline).
-        reward_model: Sequence classifier giving the reward: hub id, local folder, or `tiny:reward`.
-        reward_label: Label whose raw logit is the score (the notebook: POSITIVE).
-        reward_batch_size: Texts per reward-model forward pass; null scores the whole batch at once.
-        learning_rate: Adam learning rate (TRL: 1.41e-5).
-        ppo: PPO hyper-parameters, among them the advantage estimator (gae, or critic-free grpo, rloo,
-            reinforce_pp: no value head, no critic) and where the KL goes (reward or loss).
-        sampling: How responses are sampled; `num_samples_per_prompt` responses per training prompt.
-        forward_batch_size: Rows per no-grad forward (old log-probs, values, reference); null = the whole
-            batch. The training micro-batch is `ppo.mini_batch_size` rows.
-        gradient_checkpointing: Recompute the policy's activations in the backward pass: less memory,
-            about a third more compute.
-        disable_dropout: Turn dropout off in every model, so the first PPO ratio is exactly 1.
-        log_samples_every_n_steps: Every N PPO steps, write to TensorBoard a table of sample texts with their
-            rewards and histograms of the per-sequence rewards and KL; 0 disables it.
-        num_log_samples: Rows in that table.
-        max_consecutive_bad_steps: Stop the run, with a checkpoint, after this many PPO batches or optimizer
-            steps in a row were skipped for NaN/inf values (see `lightning_ppo.nan_guard`).
-        reward: A pluggable reward (`class_path` + `init_args`, a `lightning_ppo.rewards.RewardModel`);
-            null builds `ClassifierReward` from reward_model, reward_label and reward_batch_size.
-        lora: Train a LoRA adapter instead of the whole policy; the reference is the policy with the
-            adapter disabled, so no copy of the model is held. Null: full fine-tuning.
-        critic: A separate value model (hub id, local folder, `tiny:` asset, or "reward_model" for
-            reward_model's backbone) with a fresh head; null: the value head on the policy trunk.
-            It must share the policy's tokenizer.
-        critic_learning_rate: Adam learning rate of the separate critic; null: learning_rate.
-        shaping: Score shaping (missing-EOS penalty, running scaling/normalisation, clipping); off by default.
-        fp32_lm_head: Compute the LM head and the value head in float32 (MiniMax-M1, 2025: a bf16 head makes
-            training probabilities drift from sampling ones); null: on when the trainer's precision is bf16.
-    """
+    """PPO fine-tuning of a causal LM against a reward model, with a frozen reference for the KL penalty."""
 
     def __init__(
         self,
@@ -168,6 +128,8 @@ class PPOModule(LightningModule):
         self._engine: GenerationEngine | None = None
         self._engine_kind: str | None = None
 
+    __init__.__doc__ = MODULE_ARGS  # the `model.*` keys' help, for `fit --help` and docs/configuration.md
+
     @property
     def ref_policy(self) -> torch.nn.Module | None:
         """The frozen reference; None with LoRA, whose policy with the adapter disabled is the reference."""
@@ -185,7 +147,7 @@ class PPOModule(LightningModule):
             backward=self.manual_backward,
             no_sync=lambda last: no_backward_sync(strategy, last_micro_batch=last),
             optimizer_step=self._optimizer_step,
-            mean_over_ranks=lambda x: strategy.reduce(x, reduce_op="mean"),
+            mean_over_ranks=partial(strategy.reduce, reduce_op="mean"),
         )
 
     # ----------------------------------------------------------------------------------------------
@@ -215,11 +177,9 @@ class PPOModule(LightningModule):
         # TRL's micro-batch is a whole minibatch: gradient accumulation stacks minibatches
         configure_deepspeed(self.trainer.strategy, self.ppo.max_grad_norm, self.ppo.mini_batch_size)
         fp32_head = self.hparams.fp32_lm_head
-        if fp32_head is None:
-            fp32_head = "bf16" in str(self.trainer.precision)
-        self.policy.float32_head = fp32_head
-        if self.critic is not None:
-            self.critic.float32_head = fp32_head
+        self.models.use_float32_heads(
+            "bf16" in str(self.trainer.precision) if fp32_head is None else fp32_head
+        )
 
     def on_fit_start(self) -> None:
         self._place_frozen_models()
@@ -249,11 +209,8 @@ class PPOModule(LightningModule):
         self._place_frozen_models()
 
     def _place_frozen_models(self) -> None:
-        """Put the frozen models on this rank's device, in the dtype the strategy gave the policy.
-
-        The reference must compute exactly what the starting policy computed, so the KL starts at 0
-        (DeepSpeed with bf16 casts the policy's weights; the reward model follows for memory).
-        """
+        """The frozen models on this rank's device, in the policy's dtype (DeepSpeed's bf16 casts it), so that
+        the reference computes exactly what the starting policy did and the KL starts at 0."""
         dtype = next(self.policy.lm.parameters()).dtype
         for model in self._frozen.values():
             model.to(device=self.trainer.strategy.root_device, dtype=dtype)
@@ -278,33 +235,27 @@ class PPOModule(LightningModule):
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         """One PPO iteration on a batch of B prompts: B x k rows, k = `sampling.num_samples_per_prompt`."""
-        timer = PhaseTimer(self.device)
+        timer, k = PhaseTimer(self.device), self.sampling.num_samples_per_prompt
         with timer("rollout"):  # 1. sample k responses per prompt (a group shares its length limit)
-            batch = repeat_prompts(batch, self.sampling.num_samples_per_prompt)
-            rollout = self.generate_rollout(
-                self.policy.lm, batch, self._training_lengths(len(batch["query"]))
-            )
+            batch = repeat_prompts(batch, k)
+            lengths = draw_response_lengths(len(batch["query"]) // k, self.sampling, self.device)
+            rollout = self.generate_rollout(self.policy.lm, batch, lengths.repeat_interleave(k))
         with timer("reward"):  # 2. score each prompt + response
             scores, samples = score_rollout(self.reward, self.tokenizer, rollout, batch)
         result = self._ppo_iteration(rollout, scores, timer)  # 3.-6. experience, PPO epochs, KL controller
-        eos = self.tokenizer.eos_token_id
-        result.metrics.add_local(rollout_counts(rollout, eos), self._clock.lap(timer))
-        result.metrics.log(
-            self, batch_size=self.trainer.datamodule.batch_size if self.trainer.datamodule else None
-        )
-        self._log_samples(samples, result)  # 7. every N steps: a table of samples, histograms
+        result.metrics.add_local(rollout_counts(rollout, self.tokenizer.eos_token_id), self._clock.lap(timer))
+        datamodule = self.trainer.datamodule
+        result.metrics.log(self, batch_size=datamodule.batch_size if datamodule else None)  # 7. log
+        every, rows = self.hparams.log_samples_every_n_steps, self.hparams.num_log_samples
+        log_samples(self.trainer, samples, result, every, rows, self._gather_flat)  # a table, histograms
         self.bad_numbers.stop_if_failing(self.trainer)
 
     def step(
         self, queries: list[Tensor], responses: list[Tensor], scores: list[Tensor] | Tensor
     ) -> dict[str, float]:
-        """One PPO iteration on your own samples and rewards: the contract of TRL's `PPOTrainer.step`.
-
-        `queries` and `responses` are lists of 1-D token-id tensors (every response token counts), `scores`
-        one score per row. Returns the statistics under TRL's names, averaged over ranks. Call it from a
-        `training_step` (the module optimises manually). For grpo and rloo, rows [g*k, (g+1)*k) must be the
-        k = `sampling.num_samples_per_prompt` samples of one prompt.
-        """
+        """Steps 3-6 on your own samples (1-D token-id tensors) and scores, as TRL's `PPOTrainer.step`;
+        TRL's statistics averaged over ranks. Call it from a `training_step`; for grpo and rloo, rows
+        [g*k, (g+1)*k) must be one prompt's k samples."""
         if not len(queries) == len(responses) == len(scores):
             raise ValueError(
                 f"step needs as many queries, responses and scores, got {len(queries)}, {len(responses)} "
@@ -319,65 +270,42 @@ class PPOModule(LightningModule):
 
     def _ppo_iteration(self, rollout: Rollout, raw_scores: Tensor, timer: PhaseTimer) -> IterationResult:
         """Steps 3-6 of a PPO iteration on a scored rollout (groups of k rows)."""
-        strategy = self.trainer.strategy
+        strategy, ppo = self.trainer.strategy, self.ppo
         with timer("forward"):  # 3. old log-probs and values, reference log-probs
-            passes = self._forward_passes(rollout, full_kl=self.ppo.kl_penalty == "full")
-        usable, fault_metrics = self.bad_numbers.check_rollout(
+            passes = self._forward_passes(rollout, full_kl=ppo.kl_penalty == "full")
+        usable, faults = self.bad_numbers.check_rollout(
             strategy, raw_scores, passes.logprobs, passes.values, passes.ref_logprobs
         )
         if not usable:  # NaN/inf rewards, log-probs or values: skip the batch (lightning_ppo.nan_guard)
-            return IterationResult(StepMetrics(local=fault_metrics))
+            return IterationResult(StepMetrics(local=faults))
         scores = Scores.gather(raw_scores, rollout.has_eos(self.tokenizer.eos_token_id), self._gather_flat)
-        kl_coef = self.kl_ctl.value if self.ppo.kl_in == "reward" else 0.0  # "loss": the KL is in ppo_loss
-        # 4. per-token rewards (-kl_coef * KL, plus the shaped score on each last token), then advantages
         shaped = shape_scores(
             scores.local, scores.has_eos, self.shaping, self.score_moments, scores.everyone()
         )
-        rewards = per_token_rewards(shaped, passes, rollout.response_mask, kl_coef, self.ppo)
-        experience = make_experience(
-            rollout,
-            passes,
-            rewards.rewards,
-            self.ppo,
-            self.sampling.num_samples_per_prompt,
-            lambda x: strategy.reduce(x, reduce_op="sum"),
-        )
+        kl_coef = self.kl_ctl.value if ppo.kl_in == "reward" else 0.0  # "loss": the KL is in ppo_loss
+        # 4. per-token rewards (-kl_coef * KL, plus the shaped score on each last token), then advantages
+        rewards = per_token_rewards(shaped, passes, rollout.response_mask, kl_coef, ppo)
+        k, sum_over_ranks = self.sampling.num_samples_per_prompt, partial(strategy.reduce, reduce_op="sum")
+        experience = make_experience(rollout, passes, rewards.rewards, ppo, k, sum_over_ranks)
         with timer("optimize"):  # 5. PPO epochs over shuffled minibatches
-            train_stats = ppo_epochs(self.models, experience, self.ppo, self.update_context)
+            update_stats = ppo_epochs(self.models, experience, ppo, self.update_context)
         # 6. the KL controller, the same on every rank. TRL's objective/kl: per-sequence sums of the estimator
         sequence_kls = rewards.kls.sum(-1)  # (B,)
         mean_kl = strategy.reduce(sequence_kls.mean(), reduce_op="mean")
-        if self.ppo.kl_in == "reward":
+        if ppo.kl_in == "reward":
             self.kl_ctl.update(float(mean_kl), rollout.response_mask.shape[0] * self.trainer.world_size)
-        lr = float(self.optimizers().param_groups[0]["lr"])
-        stats = rollout_statistics(rollout, passes, rewards, shaped)
-        mismatch, mismatch_max = sampling_mismatch(
-            rollout, passes, lambda x: strategy.reduce(x, reduce_op="max")
-        )
-        metrics = StepMetrics(
-            local={
-                **stats,
-                **mismatch,
-                "ppo/learning_rate": torch.tensor(lr),
-                "ppo/skipped_optimizer_steps": self.bad_numbers.pop_skipped_optimizer_steps(),
-                **train_stats,
-                **fault_metrics,
-                **timer.metrics(),
-            },
-            shared={
-                "env/reward_mean": scores.all.mean(),
-                "env/reward_std": scores.all.std(),
-                "objective/kl": mean_kl,
-                "objective/kl_coef": torch.tensor(kl_coef),
-                **mismatch_max,
-            },
+        local = {
+            "ppo/learning_rate": torch.tensor(float(self.optimizers().param_groups[0]["lr"])),
+            "ppo/skipped_optimizer_steps": self.bad_numbers.pop_skipped_optimizer_steps(),
+            **update_stats,
+            **faults,
+            **timer.metrics(),
+        }
+        global_max = partial(strategy.reduce, reduce_op="max")
+        metrics = iteration_metrics(
+            rollout, passes, rewards, scores, shaped, (mean_kl, kl_coef), local, global_max
         )
         return IterationResult(metrics, scores, sequence_kls)
-
-    def _training_lengths(self, rows: int) -> Tensor:
-        """Each row's response length limit (drawn per prompt, shared by its k samples). (rows,) long."""
-        k = self.sampling.num_samples_per_prompt
-        return draw_response_lengths(rows // k, self.sampling, self.device).repeat_interleave(k)
 
     def _optimizer_step(self, step_loss: Tensor) -> None:
         """Step the optimizer unless the step's loss is NaN/inf on some rank; clip first if asked."""
@@ -441,22 +369,3 @@ class PPOModule(LightningModule):
 
     def predict_step(self, batch: dict[str, Any], batch_idx: int) -> list[dict[str, Any]]:
         return self.evaluator.predict_batch(self, batch)
-
-    # ----------------------------------------------------------------------------------------------
-    # Logging
-
-    def _log_samples(self, samples: SampleBatch, result: IterationResult) -> None:
-        """Every `log_samples_every_n_steps`: a table of samples, and histograms of every rank's
-        per-sequence rewards and KL (the KL gathered on every rank: a collective)."""
-        every, step = self.hparams.log_samples_every_n_steps, logging_step(self.trainer)
-        if not every or step % every or result.scores is None:  # a skipped (NaN) batch has no KL
-            return
-        all_kls = self._gather_flat(result.sequence_kls)
-        if not self.trainer.is_global_zero:
-            return
-        scores = result.scores.local
-        table = samples_table(samples.prompts, samples.responses, scores, self.hparams.num_log_samples)
-        for logger in self.loggers:
-            if isinstance(logger, TensorBoardLogger):
-                logger.experiment.add_text("samples", table, global_step=step)
-                log_training_histograms(logger.experiment, step, result.scores.all, all_kls)
