@@ -1,7 +1,7 @@
 """Experience for the PPO epochs: the no-grad passes over a scored rollout, per-token rewards, advantages.
 
-Steps 3-5 of a PPO iteration as plain functions, in TRL 0.11's order: `forward_passes`,
-`per_token_rewards`, `make_experience`."""
+Steps 3-5 of a PPO iteration as plain functions, in TRL 0.11's order: `forward_passes`, then
+`experience_from_scores`: `per_token_rewards`, `make_experience`."""
 
 from __future__ import annotations
 
@@ -32,6 +32,7 @@ from lightning_ppo.packing import (
     response_inputs,
 )
 from lightning_ppo.rollout import Rollout
+from lightning_ppo.shaping import RunningMoments, Scores, ShapingConfig, shape_scores
 
 PER_TOKEN_FIELDS = (
     "response_mask",
@@ -97,6 +98,10 @@ class ForwardPasses:
     values: Tensor  # (B, R) float32 V_old(s_t)
     ref_logprobs: Tensor  # (B, R) float32 log pi_ref(a_t | s_t)
     full: tuple[Tensor, Tensor] | None  # (B, R, V) both log-distributions, for kl_penalty "full" only
+
+    @property
+    def per_token(self) -> tuple[Tensor, Tensor, Tensor]:
+        return self.logprobs, self.values, self.ref_logprobs
 
 
 @dataclass
@@ -180,6 +185,27 @@ def per_token_rewards(
     kl_inputs = passes.full if passes.full is not None else (passes.logprobs, passes.ref_logprobs)
     rewards, non_score_rewards, kls = compute_rewards(scores, *kl_inputs, mask, kl_coef, config.kl_penalty)
     return Rewards(rewards, non_score_rewards, kls)
+
+
+def experience_from_scores(
+    rollout: Rollout,
+    passes: ForwardPasses,
+    scores: Scores,
+    kl_coef: float,
+    config: PPOConfig,
+    shaping: ShapingConfig,
+    moments: RunningMoments,
+    samples_per_prompt: int = 1,
+    sum_across_ranks: Callable[[Tensor], Tensor] | None = None,
+) -> tuple[Tensor, Rewards, Experience]:
+    """The shaped scores (B,), the per-token rewards (`-kl_coef * kl`, plus each shaped score on its last
+    token) and the experience with its advantages (`make_experience`)."""
+    shaped = shape_scores(scores.local, scores.has_eos, shaping, moments, scores.everyone())
+    rewards = per_token_rewards(shaped, passes, rollout.response_mask, kl_coef, config)
+    experience = make_experience(
+        rollout, passes, rewards.rewards, config, samples_per_prompt, sum_across_ranks
+    )
+    return shaped, rewards, experience
 
 
 def make_experience(

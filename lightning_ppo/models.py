@@ -299,6 +299,26 @@ class PPOModels:
             self.critic.float32_head = on
 
 
+class FrozenModels:
+    """The reward model and the reference copy (None with LoRA), held outside the module's children: DDP and
+    DeepSpeed wrap the whole LightningModule and would otherwise cast, shard (ZeRO-3) and checkpoint them."""
+
+    def __init__(self, reward: nn.Module, reference: nn.Module | None) -> None:
+        self.reward, self.reference = freeze(reward), reference
+
+    def all(self) -> list[nn.Module]:
+        return [self.reward] if self.reference is None else [self.reward, self.reference]
+
+    def place(self, device: torch.device, dtype: torch.dtype) -> None:
+        """On `device`, in the policy's `dtype`: the reference computes what the starting policy did."""
+        for model in self.all():
+            model.to(device=device, dtype=dtype)
+
+    def eval(self) -> None:
+        for model in self.all():
+            model.eval()
+
+
 def build_models(
     policy: str,
     reward_model: str,

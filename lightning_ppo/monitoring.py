@@ -7,6 +7,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import torch
@@ -17,6 +18,7 @@ from torch import Tensor
 from lightning_ppo.compat import logging_step
 from lightning_ppo.core import masked_mean
 from lightning_ppo.experience import ForwardPasses, Rewards
+from lightning_ppo.parallel import gather_flat
 from lightning_ppo.report import log_training_histograms
 from lightning_ppo.rewards import SampleBatch
 from lightning_ppo.rollout import Rollout
@@ -37,8 +39,10 @@ class StepMetrics:
         for part in parts:
             self.local.update(part)
 
-    def log(self, module: Any, batch_size: int | None) -> None:
+    def log(self, module: Any) -> None:
         """`module.log` every scalar, on this step, reducing only the local ones."""
+        datamodule = module.trainer.datamodule
+        batch_size = datamodule.batch_size if datamodule else None
         for names, sync in ((self.shared, False), (self.local, True)):
             for name, value in names.items():
                 module.log(
@@ -74,21 +78,22 @@ class IterationResult:
     sequence_kls: Tensor | None = None  # (B,)
 
 
-def iteration_metrics(
+def iteration_result(
     rollout: Rollout,
     passes: ForwardPasses,
     rewards: Rewards,
     scores: Scores,
     shaped: Tensor,
-    kl: tuple[Tensor, float],
+    kl_coef: float,
     local: dict[str, Tensor],
-    global_max: Callable[[Tensor], Tensor],
-) -> StepMetrics:
-    """The scalars of an iteration that trained: TRL's statistics of this rank's rows, then `local` ones;
-    shared ones from every rank's scores, the mean KL over ranks and its coefficient (`kl`)."""
-    mismatch, mismatch_max = sampling_mismatch(rollout, passes, global_max)
-    mean_kl, kl_coef = kl
-    return StepMetrics(
+    strategy: Any,
+) -> IterationResult:
+    """An iteration that trained: TRL's statistics of this rank's rows, then `local` ones; shared ones from
+    every rank's scores, and TRL's objective/kl (per-sequence KL sums averaged over ranks: one all-reduce)."""
+    sequence_kls = rewards.kls.sum(-1)  # (B,)
+    mean_kl = strategy.reduce(sequence_kls.mean(), reduce_op="mean")
+    mismatch, mismatch_max = sampling_mismatch(rollout, passes, partial(strategy.reduce, reduce_op="max"))
+    metrics = StepMetrics(
         local={**rollout_statistics(rollout, passes, rewards, shaped), **mismatch, **local},
         shared={
             "env/reward_mean": scores.all.mean(),
@@ -98,6 +103,7 @@ def iteration_metrics(
             **mismatch_max,
         },
     )
+    return IterationResult(metrics, scores, sequence_kls)
 
 
 def rollout_statistics(
@@ -206,14 +212,13 @@ def log_samples(
     result: IterationResult,
     every: int,
     rows: int,
-    gather_rows: Callable[[Tensor], Tensor],
 ) -> None:
     """Every `every` steps: a table of `rows` samples, and histograms of every rank's per-sequence rewards
     and KL (the KL gathered on every rank: a collective)."""
     step = logging_step(trainer)
     if not every or step % every or result.scores is None:  # a skipped (NaN) batch has no KL
         return
-    all_kls = gather_rows(result.sequence_kls)
+    all_kls = gather_flat(trainer.strategy, result.sequence_kls)
     if not trainer.is_global_zero:
         return
     table = samples_table(samples.prompts, samples.responses, result.scores.local, rows)
