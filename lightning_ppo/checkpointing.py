@@ -28,7 +28,12 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities import rank_zero_info
 
 from lightning_ppo.compat import cluster_environment
+from lightning_ppo.config import PPOConfig
 from lightning_ppo.errors import ConfigError, DiskFullError
+from lightning_ppo.lora import LoraOptions
+from lightning_ppo.resume import check_resumed_settings
+from lightning_ppo.rollout import SamplingConfig, VLLMOptions
+from lightning_ppo.shaping import ShapingConfig
 
 # A fit stopped by SIGTERM (scancel, a preempting scheduler, Kubernetes, `docker stop`) exits with the
 # shell's code for death by that signal, after saving `last.ckpt`: not 0, which would report success.
@@ -37,6 +42,11 @@ TERMINATED_EXIT_CODE = 128 + signal.SIGTERM
 # The layout of what `PPOModule` adds to a checkpoint. 1: before lightning-ppo 0.2 (no version key);
 # 2: the same keys, now versioned. A checkpoint of a later layout is refused with its version named.
 CHECKPOINT_VERSION = 2
+
+# Checkpoints are loaded weights-only (`read_checkpoint`); older ones pickled these option classes in their
+# hyper-parameters (PPOConfig also under the name `lightning_ppo.module.PPOConfig`), so allow them by name.
+_OPTION_CLASSES = [PPOConfig, SamplingConfig, VLLMOptions, ShapingConfig, LoraOptions]
+torch.serialization.add_safe_globals([*_OPTION_CLASSES, (PPOConfig, "lightning_ppo.module.PPOConfig")])
 
 
 def check_checkpoint_version(version: int) -> None:
@@ -324,8 +334,11 @@ def save_training_state(module: Any, checkpoint: dict[str, Any]) -> None:
     checkpoint["score_moments"] = module.score_moments.state_dict()
 
 
-def load_training_state(module: Any, checkpoint: dict[str, Any], changes: list[Any]) -> None:
-    """Restore what `save_training_state` added; `changes` (lightning_ppo.resume) may set a new KL start."""
+def load_training_state(module: Any, checkpoint: dict[str, Any]) -> None:
+    """Check the checkpoint's layout and the resumed run's settings (`lightning_ppo.resume`, before the
+    weights: a refusal, not a shape error); then restore what `save_training_state` added."""
+    check_checkpoint_version(checkpoint.get("lightning_ppo_version", 1))
+    changes = check_resumed_settings(module, checkpoint)  # a changed init_kl_coef sets a new KL start
     if "state_dict" in checkpoint:  # a DeepSpeed client state has none: the engine restores the weights
         frozen = frozen_state_keys(module)
         checkpoint["state_dict"].update({k: v for k, v in module.state_dict().items() if k in frozen})

@@ -1,4 +1,5 @@
-"""PPO's hyper-parameters (`model.ppo.*`), checked when they are set: TRL 0.11's legacy defaults."""
+"""PPO's hyper-parameters (`model.ppo.*`), checked when they are set: TRL 0.11's legacy defaults; and the
+help text of the module's own `model.*` keys."""
 
 from __future__ import annotations
 
@@ -7,6 +8,41 @@ from typing import Literal
 
 from lightning_ppo.core import KLPenalty
 from lightning_ppo.errors import ConfigError, check_number
+
+# `PPOModule.__init__`'s docstring: jsonargparse reads its Args for `fit --help` and docs/configuration.md.
+MODULE_ARGS = """The `model.*` keys of `PPOModule`.
+
+Args:
+    policy: Causal LM to tune: hub id, local folder, or `tiny:policy` (built offline).
+    reward_model: Sequence classifier giving the reward: hub id, local folder, or `tiny:reward`.
+    reward_label: Label whose raw logit is the score (the notebook: POSITIVE).
+    reward_batch_size: Texts per reward-model forward pass; null scores the whole batch at once.
+    learning_rate: Adam learning rate (TRL: 1.41e-5).
+    ppo: PPO hyper-parameters, among them the advantage estimator (gae, or critic-free grpo, rloo,
+        reinforce_pp: no value head, no critic) and where the KL goes (reward or loss).
+    sampling: How responses are sampled; `num_samples_per_prompt` responses per training prompt.
+    forward_batch_size: Rows per no-grad forward (old log-probs, values, reference); null = the whole
+        batch. The training micro-batch is `ppo.mini_batch_size` rows.
+    gradient_checkpointing: Recompute the policy's activations in the backward pass: less memory,
+        about a third more compute.
+    disable_dropout: Turn dropout off in every model, so the first PPO ratio is exactly 1.
+    log_samples_every_n_steps: Every N PPO steps, write to TensorBoard a table of sample texts with their
+        rewards and histograms of the per-sequence rewards and KL; 0 disables it.
+    num_log_samples: Rows in that table.
+    max_consecutive_bad_steps: Stop the run, with a checkpoint, after this many PPO batches or optimizer
+        steps in a row were skipped for NaN/inf values (see `lightning_ppo.nan_guard`).
+    reward: A pluggable reward (`class_path` + `init_args`, a `lightning_ppo.rewards.RewardModel`);
+        null builds `ClassifierReward` from reward_model, reward_label and reward_batch_size.
+    lora: Train a LoRA adapter instead of the whole policy; the reference is the policy with the
+        adapter disabled, so no copy of the model is held. Null: full fine-tuning.
+    critic: A separate value model (hub id, local folder, `tiny:` asset, or "reward_model" for
+        reward_model's backbone) with a fresh head; null: the value head on the policy trunk.
+        It must share the policy's tokenizer.
+    critic_learning_rate: Adam learning rate of the separate critic; null: learning_rate.
+    shaping: Score shaping (missing-EOS penalty, running scaling/normalisation, clipping); off by default.
+    fp32_lm_head: Compute the LM head and the value head in float32 (MiniMax-M1, 2025: a bf16 head makes
+        training probabilities drift from sampling ones); null: on when the trainer's precision is bf16.
+"""
 
 
 @dataclass

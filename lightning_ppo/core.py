@@ -280,6 +280,13 @@ class FixedKLController(KLController):
         """Does nothing: the coefficient is fixed."""
 
 
+def kl_controller(adaptive: bool, init_kl_coef: float, target: float, horizon: int) -> KLController:
+    """The adaptive controller (`model.ppo.adap_kl_ctrl`), or the fixed coefficient `init_kl_coef`."""
+    return (
+        AdaptiveKLController(init_kl_coef, target, horizon) if adaptive else FixedKLController(init_kl_coef)
+    )
+
+
 # ---------------------------------------------------------------- fused log-probs, critic-free estimators
 # GRPO's KL-in-loss term is `masked_mean(kl_penalty(logprobs, ref_logprobs, "k3"), mask)`.
 

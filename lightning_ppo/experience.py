@@ -1,7 +1,7 @@
 """Experience for the PPO epochs: the no-grad passes over a scored rollout, per-token rewards, advantages.
 
-Steps 3-5 of a PPO iteration as plain functions, in TRL 0.11's order: `forward_passes`,
-`per_token_rewards`, `make_experience`."""
+Steps 3-5 of a PPO iteration as plain functions, in TRL 0.11's order: `forward_passes`, then
+`experience_from_scores`: `per_token_rewards`, `make_experience`."""
 
 from __future__ import annotations
 
@@ -17,7 +17,6 @@ from lightning_ppo.core import (
     compute_rewards,
     grpo_advantages,
     logprobs_from_logits,
-    masked_mean,
     masked_sum,
     reinforce_pp_advantages,
     rloo_advantages,
@@ -33,6 +32,7 @@ from lightning_ppo.packing import (
     response_inputs,
 )
 from lightning_ppo.rollout import Rollout
+from lightning_ppo.shaping import RunningMoments, Scores, ShapingConfig, shape_scores
 
 PER_TOKEN_FIELDS = (
     "response_mask",
@@ -98,6 +98,10 @@ class ForwardPasses:
     values: Tensor  # (B, R) float32 V_old(s_t)
     ref_logprobs: Tensor  # (B, R) float32 log pi_ref(a_t | s_t)
     full: tuple[Tensor, Tensor] | None  # (B, R, V) both log-distributions, for kl_penalty "full" only
+
+    @property
+    def per_token(self) -> tuple[Tensor, Tensor, Tensor]:
+        return self.logprobs, self.values, self.ref_logprobs
 
 
 @dataclass
@@ -183,6 +187,27 @@ def per_token_rewards(
     return Rewards(rewards, non_score_rewards, kls)
 
 
+def experience_from_scores(
+    rollout: Rollout,
+    passes: ForwardPasses,
+    scores: Scores,
+    kl_coef: float,
+    config: PPOConfig,
+    shaping: ShapingConfig,
+    moments: RunningMoments,
+    samples_per_prompt: int = 1,
+    sum_across_ranks: Callable[[Tensor], Tensor] | None = None,
+) -> tuple[Tensor, Rewards, Experience]:
+    """The shaped scores (B,), the per-token rewards (`-kl_coef * kl`, plus each shaped score on its last
+    token) and the experience with its advantages (`make_experience`)."""
+    shaped = shape_scores(scores.local, scores.has_eos, shaping, moments, scores.everyone())
+    rewards = per_token_rewards(shaped, passes, rollout.response_mask, kl_coef, config)
+    experience = make_experience(
+        rollout, passes, rewards.rewards, config, samples_per_prompt, sum_across_ranks
+    )
+    return shaped, rewards, experience
+
+
 def make_experience(
     rollout: Rollout,
     passes: ForwardPasses,
@@ -249,35 +274,3 @@ def critic_free_advantages(
     if config.advantage_estimator == "rloo":
         return rloo_advantages(rewards, mask, samples_per_prompt)
     return reinforce_pp_advantages(rewards, mask, sum_across_ranks)
-
-
-def rollout_statistics(
-    rollout: Rollout, passes: ForwardPasses, rewards: Rewards, scores: Tensor
-) -> dict[str, Tensor]:
-    """TRL's statistics of this rank's rows (the reward's, over every rank, are logged from `Scores`)."""
-    mask = rollout.response_mask
-    prompt_mask = rollout.attention_mask[:, : rollout.response_start]
-    return {
-        "objective/entropy": (-passes.logprobs * mask).sum(-1).mean(),
-        "ppo/mean_scores": scores.mean(),
-        "ppo/std_scores": scores.std(),
-        "ppo/mean_non_score_reward": masked_mean(rewards.non_score_rewards, mask),  # per token, as TRL
-        "tokens/queries_len_mean": prompt_mask.sum(-1).float().mean(),
-        "tokens/responses_len_mean": mask.sum(-1).mean(),
-    }
-
-
-def sampling_mismatch(
-    rollout: Rollout, passes: ForwardPasses, global_max: Callable[[Tensor], Tensor]
-) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
-    """How far the engine's log-probs of the sampled tokens are from the trainer's old ones (TRL #4772):
-    mean |engine - trainer| over this rank's response tokens (to average over ranks), and the largest over
-    every rank's (the same on every rank). Both empty when the engine reports no log-probs (the HF engines
-    sample with the trainer's own model)."""
-    if rollout.sampling_logprobs is None:
-        return {}, {}
-    mask = rollout.response_mask
-    diff = (rollout.sampling_logprobs - passes.logprobs).abs() * mask  # (B, R)
-    return {"rollout/logprob_diff": masked_mean(diff, mask)}, {
-        "rollout/logprob_diff_max": global_max(diff.max())
-    }

@@ -70,3 +70,23 @@ def build_engine(
 
         return VLLMEngine(policy, config.vllm, pad_token_id, eos_token_id)
     return HuggingFaceEngine(pad_token_id, eos_token_id)
+
+
+class LazyEngine:
+    """The engine `config.engine` names, built on first use (vLLM is slow to start) and again when the
+    setting changed; an engine not built yet has no weights to sync."""
+
+    def __init__(self, pad_token_id: int, eos_token_id: int | None) -> None:
+        self.pad_token_id, self.eos_token_id = pad_token_id, eos_token_id
+        self.engine: GenerationEngine | None = None
+        self.kind: str | None = None
+
+    def get(self, config: SamplingConfig, policy: nn.Module) -> GenerationEngine:
+        if self.engine is None or self.kind != config.engine:
+            self.engine = build_engine(config, policy, self.pad_token_id, self.eos_token_id)
+            self.kind = config.engine
+        return self.engine
+
+    def weights_changed(self) -> None:
+        if self.engine is not None:
+            self.engine.weights_changed()

@@ -292,6 +292,32 @@ class PPOModels:
     def tempered(self, logits: Tensor) -> Tensor:
         return logits if self.temperature == 1.0 else logits / self.temperature
 
+    def use_float32_heads(self, on: bool) -> None:
+        """The LM head and the value heads in float32, or in the weights' dtype (`model.fp32_lm_head`)."""
+        self.policy.float32_head = on
+        if self.critic is not None:
+            self.critic.float32_head = on
+
+
+class FrozenModels:
+    """The reward model and the reference copy (None with LoRA), held outside the module's children: DDP and
+    DeepSpeed wrap the whole LightningModule and would otherwise cast, shard (ZeRO-3) and checkpoint them."""
+
+    def __init__(self, reward: nn.Module, reference: nn.Module | None) -> None:
+        self.reward, self.reference = freeze(reward), reference
+
+    def all(self) -> list[nn.Module]:
+        return [self.reward] if self.reference is None else [self.reward, self.reference]
+
+    def place(self, device: torch.device, dtype: torch.dtype) -> None:
+        """On `device`, in the policy's `dtype`: the reference computes what the starting policy did."""
+        for model in self.all():
+            model.to(device=device, dtype=dtype)
+
+    def eval(self) -> None:
+        for model in self.all():
+            model.eval()
+
 
 def build_models(
     policy: str,

@@ -169,6 +169,11 @@ def gather_rows(rows: list[Any]) -> list[Any]:
     return [row for rank_rows in per_rank for row in rank_rows]
 
 
+def gather_flat(strategy: Strategy, x: torch.Tensor) -> torch.Tensor:
+    """Every rank's rows of `x` (N, ...), stacked rank after rank into one (world * N, ...); a collective."""
+    return strategy.all_gather(x).reshape(-1, *x.shape[1:])
+
+
 def zero_stage(strategy: Strategy | None) -> int:
     """The ZeRO stage DeepSpeed runs with; 0 for any other strategy."""
     if not isinstance(strategy, DeepSpeedStrategy):
