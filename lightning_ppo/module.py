@@ -46,6 +46,7 @@ from lightning_ppo.monitoring import (
     samples_table,
 )
 from lightning_ppo.nan_guard import BadNumberGuard
+from lightning_ppo.packing import TokenBudget
 from lightning_ppo.parallel import (
     clips_in_engine,
     configure_deepspeed,
@@ -186,7 +187,16 @@ class PPOModule(LightningModule):
             no_sync=lambda last: no_backward_sync(strategy, last_micro_batch=last),
             optimizer_step=self._optimizer_step,
             mean_over_ranks=lambda x: strategy.reduce(x, reduce_op="mean"),
+            max_over_ranks=self._max_over_ranks,
+            gradients=None if clips_in_engine(strategy) else self._local_gradients,
         )
+
+    def _max_over_ranks(self, count: int) -> int:
+        return int(self.trainer.strategy.reduce(torch.tensor(count, device=self.device), reduce_op="max"))
+
+    def _local_gradients(self) -> list[Tensor]:
+        groups = self.optimizers().param_groups
+        return [p.grad for group in groups for p in group["params"] if p.grad is not None]
 
     # ----------------------------------------------------------------------------------------------
     # Lightning plumbing
@@ -417,7 +427,9 @@ class PPOModule(LightningModule):
 
     def _forward_passes(self, rollout: Rollout, full_kl: bool = False) -> ForwardPasses:
         buckets = self.ppo.length_buckets if self.ppo.packing else None
-        return forward_passes(self.models, rollout, self.hparams.forward_batch_size, full_kl, buckets)
+        budget = self.ppo.max_tokens_per_microbatch
+        budget = None if budget is None else TokenBudget(budget, self._max_over_ranks)
+        return forward_passes(self.models, rollout, self.hparams.forward_batch_size, full_kl, buckets, budget)
 
     def sequence_kl(self, rollout: Rollout) -> Tensor:
         """Sampled KL(policy || reference) of each response, summed over its tokens. (B,)"""
