@@ -52,7 +52,8 @@ class PPOConfig:
             their share of the minibatch's response tokens, so the gradient, statistics and TRL's ratio
             guard are those of the uncut minibatch. Replaces length_buckets and forward_batch_size where
             set. A guard to decide before a minibatch's first backward (gradient_accumulation_steps > 1,
-            DeepSpeed) costs one more no-grad forward per cut minibatch. null: no cut.
+            DeepSpeed ZeRO-2) costs one more no-grad forward per cut minibatch. Refused under ZeRO-3.
+            null: no cut.
         advantage_estimator: How advantages are computed. gae: GAE over a value function (the notebook's
             PPO). Critic-free (no value head, no critic, no value loss): grpo, the group-normalised
             sequence reward (needs model.sampling.num_samples_per_prompt >= 2); rloo, the sequence reward

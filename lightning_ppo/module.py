@@ -223,7 +223,12 @@ class PPOModule(LightningModule):
             policy = self.hparams.policy
             check_prompt_settings(datamodule, stage, self.ppo, self.sampling, self.policy.lm, policy)
         # TRL's micro-batch is a whole minibatch: gradient accumulation stacks minibatches
-        configure_deepspeed(self.trainer.strategy, self.ppo.max_grad_norm, self.ppo.mini_batch_size)
+        configure_deepspeed(
+            self.trainer.strategy,
+            self.ppo.max_grad_norm,
+            self.ppo.mini_batch_size,
+            self.ppo.max_tokens_per_microbatch,
+        )
         fp32_head = self.hparams.fp32_lm_head
         if fp32_head is None:
             fp32_head = "bf16" in str(self.trainer.precision)

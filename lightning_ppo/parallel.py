@@ -153,9 +153,10 @@ def no_backward_sync(strategy: Strategy | None, last_micro_batch: bool) -> Abstr
     """Skip DDP's gradient all-reduce on every micro-batch but the last of a minibatch.
 
     The gradients then accumulate locally and the last backward all-reduces their sum once. Lightning's
-    `block_backward_sync` enters `DistributedDataParallel.no_sync` (a no-op for other strategies).
+    `block_backward_sync` enters `DistributedDataParallel.no_sync` (a no-op for other strategies); ZeRO-2/3
+    reduce every backward into their partitions, and DeepSpeed's `no_sync` refuses them.
     """
-    if last_micro_batch or not isinstance(strategy, ParallelStrategy):
+    if last_micro_batch or not isinstance(strategy, ParallelStrategy) or clips_in_engine(strategy):
         return nullcontext()
     return strategy.block_backward_sync()
 
@@ -181,7 +182,9 @@ def clips_in_engine(strategy: Strategy | None) -> bool:
     return isinstance(strategy, DeepSpeedStrategy)
 
 
-def configure_deepspeed(strategy: Strategy, max_grad_norm: float | None, micro_batch_size: int) -> None:
+def configure_deepspeed(
+    strategy: Strategy, max_grad_norm: float | None, micro_batch_size: int, token_budget: int | None = None
+) -> None:
     """Write PPO's gradient clipping, step boundary and micro-batch into the DeepSpeed config before the
     engine reads it: DeepSpeed clips in `engine.step()`, every `step()` is a boundary (PPO steps once per
     minibatch), and `test` has no train dataloader to give the micro-batch size."""
@@ -191,6 +194,13 @@ def configure_deepspeed(strategy: Strategy, max_grad_norm: float | None, micro_b
         raise ConfigError(
             f"DeepSpeed ZeRO stage {zero_stage(strategy)} is not supported: set "
             "trainer.strategy.init_args.stage to 2 or 3 (configs/deepspeed_zero2.yaml, deepspeed_zero3.yaml)"
+        )
+    if token_budget is not None and zero_stage(strategy) == 3:
+        # measured: on 2 CPU ranks a ZeRO-3 step over micro-batches left other weights than the uncut one
+        raise ConfigError(
+            "model.ppo.max_tokens_per_microbatch is not supported with DeepSpeed ZeRO-3 (its micro-batched "
+            "steps did not reproduce the uncut gradient in this project's tests): use ZeRO-2 "
+            "(configs/deepspeed_zero2.yaml), or leave the budget null and lower model.ppo.mini_batch_size"
         )
     config: dict[str, Any] = strategy.config
     wanted = max_grad_norm or 0.0  # DeepSpeed's "off"

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from lightning_ppo.cli import main
 from lightning_ppo.data import collate_prompts
 from lightning_ppo.errors import ConfigError
 from lightning_ppo.experience import Experience, forward_passes, make_experience
@@ -18,7 +19,8 @@ from lightning_ppo.module import PPOConfig, PPOModule
 from lightning_ppo.packing import TokenBudget
 from lightning_ppo.rollout import Rollout, draw_response_lengths
 from lightning_ppo.update import UpdateContext, minibatch_backward, ppo_epochs
-from tests.helpers import seeded
+from tests.helpers import cli_seed_args, seeded
+from tests.test_cli import TINY, scalars
 
 PROMPTS = [
     "the movie",
@@ -255,3 +257,23 @@ def test_no_grad_passes_in_micro_batches_equal_the_uncut_ones(module: PPOModule,
     assert calls and calls[0] >= 3
     for name in ("logprobs", "values", "ref_logprobs"):
         torch.testing.assert_close(getattr(cut, name), getattr(uncut, name), atol=1e-6, rtol=1e-5, msg=name)
+
+
+@pytest.mark.slow
+def test_a_fit_in_micro_batches_logs_what_an_uncut_one_does(tiny_assets: Path, tmp_path: Path):
+    """Two PPO steps through the CLI, with and without a budget (about two rows per forward here)."""
+    logged = []
+    for name, budget in [("uncut", []), ("cut", ["--model.ppo.max_tokens_per_microbatch", "48"])]:
+        cli = main(
+            [
+                "fit", "--config", TINY, *cli_seed_args(),
+                "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "2",
+                "--trainer.limit_val_batches", "0",
+                "--trainer.logger.init_args.save_dir", str(tmp_path / name), *budget,
+            ]
+        )  # fmt: skip
+        logged.append(scalars(Path(cli.trainer.log_dir)))
+    uncut, cut = logged
+    assert min(cut["tokens/micro_batches"]) > 4  # minibatches of 32 rows
+    for name in ("env/reward_mean", "objective/kl", "ppo/loss/total", "ppo/policy/ratio", "ppo/val/error"):
+        assert cut[name] == pytest.approx(uncut[name], abs=1e-4), name
