@@ -18,6 +18,7 @@ class PPOConfig:
         mini_batch_size: Rows per forward/backward pass in the PPO epochs (TRL's minibatch).
         gradient_accumulation_steps: Minibatches whose gradients add up to one optimizer step, as in TRL:
             a step sees mini_batch_size x gradient_accumulation_steps rows, which must divide data.batch_size.
+            More than 1 is refused under DeepSpeed ZeRO-3.
         cliprange: PPO ratio clip epsilon.
         cliprange_value: Value clip epsilon around the rollout's values.
         vf_coef: Weight of the value loss in the total loss.

@@ -228,6 +228,7 @@ class PPOModule(LightningModule):
             self.ppo.max_grad_norm,
             self.ppo.mini_batch_size,
             self.ppo.max_tokens_per_microbatch,
+            self.ppo.gradient_accumulation_steps,
         )
         fp32_head = self.hparams.fp32_lm_head
         if fp32_head is None:

@@ -183,7 +183,11 @@ def clips_in_engine(strategy: Strategy | None) -> bool:
 
 
 def configure_deepspeed(
-    strategy: Strategy, max_grad_norm: float | None, micro_batch_size: int, token_budget: int | None = None
+    strategy: Strategy,
+    max_grad_norm: float | None,
+    micro_batch_size: int,
+    token_budget: int | None = None,
+    gradient_accumulation_steps: int = 1,
 ) -> None:
     """Write PPO's gradient clipping, step boundary and micro-batch into the DeepSpeed config before the
     engine reads it: DeepSpeed clips in `engine.step()`, every `step()` is a boundary (PPO steps once per
@@ -195,12 +199,18 @@ def configure_deepspeed(
             f"DeepSpeed ZeRO stage {zero_stage(strategy)} is not supported: set "
             "trainer.strategy.init_args.stage to 2 or 3 (configs/deepspeed_zero2.yaml, deepspeed_zero3.yaml)"
         )
-    if token_budget is not None and zero_stage(strategy) == 3:
+    several = {
+        "model.ppo.max_tokens_per_microbatch": token_budget is not None,
+        "model.ppo.gradient_accumulation_steps": gradient_accumulation_steps > 1,
+    }
+    if zero_stage(strategy) == 3 and any(several.values()):
         # measured: on 2 CPU ranks a ZeRO-3 step over micro-batches left other weights than the uncut one
+        key = next(name for name, is_set in several.items() if is_set)
         raise ConfigError(
-            "model.ppo.max_tokens_per_microbatch is not supported with DeepSpeed ZeRO-3 (its micro-batched "
-            "steps did not reproduce the uncut gradient in this project's tests): use ZeRO-2 "
-            "(configs/deepspeed_zero2.yaml), or leave the budget null and lower model.ppo.mini_batch_size"
+            f"{key} is not supported with DeepSpeed ZeRO-3: a ZeRO-3 step over several backwards did not "
+            "reproduce the one-backward gradient in this project's tests; use ZeRO-2 "
+            "(configs/deepspeed_zero2.yaml), or one backward per optimizer step (budget null, "
+            "gradient_accumulation_steps 1, a smaller model.ppo.mini_batch_size)"
         )
     config: dict[str, Any] = strategy.config
     wanted = max_grad_norm or 0.0  # DeepSpeed's "off"

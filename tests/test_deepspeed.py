@@ -88,7 +88,7 @@ def test_no_max_grad_norm_means_no_clipping_and_a_conflict_is_refused(capsys):
         configure_deepspeed(DeepSpeedStrategy(stage=1), max_grad_norm=None, micro_batch_size=1)
 
 
-def test_a_token_budget_is_refused_under_zero3_only(capsys):
+def test_several_backwards_per_step_are_refused_under_zero3_only(capsys):
     for stage in (2, 3):
         strategy, _ = strategy_from_configs(capsys, "gpt2.yaml", f"deepspeed_zero{stage}.yaml")
         if stage == 2:
@@ -96,6 +96,8 @@ def test_a_token_budget_is_refused_under_zero3_only(capsys):
         else:
             with pytest.raises(ValueError, match=r"model\.ppo\.max_tokens_per_microbatch.*ZeRO-2"):
                 configure_deepspeed(strategy, max_grad_norm=None, micro_batch_size=1, token_budget=512)
+            with pytest.raises(ValueError, match=r"model\.ppo\.gradient_accumulation_steps.*ZeRO-2"):
+                configure_deepspeed(strategy, None, 1, gradient_accumulation_steps=2)
 
 
 @pytest.fixture(scope="module")
