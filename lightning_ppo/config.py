@@ -54,6 +54,7 @@ class PPOConfig:
         mini_batch_size: Rows per forward/backward pass in the PPO epochs (TRL's minibatch).
         gradient_accumulation_steps: Minibatches whose gradients add up to one optimizer step, as in TRL:
             a step sees mini_batch_size x gradient_accumulation_steps rows, which must divide data.batch_size.
+            More than 1 is refused under DeepSpeed ZeRO-3.
         cliprange: PPO ratio clip epsilon.
         cliprange_value: Value clip epsilon around the rollout's values.
         vf_coef: Weight of the value loss in the total loss.
@@ -81,6 +82,15 @@ class PPOConfig:
         length_buckets: With packing, the most forwards a minibatch (or a no-grad pass) is cut into, rows
             grouped by length to minimise padding; each forward has a fixed cost, so more is not always
             faster.
+        max_tokens_per_microbatch: Token budget of each forward in the PPO epochs and the no-grad passes
+            (veRL's dynamic batch size), so long responses fit in small memory: each minibatch is cut into
+            micro-batches of at most this many positions (rows x the widest of them; rows shortest first,
+            each micro-batch one forward, a row wider than the budget alone), their losses weighted by
+            their share of the minibatch's response tokens, so the gradient, statistics and TRL's ratio
+            guard are those of the uncut minibatch. Replaces length_buckets and forward_batch_size where
+            set. A guard to decide before a minibatch's first backward (gradient_accumulation_steps > 1,
+            DeepSpeed ZeRO-2) costs one more no-grad forward per cut minibatch. Refused under ZeRO-3.
+            null: no cut.
         advantage_estimator: How advantages are computed. gae: GAE over a value function (the notebook's
             PPO). Critic-free (no value head, no critic, no value loss): grpo, the group-normalised
             sequence reward (needs model.sampling.num_samples_per_prompt >= 2); rloo, the sequence reward
@@ -119,6 +129,7 @@ class PPOConfig:
     target_kl: float = 1.0
     packing: bool = True
     length_buckets: int = 4
+    max_tokens_per_microbatch: int | None = None
     advantage_estimator: Literal["gae", "grpo", "rloo", "reinforce_pp"] = "gae"
     grpo_scale_by_std: bool = True
     kl_in: Literal["reward", "loss"] = "reward"
@@ -142,6 +153,13 @@ class PPOConfig:
         for name in ("gamma", "lam"):
             check_number(f"model.ppo.{name}", getattr(self, name), 0, 1)
         check_number("model.ppo.max_grad_norm", self.max_grad_norm, 0, open_low=True, optional=True)
+        check_number(
+            "model.ppo.max_tokens_per_microbatch",
+            self.max_tokens_per_microbatch,
+            1,
+            integer=True,
+            optional=True,
+        )
         check_number("model.ppo.tis_cap", self.tis_cap, 0, open_low=True, optional=True)
 
     @property

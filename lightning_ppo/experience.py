@@ -26,6 +26,7 @@ from lightning_ppo.models import PPOModels, eval_mode
 from lightning_ppo.packing import (
     PackedRows,
     RowLengths,
+    TokenBudget,
     bucketed,
     on_response_tokens,
     pad_responses,
@@ -119,14 +120,20 @@ def forward_passes(
     chunk: int | None = None,
     full_kl: bool = False,
     length_buckets: int | None = None,
+    budget: TokenBudget | None = None,
 ) -> ForwardPasses:
     """One no-grad forward of the policy (log-probs and values) and one of the reference, in eval mode.
 
     `chunk` rows per forward; `full_kl` also keeps both log-distributions; `length_buckets` packs the rows
-    (`packing.bucketed`), None keeps the rollout's padded layout."""
+    (`packing.bucketed`), None keeps the rollout's padded layout; a token `budget` replaces both chunks
+    and buckets by its micro-batches."""
     trainable = [m for m in (models.policy, models.critic) if m is not None]
     with torch.no_grad(), eval_mode(*trainable):
         if length_buckets is None:
+            if budget is not None:  # every row of the padded layout is as wide
+                rows = rollout.input_ids.shape[0]
+                fitting = max(1, budget.max_tokens // rollout.input_ids.shape[1])
+                chunk = -(-rows // budget.agree(-(-rows // fitting)))
             parts = [
                 _forward_rows(models, part, full_kl)
                 for part in rollout.split(chunk or rollout.input_ids.shape[0])
@@ -143,6 +150,7 @@ def forward_passes(
                 torch.arange(rollout.input_ids.shape[0]),
                 length_buckets,
                 chunk,
+                budget,
             )
     mask = rollout.response_mask
     outputs = [pad_responses(output, mask.shape[1]) for output in outputs]  # trailing all-masked columns

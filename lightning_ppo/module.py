@@ -31,11 +31,14 @@ from lightning_ppo.monitoring import (
     rollout_counts,
 )
 from lightning_ppo.nan_guard import BadNumberGuard
+from lightning_ppo.packing import TokenBudget
 from lightning_ppo.parallel import (
     clips_in_engine,
     configure_deepspeed,
     gather_flat,
     gathered_for_generation,
+    local_gradients,
+    max_over_ranks,
     no_backward_sync,
 )
 from lightning_ppo.rewards import ClassifierReward, RewardModel, score_rollout
@@ -121,6 +124,8 @@ class PPOModule(LightningModule):
             no_sync=partial(no_backward_sync, strategy),  # skips DDP's all-reduce unless given True
             optimizer_step=self._optimizer_step,
             mean_over_ranks=partial(strategy.reduce, reduce_op="mean"),
+            max_over_ranks=partial(max_over_ranks, strategy),
+            gradients=None if clips_in_engine(strategy) else partial(local_gradients, self.optimizers()),
         )
 
     def configure_callbacks(self) -> list[Callback]:
@@ -145,7 +150,7 @@ class PPOModule(LightningModule):
             policy = self.hparams.policy
             check_prompt_settings(datamodule, stage, self.ppo, self.sampling, self.policy.lm, policy)
         # TRL's micro-batch is a whole minibatch: gradient accumulation stacks minibatches
-        configure_deepspeed(self.trainer.strategy, self.ppo.max_grad_norm, self.ppo.mini_batch_size)
+        configure_deepspeed(self.trainer.strategy, self.ppo)
         fp32_head, bf16 = self.hparams.fp32_lm_head, "bf16" in str(self.trainer.precision)
         self.models.use_float32_heads(bf16 if fp32_head is None else fp32_head)
 
@@ -276,7 +281,9 @@ class PPOModule(LightningModule):
 
     def _forward_passes(self, rollout: Rollout, full_kl: bool = False) -> ForwardPasses:
         buckets = self.ppo.length_buckets if self.ppo.packing else None
-        return forward_passes(self.models, rollout, self.hparams.forward_batch_size, full_kl, buckets)
+        agree = partial(max_over_ranks, self.trainer.strategy)
+        budget = TokenBudget.at_most(self.ppo.max_tokens_per_microbatch, agree)
+        return forward_passes(self.models, rollout, self.hparams.forward_batch_size, full_kl, buckets, budget)
 
     def sequence_kl(self, rollout: Rollout) -> Tensor:
         """Sampled KL(policy || reference) of each response, summed over its tokens. (B,)"""

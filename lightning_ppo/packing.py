@@ -73,10 +73,12 @@ def bucketed(
     rows: Tensor,
     max_buckets: int,
     max_rows: int | None = None,
+    budget: TokenBudget | None = None,
 ) -> tuple[tuple[Tensor, ...], int]:
-    """`forward` on `rows` in at most `max_buckets` length buckets of at most `max_rows` rows; its per-token
-    outputs stitched back to (len(rows), R), zeros past each response, and the positions computed."""
-    buckets = plan_buckets(lengths.totals(response_start)[rows], max_buckets, max_rows)
+    """`forward` on `rows` in at most `max_buckets` length buckets of at most `max_rows` rows (or a token
+    budget's micro-batches); its per-token outputs stitched back to (len(rows), R), zeros past each
+    response, and the positions computed."""
+    buckets = plan_buckets(lengths.totals(response_start)[rows], max_buckets, max_rows, budget)
     width = int(lengths.response_len[rows].max())
     parts, computed = [], 0
     for bucket in buckets:
@@ -88,10 +90,15 @@ def bucketed(
     return outputs, computed
 
 
-def plan_buckets(totals: Tensor, max_buckets: int, max_rows: int | None = None) -> list[Tensor]:
-    """Row indices of each forward: `min(max_buckets, rows)` length buckets per chunk of `max_rows` rows.
+def plan_buckets(
+    totals: Tensor, max_buckets: int, max_rows: int | None = None, budget: TokenBudget | None = None
+) -> list[Tensor]:
+    """Row indices of each forward: `min(max_buckets, rows)` length buckets per chunk of `max_rows` rows, or
+    with a token `budget` its micro-batches.
 
     The count depends only on the number of rows, so every rank runs as many forwards (ZeRO-3 would hang)."""
+    if budget is not None:
+        return budget.cut(totals, torch.zeros_like(totals))
     order = torch.argsort(totals, stable=True)  # (n,)
     chunks = 1 if max_rows is None else -(-len(order) // max_rows)
     buckets = []
@@ -102,6 +109,47 @@ def plan_buckets(totals: Tensor, max_buckets: int, max_rows: int | None = None) 
             parts[largest : largest + 1] = list(parts[largest].tensor_split(2))
         buckets += parts
     return buckets
+
+
+@dataclass
+class TokenBudget:
+    """At most `max_tokens` positions per forward (`model.ppo.max_tokens_per_microbatch`); `agree` maps this
+    rank's count of micro-batches to the largest over ranks, as DeepSpeed needs as many forwards and
+    backwards on every rank."""
+
+    max_tokens: int
+    agree: Callable[[int], int] = int
+
+    @classmethod
+    def at_most(cls, max_tokens: int | None, agree: Callable[[int], int] = int) -> TokenBudget | None:
+        """The budget of `model.ppo.max_tokens_per_microbatch`, None when it is null."""
+        return None if max_tokens is None else cls(max_tokens, agree)
+
+    def cut(self, prompt_len: Tensor, response_len: Tensor, padded: bool = False) -> list[Tensor]:
+        """Row indices of micro-batches, each one forward of rows x its widest row within the budget (padded:
+        the longest prompt plus the longest response; else each row's own total); rows taken shortest
+        first, a row wider than the budget alone. The largest are then halved up to the agreed count."""
+        order = torch.argsort(prompt_len + response_len, stable=True).tolist()
+        prompt_len, response_len = prompt_len.tolist(), response_len.tolist()
+        parts: list[list[int]] = []
+        longest_prompt = longest_response = longest_total = 0
+        for row in order:
+            p, r = max(longest_prompt, prompt_len[row]), max(longest_response, response_len[row])
+            total = max(longest_total, prompt_len[row] + response_len[row])
+            width = p + r if padded else total
+            if not parts or (len(parts[-1]) + 1) * width > self.max_tokens:
+                parts.append([])
+                p, r, total = prompt_len[row], response_len[row], prompt_len[row] + response_len[row]
+            parts[-1].append(row)
+            longest_prompt, longest_response, longest_total = p, r, total
+        count = self.agree(len(parts))
+        while len(parts) < count:  # halving keeps each within the budget
+            largest = max(range(len(parts)), key=lambda i: len(parts[i]))
+            if len(parts[largest]) < 2:
+                raise ValueError(f"cannot cut {len(order)} rows into {count} micro-batches")
+            half = len(parts[largest]) // 2
+            parts[largest : largest + 1] = [parts[largest][:half], parts[largest][half:]]
+        return [torch.tensor(part, dtype=torch.long) for part in parts]
 
 
 def length_buckets(lengths: Tensor, max_buckets: int) -> tuple[list[Tensor], int, int]:

@@ -15,8 +15,9 @@ import torch
 import torch.distributed as dist
 from lightning.pytorch.strategies import DeepSpeedStrategy, ParallelStrategy, Strategy
 from lightning.pytorch.trainer.states import TrainerFn
-from torch import nn
+from torch import Tensor, nn
 
+from lightning_ppo.config import PPOConfig
 from lightning_ppo.errors import ConfigError
 
 
@@ -153,11 +154,22 @@ def no_backward_sync(strategy: Strategy | None, last_micro_batch: bool) -> Abstr
     """Skip DDP's gradient all-reduce on every micro-batch but the last of a minibatch.
 
     The gradients then accumulate locally and the last backward all-reduces their sum once. Lightning's
-    `block_backward_sync` enters `DistributedDataParallel.no_sync` (a no-op for other strategies).
+    `block_backward_sync` enters `DistributedDataParallel.no_sync` (a no-op for other strategies); ZeRO-2/3
+    reduce every backward into their partitions, and DeepSpeed's `no_sync` refuses them.
     """
-    if last_micro_batch or not isinstance(strategy, ParallelStrategy):
+    if last_micro_batch or not isinstance(strategy, ParallelStrategy) or clips_in_engine(strategy):
         return nullcontext()
     return strategy.block_backward_sync()
+
+
+def max_over_ranks(strategy: Strategy, count: int) -> int:
+    """The largest `count` over the ranks (the count itself when not distributed); a collective."""
+    return int(strategy.reduce(torch.tensor(count, device=strategy.root_device), reduce_op="max"))
+
+
+def local_gradients(optimizer: torch.optim.Optimizer) -> list[Tensor]:
+    """This rank's gradients of the optimizer's parameters, those that have one."""
+    return [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
 
 
 def gather_rows(rows: list[Any]) -> list[Any]:
@@ -186,16 +198,30 @@ def clips_in_engine(strategy: Strategy | None) -> bool:
     return isinstance(strategy, DeepSpeedStrategy)
 
 
-def configure_deepspeed(strategy: Strategy, max_grad_norm: float | None, micro_batch_size: int) -> None:
+def configure_deepspeed(strategy: Strategy, ppo: PPOConfig) -> None:
     """Write PPO's gradient clipping, step boundary and micro-batch into the DeepSpeed config before the
     engine reads it: DeepSpeed clips in `engine.step()`, every `step()` is a boundary (PPO steps once per
     minibatch), and `test` has no train dataloader to give the micro-batch size."""
     if not clips_in_engine(strategy):
         return
+    max_grad_norm, micro_batch_size = ppo.max_grad_norm, ppo.mini_batch_size
     if zero_stage(strategy) not in (2, 3):  # the unmanaged step boundary needs partitioned gradients
         raise ConfigError(
             f"DeepSpeed ZeRO stage {zero_stage(strategy)} is not supported: set "
             "trainer.strategy.init_args.stage to 2 or 3 (configs/deepspeed_zero2.yaml, deepspeed_zero3.yaml)"
+        )
+    several = {
+        "model.ppo.max_tokens_per_microbatch": ppo.max_tokens_per_microbatch is not None,
+        "model.ppo.gradient_accumulation_steps": ppo.gradient_accumulation_steps > 1,
+    }
+    if zero_stage(strategy) == 3 and any(several.values()):
+        # measured: on 2 CPU ranks a ZeRO-3 step over micro-batches left other weights than the uncut one
+        key = next(name for name, is_set in several.items() if is_set)
+        raise ConfigError(
+            f"{key} is not supported with DeepSpeed ZeRO-3: a ZeRO-3 step over several backwards did not "
+            "reproduce the one-backward gradient in this project's tests; use ZeRO-2 "
+            "(configs/deepspeed_zero2.yaml), or one backward per optimizer step (budget null, "
+            "gradient_accumulation_steps 1, a smaller model.ppo.mini_batch_size)"
         )
     config: dict[str, Any] = strategy.config
     wanted = max_grad_norm or 0.0  # DeepSpeed's "off"

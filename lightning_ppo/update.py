@@ -26,7 +26,14 @@ from lightning_ppo.core import (
 )
 from lightning_ppo.experience import Experience
 from lightning_ppo.models import PPOModels
-from lightning_ppo.packing import PackedRows, bucketed, on_response_tokens, response_inputs
+from lightning_ppo.packing import (
+    PackedRows,
+    TokenBudget,
+    bucketed,
+    on_response_tokens,
+    pad_responses,
+    response_inputs,
+)
 
 
 @dataclass
@@ -37,6 +44,9 @@ class UpdateContext:
     no_sync: Callable[[bool], AbstractContextManager]  # skip DDP's all-reduce unless on the last minibatch
     optimizer_step: Callable[[Tensor], None]  # given the step's summed loss: check, clip, step, zero_grad
     mean_over_ranks: Callable[[Tensor], Tensor]
+    max_over_ranks: Callable[[int], int] = int
+    # the optimizer's local gradients, or None where the strategy keeps them (DeepSpeed's partitions)
+    gradients: Callable[[], list[Tensor]] | None = None
 
 
 def ppo_epochs(
@@ -55,9 +65,10 @@ def ppo_epochs(
             minibatches = backward_rows.split(config.mini_batch_size)
             for i, rows in enumerate(minibatches):
                 # DDP all-reduces the gradients once per optimizer step, on its last minibatch
-                with context.no_sync(i == len(minibatches) - 1):
-                    loss, minibatch_stats = ppo_loss(models, experience.select(rows), config)
-                    context.backward(loss / config.gradient_accumulation_steps)
+                last = i == len(minibatches) - 1
+                loss, minibatch_stats = minibatch_backward(
+                    models, experience.select(rows), config, context, sync=last, first=i == 0
+                )
                 step_loss += loss.detach()
                 for name, value in minibatch_stats.items():
                     stats[name].append(value)
@@ -78,13 +89,116 @@ def kl_too_high(policykl: Tensor, config: PPOConfig, context: UpdateContext) -> 
     return bool(policykl > 1.5 * config.target_kl)  # the same decision on every rank
 
 
+def minibatch_backward(
+    models: PPOModels, batch: Experience, config: PPOConfig, context: UpdateContext, sync: bool, first: bool
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """Backward of one minibatch's loss; returns the loss and its statistics. `sync`: the step's last.
+
+    With `max_tokens_per_microbatch` it runs in micro-batches, each loss weighted by its share of the
+    minibatch's response tokens: the gradient, the statistics and TRL's ratio guard are the uncut ones."""
+    parts = _micro_batches(batch, config, context)
+    if len(parts) == 1:
+        with context.no_sync(sync):
+            loss, stats = ppo_loss(models, batch, config)
+            context.backward(loss / config.gradient_accumulation_steps)
+    else:
+        loss, stats = _cut_backward(models, batch, parts, config, context, sync, first)
+    if config.max_tokens_per_microbatch is not None:
+        stats["tokens/micro_batches"] = torch.tensor(float(len(parts)), device=loss.device)
+    return loss, stats
+
+
+def _cut_backward(
+    models: PPOModels,
+    batch: Experience,
+    parts: list[Tensor],
+    config: PPOConfig,
+    context: UpdateContext,
+    sync: bool,
+    first: bool,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """`minibatch_backward` in the given micro-batches (row positions)."""
+    micro_batches = [batch.select(rows) for rows in parts]
+    # The guard reads the whole minibatch, known only after its last forward. Gradients of this minibatch
+    # alone are dropped then, in place; gradients to keep (accumulated minibatches, DeepSpeed's) need the
+    # decision first, from a no-grad pass.
+    drop_after = first and context.gradients is not None
+    keep = None if drop_after else _guard_first(models, batch, micro_batches, parts, config)
+    tokens = batch.response_mask.sum()
+    outputs = []
+    for j, micro in enumerate(micro_batches):
+        with context.no_sync(sync and j == len(parts) - 1):
+            forward = _forward(models, micro, config, buckets=1)
+            loss = minibatch_loss(micro, *forward, config)[0]
+            outputs.append(forward)
+            if j == len(parts) - 1:
+                total, stats = minibatch_loss(batch, *_stitch(outputs, parts, batch), config)
+                if keep is None:
+                    keep = 1 - stats["ppo/skipped_minibatches"]
+                    for gradient in context.gradients():
+                        gradient.mul_(keep)
+            share = micro.response_mask.sum() / tokens / config.gradient_accumulation_steps
+            context.backward(loss * (share if keep is None else share * keep))
+    return total * keep, stats
+
+
+def _micro_batches(batch: Experience, config: PPOConfig, context: UpdateContext) -> list[Tensor]:
+    """Row positions of the minibatch's micro-batches under `max_tokens_per_microbatch` (one: uncut)."""
+    budget = TokenBudget.at_most(config.max_tokens_per_microbatch, context.max_over_ranks)
+    if budget is None:
+        return [torch.arange(batch.input_ids.shape[0])]
+    prompt_len = batch.response_start - batch.prompt_pad  # (b,)
+    return budget.cut(prompt_len, batch.response_len, padded=not config.packing)
+
+
+def _guard_first(
+    models: PPOModels,
+    batch: Experience,
+    micro_batches: list[Experience],
+    parts: list[Tensor],
+    config: PPOConfig,
+) -> Tensor:
+    """TRL's ratio guard over the whole minibatch from a no-grad pass: 1 to keep its gradient, else 0."""
+    with torch.no_grad():
+        outputs = [_forward(models, micro, config, buckets=1) for micro in micro_batches]
+        logprobs = _stitch(outputs, parts, batch)[0]
+    ratio = masked_mean((logprobs - batch.old_logprobs).exp(), batch.response_mask)  # core.policy_loss's
+    return (ratio <= config.ratio_threshold).to(logprobs.dtype)
+
+
+def _stitch(outputs: list[tuple], parts: list[Tensor], batch: Experience) -> tuple:
+    """The micro-batches' detached forwards as the minibatch's: (b, R) each in its row order, the sum."""
+    width = batch.response_mask.shape[1]
+    order = torch.argsort(torch.cat(parts)).to(batch.input_ids.device)
+    columns = []
+    for column in list(zip(*[output[:3] for output in outputs], strict=True)):
+        if column[0] is None:  # no value model
+            columns.append(None)
+        else:
+            columns.append(torch.cat([pad_responses(x.detach(), width) for x in column])[order])
+    return (*columns, sum(output[3] for output in outputs))
+
+
 def ppo_loss(models: PPOModels, batch: Experience, config: PPOConfig) -> tuple[Tensor, dict[str, Tensor]]:
     """Clipped policy loss + vf_coef * clipped value loss on one minibatch, with TRL's statistics.
 
     Packed and padded forwards give the same masked means. Critic-free estimators have no value loss; kl_in
-    "loss" adds kl_loss_coef x the k3 KL to the reference (DeepSeekMath's GRPO, arXiv:2402.03300, eq. 4)."""
+    "loss" adds kl_loss_coef x the k3 KL to the reference (DeepSeekMath's GRPO, arXiv:2402.03300, eq. 4).
+    TRL's guard: a minibatch whose mean ratio exceeds ratio_threshold contributes nothing."""
+    loss, stats = minibatch_loss(batch, *_forward(models, batch, config), config)
+    return loss * (1 - stats["ppo/skipped_minibatches"]), stats
+
+
+def minibatch_loss(
+    batch: Experience,
+    logprobs: Tensor,
+    entropy: Tensor,
+    values: Tensor | None,
+    computed: int,
+    config: PPOConfig,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """`ppo_loss` from the minibatch's forward, without the guard's zeroing (its statistics have it)."""
     mask = batch.response_mask
-    logprobs, entropy, values, computed = _forward(models, batch, config)
     useful = int(batch.lengths.totals(batch.response_start).sum())
     pg_loss, pg_stats = policy_loss(
         logprobs, batch.old_logprobs, batch.advantages, mask, config.cliprange, batch.tis_weights
@@ -129,11 +243,14 @@ def ppo_loss(models: PPOModels, batch: Experience, config: PPOConfig) -> tuple[T
         loss = loss + config.kl_loss_coef * kl_loss
         stats["ppo/policy/kl_loss"] = kl_loss.detach()
     stats["ppo/loss/total"] = loss.detach() * ratio_ok
-    return loss * ratio_ok, stats
+    return loss, stats
 
 
-def _forward(models: PPOModels, batch: Experience, config: PPOConfig) -> tuple[Tensor, Tensor, Tensor, int]:
-    """Log-probs (with gradient), entropies and values, (B, R) each, and the token positions computed."""
+def _forward(
+    models: PPOModels, batch: Experience, config: PPOConfig, buckets: int | None = None
+) -> tuple[Tensor, Tensor, Tensor | None, int]:
+    """Log-probs (with gradient), entropies and values, (B, R) each, and the token positions computed;
+    packed in `buckets` forwards (default `config.length_buckets`)."""
     if not config.packing:  # one forward over the minibatch's padded layout
         logits, values = models.logits_and_values(batch.input_ids, batch.attention_mask, batch.response_start)
         logprobs, entropy = logprobs_and_entropy(logits, batch.response_ids)
@@ -147,7 +264,12 @@ def _forward(models: PPOModels, batch: Experience, config: PPOConfig) -> tuple[T
 
     all_rows = torch.arange(batch.input_ids.shape[0])
     outputs, computed = bucketed(
-        forward, batch.input_ids, batch.response_start, batch.lengths, all_rows, config.length_buckets
+        forward,
+        batch.input_ids,
+        batch.response_start,
+        batch.lengths,
+        all_rows,
+        buckets or config.length_buckets,
     )
     values = outputs[2] if len(outputs) > 2 else None  # no value model: no values
     return outputs[0], outputs[1], values, computed

@@ -123,6 +123,20 @@ def test_a_resumed_fit_logs_what_an_uninterrupted_one_does(runs):
             assert got[name][step] == pytest.approx(expected[name][step], abs=1e-5), (name, step)
 
 
+def test_token_budget_micro_batches_log_what_whole_minibatches_do(runs):
+    """The fit again in forwards of at most 24 tokens (one or two rows): both ranks run as many forwards
+    and backwards (as ZeRO needs), the ratio guard decided first (DeepSpeed keeps the
+    gradients)."""
+    if runs["stage"] == 3:
+        pytest.skip("ZeRO-3 refuses the budget (tests/test_deepspeed.py)")
+    cut = scalars(fit(runs["stage"], runs["work"], "cut", "--model.ppo.max_tokens_per_microbatch", "24"))
+    assert min(cut["tokens/micro_batches"].values()) > 1
+    expected = scalars(runs["whole"])
+    for name in COMPARED:
+        for step in range(PPO_STEPS):
+            assert cut[name][step] == pytest.approx(expected[name][step], abs=1e-4), (name, step)
+
+
 def test_the_end_of_fit_export_holds_whole_trained_weights(runs, tiny_assets: Path):
     folder = runs["whole"] / "export"
     saved = load_file(folder / "model.safetensors")

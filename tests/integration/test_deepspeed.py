@@ -20,6 +20,7 @@ from lightning.pytorch.strategies import DeepSpeedStrategy
 
 from lightning_ppo import parallel
 from lightning_ppo.cli import main
+from lightning_ppo.config import PPOConfig
 from lightning_ppo.data import collate_prompts
 from lightning_ppo.module import PPOModule
 from lightning_ppo.parallel import (
@@ -64,7 +65,7 @@ def test_layered_configs_give_a_bf16_deepspeed_strategy_that_clips(stage: int, c
     assert trainer["precision"] == "bf16-mixed" and trainer["accelerator"] == "gpu"
 
     # what PPOModule.setup does: model.ppo.max_grad_norm and model.ppo.mini_batch_size
-    configure_deepspeed(strategy, max_grad_norm=1.0, micro_batch_size=4)
+    configure_deepspeed(strategy, PPOConfig(max_grad_norm=1.0, mini_batch_size=4))
     config = format_like_lightning(strategy, trainer["precision"])
     assert (
         config["train_micro_batch_size_per_gpu"] == 4
@@ -78,14 +79,26 @@ def test_layered_configs_give_a_bf16_deepspeed_strategy_that_clips(stage: int, c
 
 def test_no_max_grad_norm_means_no_clipping_and_a_conflict_is_refused(capsys):
     strategy, _ = strategy_from_configs(capsys, "gpt2.yaml", "deepspeed_zero2.yaml")
-    configure_deepspeed(strategy, max_grad_norm=None, micro_batch_size=1)
+    configure_deepspeed(strategy, PPOConfig(mini_batch_size=1))
     assert strategy.config["gradient_clipping"] == 0.0
 
     conflicting = DeepSpeedStrategy(config={"zero_optimization": {"stage": 2}, "gradient_clipping": 0.5})
     with pytest.raises(ValueError, match=r"model\.ppo\.max_grad_norm"):
-        configure_deepspeed(conflicting, max_grad_norm=1.0, micro_batch_size=1)
+        configure_deepspeed(conflicting, PPOConfig(max_grad_norm=1.0, mini_batch_size=1))
     with pytest.raises(ValueError, match=r"trainer\.strategy\.init_args\.stage"):
-        configure_deepspeed(DeepSpeedStrategy(stage=1), max_grad_norm=None, micro_batch_size=1)
+        configure_deepspeed(DeepSpeedStrategy(stage=1), PPOConfig(mini_batch_size=1))
+
+
+def test_several_backwards_per_step_are_refused_under_zero3_only(capsys):
+    for stage in (2, 3):
+        strategy, _ = strategy_from_configs(capsys, "gpt2.yaml", f"deepspeed_zero{stage}.yaml")
+        if stage == 2:
+            configure_deepspeed(strategy, PPOConfig(mini_batch_size=1, max_tokens_per_microbatch=512))
+        else:
+            with pytest.raises(ValueError, match=r"model\.ppo\.max_tokens_per_microbatch.*ZeRO-2"):
+                configure_deepspeed(strategy, PPOConfig(mini_batch_size=1, max_tokens_per_microbatch=512))
+            with pytest.raises(ValueError, match=r"model\.ppo\.gradient_accumulation_steps.*ZeRO-2"):
+                configure_deepspeed(strategy, PPOConfig(mini_batch_size=1, gradient_accumulation_steps=2))
 
 
 @pytest.fixture(scope="module")
