@@ -14,7 +14,8 @@ median `time/rollout` and `time/step` of the measured steps, the first step's ro
 engine and its warm-up), peak RSS (CUDA: peak allocated), and vLLM's `rollout/logprob_diff`; `--rounds`
 runs every cell that often, in turn, and keeps each cell's fastest run. Each step is seeded by its index,
 so every engine sees the same prompts and drawn lengths. `--rollout-only`: the engines in one process,
-their calls alternated (one short warm-up call each, then `--rounds` calls, the fastest kept).
+their calls alternated in `--engines` order (one short warm-up call each, then `--rounds` calls, the
+fastest kept). vLLM's CPU KV cache is sized to hold every row of the largest cell at once.
 Shapes: `small` (4 layers, 192 wide, 4,096 tokens) and `gpt2-124m` (12 layers, 768 wide, 50,257 tokens),
 random weights and a word-level tokenizer saved to a temp folder. On a GPU the script runs as is.
 """
