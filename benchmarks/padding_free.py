@@ -7,7 +7,7 @@
 
 For each model, at the same batch of prompts and drawn lengths:
 1. rollout only: seconds of `PPOModule._sample` and decoded positions (useful vs computed) for each
-   `model.sampling.decoder`: "generate" (one `generate` call per batch, the old behaviour) and "loop";
+   `model.sampling.engine`: "generate" (one `generate` call per batch, the old behaviour) and "loop";
 2. whole PPO steps through `Trainer.fit` (`limit_train_batches`), one fresh process per variant so that
    each peak RSS is its own: the module's logged `time/*` phases with `time/other`, which add up to
    `time/step`; decode and update padding waste (`tokens/*`); peak RSS. Each step is seeded by its index
@@ -133,7 +133,7 @@ def run_variant(policy: str, batch_size: int, steps: int, warmup: int, module_kw
 def rollout_sweep(
     policy: str, batch_size: int, decoders: list[str], repeats: int
 ) -> dict[str, dict[str, float]]:
-    """Median seconds and decode counts of one rollout per `model.sampling.decoder`, taking turns."""
+    """Median seconds and decode counts of one rollout per `model.sampling.engine`, taking turns."""
     torch.manual_seed(0)
     module = PPOModule(policy=policy, reward_model="tiny:reward", log_samples_every_n_steps=0)
     data = PromptDataModule(dataset="tiny:reviews", tokenizer=policy, batch_size=batch_size)
@@ -237,7 +237,7 @@ def main() -> None:
     )
     parser.add_argument(
         "--decoders", nargs="+", choices=("generate", "loop"), default=["generate", "loop"],
-        help="model.sampling.decoder values timed in the rollout table; the first is the x1.00 reference",
+        help="model.sampling.engine values timed in the rollout table; the first is the x1.00 reference",
     )  # fmt: skip
     parser.add_argument("--rollout-repeats", type=int, default=3)
     parser.add_argument(
