@@ -126,23 +126,32 @@ class TokenBudget:
         return None if max_tokens is None else cls(max_tokens, agree)
 
     def cut(self, prompt_len: Tensor, response_len: Tensor, padded: bool = False) -> list[Tensor]:
-        """Row indices of micro-batches, each one forward of rows x its widest row within the budget (padded:
-        the longest prompt plus the longest response; else each row's own total); rows taken shortest
-        first, a row wider than the budget alone. The largest are then halved up to the agreed count."""
+        """Row indices of micro-batches, each one forward of rows x its widest row (padded: the longest prompt
+        plus the longest response; else each row's own total): rows shortest first, as few micro-batches as
+        the budget allows (a row wider than it alone), or the agreed count, as even as that count allows."""
         order = torch.argsort(prompt_len + response_len, stable=True).tolist()
-        prompt_len, response_len = prompt_len.tolist(), response_len.tolist()
-        parts: list[list[int]] = []
-        longest_prompt = longest_response = longest_total = 0
-        for row in order:
-            p, r = max(longest_prompt, prompt_len[row]), max(longest_response, response_len[row])
-            total = max(longest_total, prompt_len[row] + response_len[row])
-            width = p + r if padded else total
-            if not parts or (len(parts[-1]) + 1) * width > self.max_tokens:
-                parts.append([])
-                p, r, total = prompt_len[row], response_len[row], prompt_len[row] + response_len[row]
-            parts[-1].append(row)
-            longest_prompt, longest_response, longest_total = p, r, total
-        count = self.agree(len(parts))
+        prompts, responses = prompt_len.tolist(), response_len.tolist()
+
+        def greedy(cap: int) -> list[list[int]]:
+            parts: list[list[int]] = []
+            longest = (0, 0, 0)  # prompt, response, total of the current micro-batch
+            for row in order:
+                own = (prompts[row], responses[row], prompts[row] + responses[row])
+                grown = tuple(max(a, b) for a, b in zip(longest, own, strict=True))
+                width = grown[0] + grown[1] if padded else grown[2]
+                if not parts or (len(parts[-1]) + 1) * width > cap:
+                    parts.append([])
+                    grown = own
+                parts[-1].append(row)
+                longest = grown
+            return parts
+
+        count = self.agree(len(greedy(self.max_tokens)))
+        low, high = 1, self.max_tokens  # the smallest cap cut into at most `count`: the most even cut
+        while low < high:
+            middle = (low + high) // 2
+            low, high = (low, middle) if len(greedy(middle)) <= count else (middle + 1, high)
+        parts = greedy(high)
         while len(parts) < count:  # halving keeps each within the budget
             largest = max(range(len(parts)), key=lambda i: len(parts[i]))
             if len(parts[largest]) < 2:

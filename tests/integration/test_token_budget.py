@@ -114,6 +114,18 @@ def naive_cost(prompt_len, response_len, rows, padded):
     return len(rows) * max(prompt_len[r] + response_len[r] for r in rows)
 
 
+def naive_fewest(prompt_len, response_len, budget, padded) -> int:
+    """The fewest micro-batches of rows taken shortest first, each within the budget (or one row)."""
+    order = sorted(range(len(prompt_len)), key=lambda row: prompt_len[row] + response_len[row])
+    count, current = 0, []
+    for row in order:
+        if current and naive_cost(prompt_len, response_len, [*current, row], padded) <= budget:
+            current.append(row)
+        else:
+            count, current = count + 1, [row]
+    return count
+
+
 @pytest.mark.parametrize("padded", [False, True])
 @pytest.mark.parametrize("budget", [1, 20, 45, 1000])
 def test_every_row_lands_in_one_micro_batch_within_the_budget(padded: bool, budget: int):
@@ -125,10 +137,12 @@ def test_every_row_lands_in_one_micro_batch_within_the_budget(padded: bool, budg
     p, r = prompt_len.tolist(), response_len.tolist()
     for part in parts:
         assert len(part) == 1 or naive_cost(p, r, part.tolist(), padded) <= budget
-    # greedy: a micro-batch and the next one's first row would have overflowed it
-    for part, following in zip(parts, parts[1:], strict=False):
-        merged = [*part.tolist(), int(following[0])]
-        assert naive_cost(p, r, merged, padded) > budget
+    fewest = naive_fewest(p, r, budget, padded)
+    assert len(parts) == fewest
+    # as even as that count allows: no cap below the cut's largest micro-batch fits in as few
+    largest = max(naive_cost(p, r, x.tolist(), padded) for x in parts)
+    if len(parts) > 1 and largest > max(naive_cost(p, r, [row], padded) for row in range(23)):
+        assert naive_fewest(p, r, largest - 1, padded) > fewest
     if budget == 1000:
         assert len(parts) == 1
 
@@ -276,3 +290,8 @@ def test_a_fit_in_micro_batches_logs_what_an_uncut_one_does(tiny_assets: Path, t
     assert min(cut["tokens/micro_batches"]) > 4  # minibatches of 32 rows
     for name in ("env/reward_mean", "objective/kl", "ppo/loss/total", "ppo/policy/ratio", "ppo/val/error"):
         assert cut[name] == pytest.approx(uncut[name], abs=1e-4), name
+
+
+def test_equal_rows_are_cut_evenly():
+    parts = TokenBudget(4096).cut(torch.full((16,), 16), torch.full((16,), 256))  # 16 x 272 = 4,352 tokens
+    assert [len(part) for part in parts] == [8, 8]
