@@ -179,8 +179,25 @@ def test_k_samples_of_a_prompt_differ_and_a_seed_repeats_them(lm, tokenizer, eng
 
 @pytest.mark.vllm
 @needs_vllm
+def test_the_engine_samples_from_whichever_model_asks(lm, tokenizer, engine) -> None:
+    """The frozen reference, then the policy again: each time the asking model's weights are loaded."""
+    other = copy.deepcopy(lm)
+    with torch.no_grad():
+        for weight in other.parameters():
+            weight.add_(0.05 * torch.randn_like(weight))
+    ids, mask = prompts(tokenizer, 8, seed=3)
+    for model in (other, lm, other):
+        rollout = engine.sample(model, ids, mask, torch.full((8,), 10), SamplingConfig())
+        assert_engine_matches(
+            rollout.sampling_logprobs, trainer_logprobs(model, rollout), rollout.response_mask
+        )
+
+
+@pytest.mark.vllm
+@needs_vllm
 def test_rollouts_past_one_prefill_batch_or_the_kv_cache_still_sample(lm) -> None:
-    """Seeded requests whose prefill vLLM would split: 128 prompts of 40 tokens (over 4,096 in one step),
+    """Seeded requests whose prefill vLLM would split (after the tests of the shared engine: a dropped
+    engine tears down vLLM's process groups): 128 prompts of 40 tokens (over 4,096 in one step),
     and 64 rows of 64 tokens, more than a KV cache of 1,024 tokens holds (vLLM preempts rows)."""
     eos = lm.config.eos_token_id
     bytes_per_token = 2 * lm.config.n_layer * lm.config.n_embd * 4  # keys and values, float32
@@ -197,22 +214,6 @@ def test_rollouts_past_one_prefill_batch_or_the_kv_cache_still_sample(lm) -> Non
         )
         assert rollout.response_ids.shape == (rows, length)
         assert rollout.response_mask.sum() > 0
-
-
-@pytest.mark.vllm
-@needs_vllm
-def test_the_engine_samples_from_whichever_model_asks(lm, tokenizer, engine) -> None:
-    """The frozen reference, then the policy again: each time the asking model's weights are loaded."""
-    other = copy.deepcopy(lm)
-    with torch.no_grad():
-        for weight in other.parameters():
-            weight.add_(0.05 * torch.randn_like(weight))
-    ids, mask = prompts(tokenizer, 8, seed=3)
-    for model in (other, lm, other):
-        rollout = engine.sample(model, ids, mask, torch.full((8,), 10), SamplingConfig())
-        assert_engine_matches(
-            rollout.sampling_logprobs, trainer_logprobs(model, rollout), rollout.response_mask
-        )
 
 
 # ---------------------------------------------------------------------------------------------------
