@@ -162,8 +162,10 @@ def _guard_first(
     with torch.no_grad():
         outputs = [_forward(models, micro, config, buckets=1) for micro in micro_batches]
         logprobs = _stitch(outputs, parts, batch)[0]
-    ratio = masked_mean((logprobs - batch.old_logprobs).exp(), batch.response_mask)  # core.policy_loss's
-    return (ratio <= config.ratio_threshold).to(logprobs.dtype)
+        _, stats = policy_loss(
+            logprobs, batch.old_logprobs, batch.advantages, batch.response_mask, config.cliprange
+        )
+    return (stats["ratio"] <= config.ratio_threshold).to(logprobs.dtype)  # as minibatch_loss decides
 
 
 def _stitch(outputs: list[tuple], parts: list[Tensor], batch: Experience) -> tuple:
