@@ -257,3 +257,40 @@ class RecordingLogger(Logger):
     def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
         for name, value in metrics.items():
             self.metrics[name].append(float(value))
+
+
+REVIEW_OPENINGS = [
+    "the movie",
+    "a",
+    "this film was really",
+    "the plot and the actor were",
+    "an",
+    "i liked the",
+    "what a",
+    "the best and the worst film of the year",
+]
+
+
+def short_response_module():
+    """The tiny policy and reward, responses of 1 to 12 tokens (seeded: the same value head each time)."""
+    from lightning_ppo.module import PPOModule
+
+    torch.manual_seed(seeded(0))
+    module = PPOModule(policy="tiny:policy", reward_model="tiny:reward")
+    module.sampling.response_min_length, module.sampling.response_max_length = 1, 12
+    return module
+
+
+def experience_of_a_rollout(module, seed: int):
+    """An experience of the module's own rollout of `REVIEW_OPENINGS`, with random per-token rewards."""
+    from lightning_ppo.data import collate_prompts
+    from lightning_ppo.experience import forward_passes, make_experience
+    from lightning_ppo.rollout import draw_response_lengths
+
+    torch.manual_seed(seeded(seed))
+    examples = [{"input_ids": module.tokenizer(p).input_ids, "query": p} for p in REVIEW_OPENINGS]
+    batch = collate_prompts(examples, module.tokenizer.pad_token_id)
+    lengths = draw_response_lengths(len(REVIEW_OPENINGS), module.sampling, module.device)
+    rollout = module.generate_rollout(module.policy.lm, batch, lengths)
+    passes = forward_passes(module.models, rollout)
+    return make_experience(rollout, passes, torch.randn_like(passes.logprobs), module.ppo)

@@ -12,45 +12,34 @@ import pytest
 import torch
 
 from lightning_ppo.cli import main
-from lightning_ppo.data import collate_prompts
 from lightning_ppo.errors import ConfigError
-from lightning_ppo.experience import Experience, forward_passes, make_experience
+from lightning_ppo.experience import Experience, forward_passes
 from lightning_ppo.module import PPOConfig, PPOModule
 from lightning_ppo.packing import TokenBudget
-from lightning_ppo.rollout import Rollout, draw_response_lengths
+from lightning_ppo.rollout import Rollout
 from lightning_ppo.update import UpdateContext, minibatch_backward, ppo_epochs
-from tests.helpers import TINY, cli_seed_args, scalars, seeded
-
-PROMPTS = [
-    "the movie",
-    "a",
-    "this film was really",
-    "the plot and the actor were",
-    "an",
-    "i liked the",
-    "what a",
-    "the best and the worst film of the year",
-]
+from tests.helpers import (
+    REVIEW_OPENINGS,
+    TINY,
+    cli_seed_args,
+    experience_of_a_rollout,
+    scalars,
+    seeded,
+    short_response_module,
+)
 
 
 @pytest.fixture(scope="module")
 def module(tiny_assets: Path) -> PPOModule:
-    torch.manual_seed(seeded(0))
-    module = PPOModule(policy="tiny:policy", reward_model="tiny:reward")
-    module.sampling.response_min_length, module.sampling.response_max_length = 1, 12
-    return module
+    return short_response_module()
 
 
 def an_experience(module: PPOModule, seed: int) -> Experience:
-    torch.manual_seed(seeded(seed))
-    examples = [{"input_ids": module.tokenizer(p).input_ids, "query": p} for p in PROMPTS]
-    batch = collate_prompts(examples, module.tokenizer.pad_token_id)
-    lengths = draw_response_lengths(len(PROMPTS), module.sampling, module.device)
-    rollout = module.generate_rollout(module.policy.lm, batch, lengths)
-    passes = forward_passes(module.models, rollout)
-    experience = make_experience(rollout, passes, torch.randn_like(passes.logprobs), module.ppo)
+    experience = experience_of_a_rollout(module, seed)
     # engine log-probs near the trainer's: TIS weights that are not all 1
-    weights = (torch.randn_like(passes.logprobs) * 0.3).exp().clamp(max=2.0) * experience.response_mask
+    weights = (torch.randn_like(experience.old_logprobs) * 0.3).exp().clamp(
+        max=2.0
+    ) * experience.response_mask
     return replace(experience, tis_weights=weights)
 
 
@@ -62,21 +51,15 @@ def widest_row(experience: Experience) -> int:
     return int(experience.lengths.totals(experience.response_start).max())
 
 
-def context_for(models, gradients: bool = True, agree=int, backwards: list | None = None) -> UpdateContext:
-    def backward(loss):
-        if backwards is not None:
-            backwards.append(float(loss))
-        loss.backward()
-
+def context_for(models, gradients: bool = True) -> UpdateContext:
     def local_gradients():
         return [p.grad for p in models.policy.parameters() if p.grad is not None]
 
     return UpdateContext(
-        backward=backward,
+        backward=lambda loss: loss.backward(),
         no_sync=lambda last: nullcontext(),
         optimizer_step=lambda loss: None,
         mean_over_ranks=lambda x: x,
-        max_over_ranks=agree,
         gradients=local_gradients if gradients else None,
     )
 
@@ -87,13 +70,13 @@ def copy_of(module: PPOModule):
     return models
 
 
-def gradient_of(module, experience, config, first=True, gradients=True, start=None, agree=int):
+def gradient_of(module, experience, config, first=True, gradients=True, start=None):
     """The policy's gradient after one minibatch's backward (on top of `start`), and its statistics."""
     models = copy_of(module)
     if start is not None:
         for p, g in zip(models.policy.parameters(), start, strict=True):
             p.grad = g.clone()
-    context = context_for(models, gradients, agree)
+    context = context_for(models, gradients)
     _, stats = minibatch_backward(models, experience, config, context, sync=True, first=first)
     grads = [torch.zeros_like(p) if p.grad is None else p.grad.clone() for p in models.policy.parameters()]
     return grads, stats
@@ -172,7 +155,7 @@ def test_micro_batches_give_the_uncut_gradient_and_statistics(
     module: PPOModule, packing: bool, estimator: str
 ):
     experience = an_experience(module, seed=1)
-    config = replace(module.ppo, packing=packing, mini_batch_size=len(PROMPTS), tis_cap=2.0)
+    config = replace(module.ppo, packing=packing, mini_batch_size=len(REVIEW_OPENINGS), tis_cap=2.0)
     if estimator != "gae":
         experience = critic_free(experience)
         config = replace(config, advantage_estimator="grpo", kl_in="loss")
@@ -213,7 +196,9 @@ def test_the_guard_reads_the_whole_minibatch_not_each_micro_batch(module: PPOMod
     parts = TokenBudget(budget).cut(prompt_len, experience.response_len)
     highest = max(float((ratio[part] * mask[part]).sum() / mask[part].sum()) for part in parts)
     assert highest > 1.5 * whole
-    base = replace(module.ppo, mini_batch_size=len(PROMPTS), max_tokens_per_microbatch=budget, tis_cap=2.0)
+    base = replace(
+        module.ppo, mini_batch_size=len(REVIEW_OPENINGS), max_tokens_per_microbatch=budget, tis_cap=2.0
+    )
     start = [torch.randn_like(p) for p in module.policy.parameters()]  # an accumulated minibatch's
     for threshold in [(whole + highest) / 2, whole * 0.9]:
         config = replace(base, ratio_threshold=threshold)

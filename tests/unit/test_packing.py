@@ -10,42 +10,23 @@ from pathlib import Path
 import pytest
 import torch
 
-from lightning_ppo.data import collate_prompts
-from lightning_ppo.experience import forward_passes, make_experience
+from lightning_ppo.experience import forward_passes
 from lightning_ppo.module import PPOModule
 from lightning_ppo.packing import RowLengths, bucketed, length_buckets, pack_rows, plan_buckets, spread
-from lightning_ppo.rollout import Rollout, draw_response_lengths
+from lightning_ppo.rollout import Rollout
 from lightning_ppo.update import UpdateContext, ppo_epochs, ppo_loss
-from tests.helpers import padded_tokens, seeded
-
-PROMPTS = [
-    "the movie",
-    "a",
-    "this film was really",
-    "the plot and the actor were",
-    "an",
-    "i liked the",
-    "what a",
-    "the best and the worst film of the year",
-]
+from tests.helpers import (
+    REVIEW_OPENINGS,
+    experience_of_a_rollout,
+    padded_tokens,
+    seeded,
+    short_response_module,
+)
 
 
 @pytest.fixture(scope="module")
 def module(tiny_assets: Path) -> PPOModule:
-    torch.manual_seed(seeded(0))
-    module = PPOModule(policy="tiny:policy", reward_model="tiny:reward")
-    module.sampling.response_min_length, module.sampling.response_max_length = 1, 12
-    return module
-
-
-def experience_of_a_rollout(module: PPOModule, seed: int):
-    torch.manual_seed(seeded(seed))
-    examples = [{"input_ids": module.tokenizer(p).input_ids, "query": p} for p in PROMPTS]
-    batch = collate_prompts(examples, module.tokenizer.pad_token_id)
-    lengths = draw_response_lengths(len(PROMPTS), module.sampling, module.device)
-    rollout = module.generate_rollout(module.policy.lm, batch, lengths)
-    passes = forward_passes(module.models, rollout)
-    return make_experience(rollout, passes, torch.randn_like(passes.logprobs), module.ppo)
+    return short_response_module()
 
 
 def test_packed_rows_hold_each_rows_tokens_from_column_zero(module: PPOModule):
@@ -100,7 +81,7 @@ def test_bucketed_forward_gives_the_padded_forwards_log_probs_and_values(module:
         logprobs = torch.log_softmax(logits.float(), -1).gather(-1, packed.response_ids[..., None])[..., 0]
         return logprobs, values
 
-    rows = torch.randperm(len(PROMPTS))
+    rows = torch.randperm(len(REVIEW_OPENINGS))
     with torch.no_grad():
         (logprobs, values), computed = bucketed(
             forward, experience.input_ids, experience.response_start, experience.lengths, rows, 3
@@ -162,8 +143,8 @@ def test_a_packed_ppo_step_leaves_the_weights_of_the_padded_one(module: PPOModul
 
 def test_the_loss_sees_every_row_once(module: PPOModule):
     experience = experience_of_a_rollout(module, seed=6)
-    rows = torch.arange(len(PROMPTS))
-    config = replace(module.ppo, length_buckets=len(PROMPTS))  # one row per bucket at most
+    rows = torch.arange(len(REVIEW_OPENINGS))
+    config = replace(module.ppo, length_buckets=len(REVIEW_OPENINGS))  # one row per bucket at most
     loss, stats = ppo_loss(module.models, experience.select(rows), config)
     padded, padded_stats = ppo_loss(module.models, experience.select(rows), replace(config, packing=False))
     torch.testing.assert_close(loss, padded, atol=1e-5, rtol=1e-4)
